@@ -1,0 +1,147 @@
+"""The `aselect` command line: `run` a config through the flow, `inspect` the stages in a workdir."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+# Before Prefect is imported: route aselect's own loggers through Prefect and keep runs private.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aselect")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from pipelines.errors import AselectError  # noqa: E402
+from storage.stages import Workdir  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+#                                   Errors without tracebacks
+# ---------------------------------------------------------------------------------------------
+
+
+class HideUserErrorTracebacks(logging.Filter):
+    """Drop the traceback from log records about an AselectError: its one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AselectError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Attach the filter to every console handler Prefect configured."""
+    quiet = HideUserErrorTracebacks()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "aselect"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import aselect_pipeline, resolve_run_config  # imports Prefect, torch and diffusers
+
+    resolve_run_config(args.config, args.set, args.workdir)  # a bad config fails here, before any run starts
+    quiet_user_errors()
+    result: dict[str, Any] = aselect_pipeline(config=args.config, overrides=args.set, workdir=args.workdir)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(f"aselect run {result['config']} (workdir {result['workdir']})")
+        for s in result["stages"]:
+            print(f"  {s['name']:<10} {s['key']}  {s['status']:<10} {s['seconds']:>8.2f}s  {s['summary']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    work = Workdir(args.workdir)
+    if not work.root.is_dir():
+        raise AselectError(f"{work.root}: no such workdir")
+    if args.stage:
+        name, _, key_prefix = args.stage.partition("/")
+        matches = [s for s in work.stages(name) if s.key.startswith(key_prefix)]
+        if not matches:
+            raise AselectError(f"{args.stage}: no such stage in {work.root}")
+        stage = work.stage(matches[0].name, matches[0].key)
+        manifest = stage.read_manifest() or {"stage": stage.name, "key": stage.key}
+        manifest.update(status=stage.status(), path=str(stage.path))
+        files = sorted(p.name for p in stage.path.iterdir() if p.name != "manifest.json")
+        manifest["files"] = files
+        if args.json:
+            print(json.dumps(manifest, default=str))
+        else:
+            for key in sorted(manifest):
+                value = manifest[key]
+                if key == "loss_curve" and value:
+                    value = f"{len(value)} points, first {value[0]}, last {value[-1]}"
+                print(f"{key:>14}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+        return 0
+    infos = work.stages()
+    if args.json:
+        print(json.dumps({"workdir": str(work.root), "stages": [i.as_dict() for i in infos]}))
+        return 0
+    print(f"{'stage':<10} {'key':<16} {'status':<9} {'size':>10} {'age':>5}  summary")
+    for i in infos:
+        print(f"{i.name:<10} {i.key:<16} {i.status:<9} {human_size(i.bytes):>10} {human_age(i.age_seconds):>5}  "
+              f"{i.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aselect", description="Automatic timestep and feature selection "
+                                     "for Diffusion Transformer representations (A-SelecT).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on a config (cached stages are reused)")
+    run.add_argument("config", nargs="?", default="digits", help="config file or bundled name (default: digits)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
+    run.add_argument("--workdir", help="where stages are stored (default: the config's workdir)")
+    run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    run.set_defaults(func=cmd_run)
+
+    inspect = sub.add_parser("inspect", help="list the stages in a workdir, or show one stage's manifest")
+    inspect.add_argument("stage", nargs="?", help="a stage name, or name/key-prefix")
+    inspect.add_argument("--workdir", default="aselect-work", help="workdir (default: ./aselect-work)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AselectError as exc:
+        print(f"aselect: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aselect: interrupted; finished stages and chunks are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,719 @@
+"""DiT backbones: size variants, loading diffusers DiTs, and pretraining a tiny pixel-space one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipelines.config import BackboneConfig
+from pipelines.errors import AselectError
+
+BACKBONE_VERSION = 1
+
+logger = logging.getLogger("aselect.backbone")
+
+# Class-dropout probability for classifier-free guidance (DiT paper, and diffusers' LabelEmbedding default).
+CLASS_DROPOUT = 0.1
+# Class names in a transformer config.json that we accept as a DiT (old hub DiTs say Transformer2DModel).
+DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
+
+
+# ---------------------------------------------------------------------------------------------
+#                                       DiT size variants
+# ---------------------------------------------------------------------------------------------
+
+
+def _variant(layers: int, heads: int, head_dim: int, patch: int) -> dict:
+    return dict(num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim, patch_size=patch)
+
+
+VARIANTS: dict[str, dict] = {
+    # Tiny sizes for 16-64 px datasets on CPU.
+    "DiT-XS/2": _variant(2, 2, 16, 2),  # hidden 32: smoke tests, seconds
+    "DiT-T/2": _variant(6, 4, 32, 2),  # hidden 128: default for 16x16 digits (8x8 tokens)
+    "DiT-T/4": _variant(6, 4, 32, 4),  # hidden 128, 4x fewer tokens than T/2
+    # Paper sizes (Peebles & Xie 2023), named for completeness.
+    "DiT-S/2": _variant(12, 6, 64, 2),
+    "DiT-B/2": _variant(12, 12, 64, 2),
+    "DiT-L/2": _variant(24, 16, 64, 2),
+    "DiT-XL/2": _variant(28, 16, 72, 2),
+}
+
+
+def _init_weights(model: DiTTransformer2DModel) -> None:
+    """DiT-paper init: xavier linears, N(0, 0.02) embeddings, zeroed adaLN modulation and output layer."""
+
+    # Why: adaLN-Zero makes every block start as the identity, which trains markedly faster than
+    # diffusers' default (PyTorch) init for these small models.
+    def basic(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    model.apply(basic)
+    proj = model.pos_embed.proj.weight.data
+    torch.nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+    torch.nn.init.zeros_(model.pos_embed.proj.bias)
+    for block in model.transformer_blocks:
+        emb = block.norm1.emb  # diffusers gives every block its own timestep + label embedder
+        torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+        torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def build_dit(variant: str, image_size: int, channels: int, num_classes: int) -> DiTTransformer2DModel:
+    """A randomly initialised pixel-space DiT of a registered size (out_channels = channels, epsilon only)."""
+    if variant not in VARIANTS:
+        raise AselectError(f"unknown DiT variant {variant!r}; known: {', '.join(VARIANTS)}")
+    kwargs = VARIANTS[variant]
+    if image_size % kwargs["patch_size"]:
+        raise AselectError(
+            f"{variant}: image size {image_size} is not a multiple of patch size {kwargs['patch_size']}"
+        )
+    model = DiTTransformer2DModel(
+        **kwargs,
+        in_channels=channels,
+        out_channels=channels,  # epsilon only; no learned sigma
+        sample_size=image_size,
+        num_embeds_ada_norm=num_classes,  # the null class gets index num_classes
+    )
+    _init_weights(model)
+    return model
+
+
+def make_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
+    """The DDPM noise schedule q(x_t | x_0) for pixel-space training (epsilon prediction, clipped x_0)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=True,  # pixel space lives in [-1, 1]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+#                                           Backbone
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Backbone:
+    """A loaded DiT with the noise schedule it was trained under (and its VAE for latent DiTs)."""
+
+    transformer: DiTTransformer2DModel
+    scheduler: DDPMScheduler  # the noise schedule used for q(x_t | x_0)
+    vae: AutoencoderKL | None  # None for pixel-space DiTs
+    source: str  # directory or hub id it came from
+
+    @property
+    def kind(self) -> Literal["pixel", "latent"]:
+        """'latent' when the DiT works on VAE latents, else 'pixel'."""
+        return "pixel" if self.vae is None else "latent"
+
+    @property
+    def null_class(self) -> int:
+        """The class-dropout (unconditional) label index."""
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (1 for pixel-space DiTs)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """The pixel size the backbone expects."""
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the pixel images the backbone expects."""
+        cfg = self.transformer.config if self.vae is None else self.vae.config
+        return int(cfg.in_channels)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks."""
+        return int(self.transformer.config.num_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                           Loading
+# ---------------------------------------------------------------------------------------------
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' logging for a moment: config-mismatch chatter, and errors we re-raise."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line, bounded description of an exception."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from disk, or an AselectError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AselectError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AselectError(f"{path}: invalid JSON ({_short(exc)})") from None
+    if not isinstance(data, dict):
+        raise AselectError(f"{path}: invalid JSON (expected an object, got {type(data).__name__})")
+    return data
+
+
+def _check_dit_config(path: Path) -> None:
+    """Fail unless path (a config.json) describes a DiT transformer."""
+    config = _read_json(path)
+    name = config.get("_class_name")
+    if name not in DIT_CLASS_NAMES:
+        raise AselectError(f"{path}: _class_name is {name!r}, expected DiTTransformer2DModel")
+    if name == "Transformer2DModel" and config.get("norm_type") != "ada_norm_zero":
+        raise AselectError(f"{path}: a Transformer2DModel without norm_type 'ada_norm_zero' is not a DiT")
+
+
+def _weights_reason(exc: BaseException) -> str:
+    """The most telling message in an exception chain (diffusers wraps safetensors' own error twice)."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    root = next((e for e in chain if type(e).__module__.startswith("safetensors")), chain[0])
+    return _short(root)
+
+
+def _load_model(cls: type, directory: Path, subfolder: str | None) -> torch.nn.Module:
+    """from_pretrained one component, mapping any failure to a one-line AselectError."""
+    where = directory / subfolder if subfolder else directory
+    if not any(where.glob("diffusion_pytorch_model*.safetensors")) and not any(where.glob("*.bin")):
+        raise AselectError(f"{where}: cannot load weights (no diffusion_pytorch_model weights file)")
+    try:
+        with _quiet_diffusers():
+            model = cls.from_pretrained(directory, subfolder=subfolder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors, OSError, shape mismatch, ...: all mean "bad weights"
+        raise AselectError(f"{where}: cannot load weights ({_weights_reason(exc)})") from None
+    return model.eval().requires_grad_(False)
+
+
+def _load_scheduler(directory: Path) -> DDPMScheduler:
+    """The training noise schedule from scheduler/, as a DDPMScheduler (from_config keeps the betas)."""
+    path = directory / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        logger.warning("%s: no scheduler config; assuming DDPM linear, 1000 steps", path.parent)
+        return make_scheduler(1000, "linear")
+    config = _read_json(path)
+    try:
+        with _quiet_diffusers():
+            return DDPMScheduler.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - an unusable schedule is a user-facing config problem
+        raise AselectError(f"{path}: cannot build a DDPM schedule ({_short(exc)})") from None
+
+
+def _load_directory(directory: Path, source: str) -> Backbone:
+    """Load one of the three accepted layouts from an existing directory."""
+    index_file = directory / "model_index.json"
+    if index_file.is_file() or (directory / "transformer").is_dir():
+        # (a) a DiTPipeline directory, or (b) aselect's own pretraining output (no model_index, no vae).
+        index = _read_json(index_file) if index_file.is_file() else {}
+        wants_vae = isinstance(index.get("vae"), list) and None not in index["vae"]
+        if wants_vae and not (directory / "vae").is_dir():
+            raise AselectError(f"{directory / 'vae'}: missing (model_index.json lists a VAE)")
+        _check_dit_config(directory / "transformer" / "config.json")
+        transformer = _load_model(DiTTransformer2DModel, directory, "transformer")
+        vae = _load_model(AutoencoderKL, directory, "vae") if (directory / "vae").is_dir() else None
+        scheduler = _load_scheduler(directory)
+    elif (directory / "config.json").is_file():
+        # (c) a bare transformer directory: default DDPM schedule.
+        _check_dit_config(directory / "config.json")
+        transformer = _load_model(DiTTransformer2DModel, directory, None)
+        vae, scheduler = None, make_scheduler(1000, "linear")
+    else:
+        raise AselectError(
+            f"{directory}: not a DiT directory (expected model_index.json, transformer/ or config.json)"
+        )
+    backbone = Backbone(transformer=transformer, scheduler=scheduler, vae=vae, source=source)
+    if vae is not None and int(vae.config.latent_channels) != int(transformer.config.in_channels):
+        raise AselectError(
+            f"{directory}: VAE latent_channels {vae.config.latent_channels} != "
+            f"transformer in_channels {transformer.config.in_channels}"
+        )
+    return backbone
+
+
+def load_backbone(path_or_id: str) -> Backbone:
+    """Load a diffusers DiT from a local directory (or a hub id, resolved offline from the local cache)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        backbone = _load_directory(path, str(path_or_id))
+    elif path.exists():
+        raise AselectError(f"{path}: not a directory (expected a DiT backbone directory)")
+    elif HUB_ID.match(str(path_or_id)):
+        from huggingface_hub import snapshot_download  # late: only hub ids need it
+
+        try:
+            local = snapshot_download(str(path_or_id), local_files_only=True)
+        except Exception:  # noqa: BLE001 - every failure here means "not cached"
+            raise AselectError(
+                f"{path_or_id}: backbone directory does not exist, and as a hub id it is not in the local "
+                "Hugging Face cache (nothing is downloaded at run time; download it beforehand)"
+            ) from None
+        backbone = _load_directory(Path(local), str(path_or_id))
+    else:
+        raise AselectError(f"{path}: backbone directory does not exist")
+    logger.info(
+        "loaded %s backbone from %s: %d layers, %d px x %d ch, null class %d",
+        backbone.kind,
+        path_or_id,
+        backbone.num_layers,
+        backbone.image_size,
+        backbone.image_channels,
+        backbone.null_class,
+    )
+    return backbone
+
+
+def backbone_fingerprint(path_or_id: str) -> str:
+    """What a loaded backbone's stage key hashes: config files' bytes and weight files' sizes and mtimes."""
+    path = Path(path_or_id).expanduser()
+    if not path.is_dir():
+        load_backbone(path_or_id)  # raises the one-line error for missing directories and uncached ids
+        return f"hub:{path_or_id}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        stat = file.stat()
+        digest.update(rel.encode())
+        # configs are small: hash their bytes; weights are large: their size and mtime say enough
+        digest.update(file.read_bytes() if file.suffix == ".json" else f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"dir:{digest.hexdigest()}"
+
+
+def describe(backbone: Backbone) -> dict:
+    """A JSON-able summary for manifests: kind, depth, width, token grid, parameter count."""
+    config = backbone.transformer.config
+    width = int(config.num_attention_heads) * int(config.attention_head_dim)
+    grid = int(config.sample_size) // int(config.patch_size)
+    params = sum(p.numel() for p in backbone.transformer.parameters())
+    return {
+        "kind": backbone.kind, "source": backbone.source, "num_layers": backbone.num_layers, "width": width,
+        "patch_size": int(config.patch_size), "token_grid": grid, "image_size": backbone.image_size,
+        "image_channels": backbone.image_channels, "null_class": backbone.null_class, "parameters": params,
+        "num_train_timesteps": int(backbone.scheduler.config.num_train_timesteps),
+        "short": f"{backbone.kind}, {backbone.num_layers} blocks x {width}, {grid}x{grid} tokens, "
+                 f"{params / 1e6:.2f}M params",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+#                                      Images <-> model space
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(backbone: Backbone) -> torch.device:
+    return next(backbone.transformer.parameters()).device
+
+
+def _to_unit(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise AselectError(
+            f"expected uint8 images of shape (B, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    return images.float() / 127.5 - 1.0
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [-1, 1] -> uint8 numpy."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_images(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,C,H,W) images -> the DiT's input space: [-1, 1] pixels or VAE latent mean * scaling_factor."""
+    x = _to_unit(images).to(_device(backbone))
+    # 1. Match the channels the backbone expects (grey <-> RGB), so e.g. digits can go through an RGB DiT.
+    want = backbone.image_channels
+    if x.shape[1] != want:
+        if x.shape[1] == 1:
+            x = x.expand(-1, want, -1, -1)
+        elif want == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise AselectError(f"images have {x.shape[1]} channels; the backbone expects {want}")
+    # 2. Match the spatial size (the DiT's positional embedding is fixed to one grid).
+    size = backbone.image_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    # 3. Latent DiTs: encode with the VAE (the distribution mean, so features are deterministic).
+    if backbone.vae is not None:
+        x = x.to(backbone.vae.dtype)
+        x = backbone.vae.encode(x).latent_dist.mean * backbone.vae.config.scaling_factor
+    return x.to(backbone.transformer.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Pretraining
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run did."""
+
+    steps: int
+    resumed_from: int  # step of the checkpoint it resumed from (0 = fresh start)
+    loss_curve: list[tuple[int, float]]  # (step, mean loss over the preceding window), ~100 points max
+    seconds: float
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: BackboneConfig) -> dict:
+    """Everything that changes the trained weights; checkpoints and final models must match it."""
+    data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    data.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    train = cfg.pretrain.model_dump(exclude={"checkpoint_every", "sample_steps", "guidance_scale"})
+    return dict(
+        version=BACKBONE_VERSION,
+        variant=cfg.variant,
+        shape=list(images.shape),
+        num_classes=num_classes,
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        data=data.hexdigest()[:16],
+        **train,
+    )
+
+
+def _lr_factor(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the base rate over warmup_steps, then constant (simple and resume-safe)."""
+    return lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
+    """The newest readable checkpoint for this fingerprint (unreadable or foreign ones are skipped)."""
+    for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a truncated file from a crash mid-write of an older version
+            logger.warning("%s: unreadable checkpoint, skipped (%s)", path, _short(exc))
+            continue
+        if state.get("fingerprint") != fingerprint:
+            logger.warning("%s: checkpoint from a different config or dataset, skipped", path)
+            continue
+        return state
+    return None
+
+
+def _save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> None:
+    """Write step-XXXXXXX.pt atomically, then keep only the newest `keep`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{state['step']:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _save_model(out_dir: Path, model: DiTTransformer2DModel, scheduler: DDPMScheduler, done: dict) -> None:
+    """Write out_dir/model (transformer/, scheduler/, done.json) via a temp dir so it appears whole."""
+    final, tmp = out_dir / "model", out_dir / "model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "transformer")
+    scheduler.save_pretrained(tmp / "scheduler")
+    (tmp / "done.json").write_text(json.dumps(done, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _finished(out_dir: Path, fingerprint: dict) -> PretrainResult | None:
+    """The stored result if out_dir/model is a finished model for this fingerprint."""
+    model_dir = out_dir / "model"
+    if not (model_dir / "transformer" / "config.json").is_file() or not (model_dir / "done.json").is_file():
+        return None
+    try:
+        done = json.loads((model_dir / "done.json").read_text())
+        if done.get("fingerprint") != fingerprint:
+            logger.warning("%s: trained with a different config or dataset; retraining", model_dir)
+            return None
+        return PretrainResult(
+            steps=done["steps"],
+            resumed_from=done["resumed_from"],
+            loss_curve=[(int(s), float(v)) for s, v in done["loss_curve"]],
+            seconds=done["seconds"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Use `threads` intra-op threads for the duration (results are only bit-identical per thread count)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pretrain(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    cfg: BackboneConfig,
+    out_dir: Path,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> PretrainResult:
+    """Train a tiny class-conditional pixel-space DiT (DDPM epsilon objective, null-class dropout)."""
+    images, labels, out_dir = np.asarray(images), np.asarray(labels), Path(out_dir)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+        raise AselectError(
+            f"pretrain: expected square uint8 images (N, C, H, W), got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= num_classes:
+        raise AselectError(
+            f"pretrain: expected {len(images)} labels in [0, {num_classes}), got shape {labels.shape}"
+        )
+    fingerprint = _fingerprint(images, labels, num_classes, cfg)
+    if (result := _finished(out_dir, fingerprint)) is not None:
+        logger.info("%s: already trained (%d steps); reusing", out_dir / "model", result.steps)
+        return result
+
+    with _torch_threads(cfg.threads):
+        return _train(images, labels, num_classes, cfg, out_dir, fingerprint, progress)
+
+
+def _train(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    cfg: BackboneConfig,
+    out_dir: Path,
+    fingerprint: dict,
+    progress: Callable[[int, int, float], None] | None,
+) -> PretrainResult:
+    pcfg, total = cfg.pretrain, cfg.pretrain.steps
+    _, channels, size, _ = images.shape
+
+    # 1. Model, noise schedule, optimiser (init is seeded so a fresh run is reproducible).
+    torch.manual_seed(pcfg.seed)
+    model = build_dit(cfg.variant, size, channels, num_classes).train()
+    # diffusers' LabelEmbedding drops labels with p=0.1 in train mode, but every block (and the output
+    # layer) has its own embedder and draws its own mask, so a sample is almost never null in all of
+    # them. Turn that off and drop labels once per sample below, as the DiT paper does, so the null
+    # class learns a true unconditional prediction for classifier-free guidance.
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps))
+
+    # 2. Data: the whole (small) dataset as one float tensor in [-1, 1].
+    data = _to_unit(torch.from_numpy(np.ascontiguousarray(images)))
+    targets = torch.from_numpy(labels.astype(np.int64))
+    null = torch.full_like(targets[:1], num_classes)
+
+    # 3. Resume from the newest usable checkpoint.
+    ckpt_dir = out_dir / "checkpoints"
+    start, loss_curve, window_losses = 0, [], []
+    if (state := _latest_checkpoint(ckpt_dir, fingerprint)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        start, loss_curve = int(state["step"]), [tuple(p) for p in state["loss_curve"]]
+        window_losses = list(state["window_losses"])
+        logger.info("resuming pretraining from %s", ckpt_dir / f"step-{start:07d}.pt")
+    window = max(1, total // 100)  # loss-curve resolution: ~100 points
+    report_every = max(1, total // 100)  # progress callback: ~every 1%
+    log_every = max(1, total // 10)
+    logger.info(
+        "pretraining %s on %d images %dx%dx%d, %d classes: steps %d..%d, batch %d, %d threads",
+        cfg.variant,
+        len(data),
+        channels,
+        size,
+        size,
+        num_classes,
+        start + 1,
+        total,
+        pcfg.batch_size,
+        torch.get_num_threads(),
+    )
+
+    # 4. Train. Step s draws everything random from a generator seeded by (seed, s), so resuming at any
+    #    checkpoint replays exactly the same batches, timesteps, noise and label drops.
+    began, loss_value = time.perf_counter(), float("nan")
+    bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", disable=not sys.stderr.isatty())
+    for step in range(start + 1, total + 1):
+        gen = torch.Generator().manual_seed(_step_seed(pcfg.seed, step))
+        idx = torch.randint(len(data), (pcfg.batch_size,), generator=gen)
+        t = torch.randint(scheduler.config.num_train_timesteps, (pcfg.batch_size,), generator=gen)
+        x0 = data[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(pcfg.batch_size, generator=gen) < CLASS_DROPOUT
+        y = torch.where(drop, null, targets[idx])
+        torch.manual_seed(_step_seed(pcfg.seed, step))  # any other RNG use in forward is replayed too
+
+        xt = scheduler.add_noise(x0, noise, t)
+        pred = model(xt, timestep=t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise AselectError(
+                f"pretrain: loss became {loss_value} at step {step}; try a lower learning_rate"
+            )
+        window_losses.append(loss_value)
+        if step % window == 0 or step == total:
+            loss_curve.append((step, float(np.mean(window_losses))))
+            window_losses = []
+        bar.update(1)
+        if step % report_every == 0 or step == total:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if progress is not None:
+                progress(step, total, loss_value)
+        if step % log_every == 0 or step == total:
+            rate = (step - start) / (time.perf_counter() - began)
+            logger.info("pretrain step %d/%d: loss %.4f (%.1f steps/s)", step, total, loss_curve[-1][1], rate)
+        if step % pcfg.checkpoint_every == 0 and step < total:
+            _save_checkpoint(
+                ckpt_dir,
+                dict(
+                    step=step,
+                    fingerprint=fingerprint,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    lr_schedule=lr_schedule.state_dict(),
+                    loss_curve=loss_curve,
+                    window_losses=window_losses,
+                ),
+            )
+    bar.close()
+
+    # 5. Save a load_backbone-compatible directory (layout b); checkpoints are then redundant.
+    seconds = time.perf_counter() - began
+    result = PretrainResult(steps=total, resumed_from=start, loss_curve=loss_curve, seconds=seconds)
+    _save_model(out_dir, model.eval(), scheduler, dict(fingerprint=fingerprint, **asdict(result)))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    logger.info("pretrained %s in %.0f s; saved %s", cfg.variant, seconds, out_dir / "model")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_images(
+    backbone: Backbone, class_labels: list[int], steps: int, guidance_scale: float, seed: int
+) -> np.ndarray:
+    """DDIM samples (uint8 (B,C,H,W)) with classifier-free guidance against the null class (pixel-space)."""
+    model, device = backbone.transformer.eval(), _device(backbone)
+    # "trailing" spacing starts at the last (pure-noise) timestep even with few DDIM steps.
+    overrides = dict(timestep_spacing="trailing")
+    if backbone.vae is not None:
+        overrides["clip_sample"] = False  # latents are not confined to [-1, 1]
+    with _quiet_diffusers():
+        ddim = DDIMScheduler.from_config(backbone.scheduler.config, **overrides)
+    ddim.set_timesteps(steps)
+
+    # 1. Start from seeded Gaussian noise in the model's input space.
+    n, channels, size = len(class_labels), int(model.config.in_channels), int(model.config.sample_size)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, channels, size, size), generator=gen).to(device, model.dtype)
+    y = torch.tensor(class_labels, dtype=torch.long, device=device)
+    guided = guidance_scale != 1.0
+    if guided:
+        y = torch.cat([y, torch.full_like(y, backbone.null_class)])
+
+    # 2. Denoise: eps = eps_null + g * (eps_cond - eps_null).
+    for t in ddim.timesteps:
+        model_in = torch.cat([x, x]) if guided else x
+        tt = torch.full((len(model_in),), int(t), device=device, dtype=torch.long)
+        eps = model(model_in, timestep=tt, class_labels=y).sample[:, :channels]  # drop learned sigma if any
+        if guided:
+            cond, uncond = eps.chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        x = ddim.step(eps, t, x).prev_sample
+
+    # 3. Back to pixels.
+    if backbone.vae is not None:
+        x = backbone.vae.decode(x.to(backbone.vae.dtype) / backbone.vae.config.scaling_factor).sample
+    return _to_uint8(x)
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:
+    """Write a uint8 (B,C,H,W) batch as one PNG grid (upscaled so 16 px images are visible)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images):
+        raise AselectError(
+            f"save_grid: expected uint8 (B, 1|3, H, W) images, got {images.dtype} {images.shape}"
+        )
+    b, c, h, w = images.shape
+    ncol, pad = max(1, min(nrow, b)), 2
+    nrows = math.ceil(b / ncol)
+    grid = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = img.transpose(1, 2, 0)
+    scale = max(1, 64 // max(h, w))  # nearest-neighbour upscaling keeps pixels crisp
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)  # 2-D -> "L", H x W x 3 -> "RGB"
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)

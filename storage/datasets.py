@@ -1,0 +1,55 @@
+"""Zarr layout of an ingested dataset: `images`, `labels`, optional `masks`, split indices, class names."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipelines.ingest import Dataset
+
+DATASET_STORE = "data.zarr"
+
+
+def write_dataset(dataset: Dataset, stage_path: Path) -> Path:
+    """Write a dataset next to the stage manifest; built in a temp dir and renamed, so never half there."""
+    final = stage_path / DATASET_STORE
+    tmp = stage_path / f".{DATASET_STORE}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w")
+    n = len(dataset.labels)
+    chunk = min(n, 512)
+    group.create_array("images", data=dataset.images, chunks=(chunk, *dataset.images.shape[1:]),
+                       dimension_names=("sample", "channel", "y", "x"))
+    group.create_array("labels", data=dataset.labels.astype(np.int64), chunks=(n,), dimension_names=("sample",))
+    group.create_array("train_idx", data=dataset.train_idx.astype(np.int64), dimension_names=("train",))
+    group.create_array("test_idx", data=dataset.test_idx.astype(np.int64), dimension_names=("test",))
+    if dataset.masks is not None:
+        group.create_array("masks", data=dataset.masks, chunks=(chunk, *dataset.masks.shape[1:]),
+                           dimension_names=("sample", "y", "x"))
+    group.attrs.update({
+        "class_names": list(dataset.class_names),
+        "mask_class_names": list(dataset.mask_class_names or []),
+        "skipped": list(dataset.skipped),
+    })
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def read_dataset(stage_path: Path) -> Dataset:
+    """Read a dataset written by `write_dataset` fully into memory."""
+    group = zarr.open_group(stage_path / DATASET_STORE, mode="r")
+    names = set(group.array_keys())
+    return Dataset(
+        images=group["images"][:],
+        labels=group["labels"][:],
+        class_names=list(group.attrs["class_names"]),
+        train_idx=group["train_idx"][:],
+        test_idx=group["test_idx"][:],
+        masks=group["masks"][:] if "masks" in names else None,
+        mask_class_names=list(group.attrs["mask_class_names"]) or None,
+        skipped=list(group.attrs["skipped"]),
+    )

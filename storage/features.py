@@ -1,0 +1,132 @@
+"""Zarr layout of dumped DiT features, with one completion record per (timestep, chunk).
+
+features.zarr/
+  pooled    float32 (timestep, layer, site, sample, feature)          token sites, mean over tokens
+  spatial   float16 (timestep, layer, site, sample, token, feature)   only when spatial maps are kept
+  attn_map  float16 (timestep, layer, sample, query, key)             only when attention maps are asked for
+  timestep, layer, site, sample, feature, token, query, key           coordinate arrays (xarray shows labels)
+done/t<ti>-c<ci>                                                      written after that chunk's data
+
+Zarr skips chunks equal to the fill value, so a missing chunk file does not mean "not written":
+only the `done/` records say what is finished. Each work item writes whole Zarr chunks of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+FEATURES_STORE = "features.zarr"
+DONE_DIR = "done"
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Shape of a dump: which timesteps, layers, sites and samples, and how samples are chunked."""
+
+    timesteps: tuple[int, ...]
+    layers: tuple[int, ...]
+    sites: tuple[str, ...]  # token sites in `pooled` / `spatial`
+    samples: tuple[int, ...]  # dataset indices, in dump order
+    width: int  # feature dimension D
+    tokens: int  # tokens per image T
+    chunk: int  # images per chunk
+    spatial: bool
+    attn_map: bool
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self.samples) // self.chunk)
+
+    def chunk_slice(self, chunk_index: int) -> slice:
+        return slice(chunk_index * self.chunk, min((chunk_index + 1) * self.chunk, len(self.samples)))
+
+    def work_items(self) -> list[tuple[int, int]]:
+        """Every (timestep index, chunk index) of the dump."""
+        return [(ti, ci) for ti in range(len(self.timesteps)) for ci in range(self.num_chunks)]
+
+
+def _marker(stage_path: Path, ti: int, ci: int) -> Path:
+    return stage_path / DONE_DIR / f"t{ti:03d}-c{ci:05d}"
+
+
+def create_store(stage_path: Path, layout: FeatureLayout) -> zarr.Group:
+    """Create the arrays (or open them when a previous attempt already did, to resume)."""
+    path = stage_path / FEATURES_STORE
+    (stage_path / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    if (path / "zarr.json").exists():
+        group = zarr.open_group(path, mode="r+")
+        if group.attrs.get("layout") == _layout_attrs(layout):
+            return group
+    group = zarr.open_group(path, mode="w")
+    nt, nl, ns, n = len(layout.timesteps), len(layout.layers), len(layout.sites), len(layout.samples)
+    d, tok, c = layout.width, layout.tokens, layout.chunk
+    if ns:
+        group.create_array("pooled", shape=(nt, nl, ns, n, d), chunks=(1, nl, ns, c, d), dtype="float32",
+                           fill_value=0.0, dimension_names=("timestep", "layer", "site", "sample", "feature"))
+    if ns and layout.spatial:
+        group.create_array("spatial", shape=(nt, nl, ns, n, tok, d), chunks=(1, nl, ns, c, tok, d),
+                           dtype="float16", fill_value=0.0,
+                           dimension_names=("timestep", "layer", "site", "sample", "token", "feature"))
+    if layout.attn_map:
+        group.create_array("attn_map", shape=(nt, nl, n, tok, tok), chunks=(1, nl, c, tok, tok), dtype="float16",
+                           fill_value=0.0, dimension_names=("timestep", "layer", "sample", "query", "key"))
+    coords = {"timestep": np.asarray(layout.timesteps, dtype=np.int64),
+              "layer": np.asarray(layout.layers, dtype=np.int64),
+              "site": np.asarray(layout.sites, dtype=object),  # variable-length strings: a Zarr v3 spec'd type
+              "sample": np.asarray(layout.samples, dtype=np.int64),
+              "feature": np.arange(d, dtype=np.int64), "token": np.arange(tok, dtype=np.int64),
+              "query": np.arange(tok, dtype=np.int64), "key": np.arange(tok, dtype=np.int64)}
+    for name, values in coords.items():
+        if len(values):
+            dtype = str if values.dtype == object else values.dtype
+            group.create_array(name, shape=values.shape, dtype=dtype, dimension_names=(name,))[:] = values
+    group.attrs["layout"] = _layout_attrs(layout)
+    return group
+
+
+def _layout_attrs(layout: FeatureLayout) -> dict:
+    return {"timesteps": list(layout.timesteps), "layers": list(layout.layers), "sites": list(layout.sites),
+            "n": len(layout.samples), "width": layout.width, "tokens": layout.tokens, "chunk": layout.chunk,
+            "spatial": layout.spatial, "attn_map": layout.attn_map}
+
+
+def finished_items(stage_path: Path) -> set[tuple[int, int]]:
+    """(timestep index, chunk index) pairs whose completion record exists."""
+    done = stage_path / DONE_DIR
+    items = set()
+    for marker in done.glob("t*-c*") if done.is_dir() else []:
+        t, _, c = marker.name.partition("-")
+        items.add((int(t[1:]), int(c[1:])))
+    return items
+
+
+def write_item(group: zarr.Group, stage_path: Path, layout: FeatureLayout, ti: int, ci: int,
+               pooled: np.ndarray | None, spatial: np.ndarray | None, attn_map: np.ndarray | None) -> int:
+    """Write one (timestep, chunk) and then its completion record; returns bytes of array data written."""
+    rows = layout.chunk_slice(ci)
+    written = 0
+    if pooled is not None:
+        group["pooled"][ti, :, :, rows, :] = pooled
+        written += pooled.nbytes
+    if spatial is not None:
+        group["spatial"][ti, :, :, rows, :, :] = spatial.astype(np.float16)
+        written += spatial.size * 2
+    if attn_map is not None:
+        group["attn_map"][ti, :, rows, :, :] = attn_map.astype(np.float16)
+        written += attn_map.size * 2
+    marker = _marker(stage_path, ti, ci)
+    with open(marker, "w") as fh:  # the data is written before the record that says so
+        fh.write(f"{written}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return written
+
+
+def open_features(stage_path: Path) -> zarr.Group:
+    """Open a finished dump read-only."""
+    return zarr.open_group(stage_path / FEATURES_STORE, mode="r")

@@ -1,0 +1,226 @@
+"""Stage directories: `<workdir>/<stage>/<key>/` with a manifest, a lock and the stage's data.
+
+A stage is *complete* only once its manifest says so; the manifest is written last and atomically,
+so a killed stage is *partial* and is resumed or redone, never mistaken for finished work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipelines.errors import AselectError
+
+MANIFEST = "manifest.json"
+Status = Literal["complete", "partial", "missing"]
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Keys
+# ---------------------------------------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal inputs hash equally."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_key(name: str, section: Mapping[str, Any], upstream: Mapping[str, str], version: int,
+              extra: str = "") -> str:
+    """Key of a stage: a hash of its config section, its upstream keys, its code version and `extra`."""
+    payload = canonical_json({"stage": name, "section": section, "upstream": dict(upstream),
+                              "version": version, "extra": extra})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """What flows pass around: a stage's name, key and directory (small and JSON-serialisable)."""
+
+    name: str
+    key: str
+    path: str
+
+    @property
+    def cache_key(self) -> str:
+        return f"aselect-{self.name}-{self.key}"
+
+    @property
+    def dir(self) -> StageDir:
+        return StageDir(Path(self.path), self.name, self.key)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                       Stage directories
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes under a directory (0 if it does not exist)."""
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """One stage's directory; it knows its manifest, status and lock."""
+
+    path: Path
+    name: str
+    key: str
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def ref(self) -> StageRef:
+        return StageRef(self.name, self.key, str(self.path))
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (json.JSONDecodeError, OSError):
+            return {"status": "partial", "summary": "unreadable manifest"}
+
+    def status(self) -> Status:
+        manifest = self.read_manifest()
+        if manifest is None:
+            return "partial" if self.path.exists() else "missing"
+        return "complete" if manifest.get("status") == "complete" else "partial"
+
+    def is_complete(self) -> bool:
+        return self.status() == "complete"
+
+    def begin(self, inputs: Mapping[str, Any]) -> None:
+        """Create the directory and record that work started (status partial)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AselectError(f"{self.path}: cannot create stage directory ({exc.strerror or exc})") from None
+        previous = self.read_manifest() or {}
+        write_json_atomic(self.manifest_path, {
+            "stage": self.name, "key": self.key, "inputs": dict(inputs), "status": "partial",
+            "started": time.time(), "attempts": int(previous.get("attempts", 0)) + 1,
+        })
+
+    def complete(self, summary: str, **details: Any) -> dict[str, Any]:
+        """Mark the stage complete: written last, so a crash before this line leaves it partial."""
+        manifest = self.read_manifest() or {"stage": self.name, "key": self.key, "started": time.time()}
+        finished = time.time()
+        manifest.update(details)
+        manifest.update({
+            "status": "complete", "finished": finished, "summary": summary,
+            "seconds": round(finished - float(manifest.get("started", finished)), 3),
+            "bytes": dir_size(self.path),
+        })
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    def reset(self) -> None:
+        """Remove a partial stage's files (used by stages that cannot resume)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on this stage (a second run waits here and then finds the work done)."""
+        lock_path = self.path.parent.parent / ".locks" / f"{self.name}-{self.key}.lock"
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lock_path, "a+")
+        except OSError as exc:
+            raise AselectError(f"{lock_path.parent}: cannot write to workdir ({exc.strerror or exc})") from None
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Workdir
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One line of `aselect inspect`."""
+
+    name: str
+    key: str
+    status: Status
+    bytes: int
+    age_seconds: float | None
+    summary: str
+    path: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Workdir:
+    """The root that holds every stage, plus the Prefect result store used for task caching."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def check_writable(self) -> None:
+        """Fail early, in one line, when the workdir cannot hold stages."""
+        if self.root.exists() and not self.root.is_dir():
+            raise AselectError(f"{self.root}: workdir path is a file, not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            reason = "read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else exc.strerror
+            raise AselectError(f"{self.root}: workdir is not writable ({reason})") from None
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / ".prefect-results"
+
+    def stage(self, name: str, key: str) -> StageDir:
+        return StageDir(self.root / name / key, name, key)
+
+    def stages(self, name: str | None = None) -> list[StageInfo]:
+        """Every stage directory under the workdir (optionally of one stage name), newest first."""
+        infos = []
+        pattern = f"{name}/*" if name else "*/*"
+        for path in self.root.glob(pattern):
+            if not path.is_dir() or path.parent.name.startswith("."):
+                continue
+            stage = StageDir(path, path.parent.name, path.name)
+            manifest = stage.read_manifest() or {}
+            stamp = manifest.get("finished") or manifest.get("started")
+            infos.append(StageInfo(
+                name=stage.name, key=stage.key, status=stage.status(), bytes=dir_size(path),
+                age_seconds=round(time.time() - float(stamp), 1) if stamp else None,
+                summary=str(manifest.get("summary", "")), path=str(path),
+            ))
+        return sorted(infos, key=lambda i: (i.age_seconds is None, i.age_seconds or 0.0))

@@ -1,0 +1,74 @@
+"""Stage 2 task: load a diffusers DiT, or pretrain a tiny one on the ingested train split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+
+from pipelines import backbone as bb
+from pipelines.config import BackboneConfig
+from storage.datasets import read_dataset
+from storage.stages import StageRef, Workdir, stage_key
+from tasks.stage import ProgressArtifact
+
+MODEL_DIR = "model"
+SAMPLES_PNG = "samples.png"
+
+
+def plan_backbone(workdir: Workdir, cfg: BackboneConfig, dataset: StageRef) -> StageRef:
+    """The backbone's key: a pretrained model depends on the dataset; a loaded one on its files."""
+    if cfg.kind == "pretrain":
+        section = cfg.model_dump(mode="json", exclude={"path", "threads"})
+        key = stage_key("backbone", section, {"ingest": dataset.key}, bb.BACKBONE_VERSION)
+    else:
+        section = cfg.model_dump(mode="json", include={"kind", "path"})
+        key = stage_key("backbone", section, {}, bb.BACKBONE_VERSION, extra=bb.backbone_fingerprint(cfg.path))
+    return workdir.stage("backbone", key).ref()
+
+
+def backbone_dir(stage: StageRef) -> str:
+    """Where downstream stages load the backbone from: the trained model, or the loaded source."""
+    manifest = stage.dir.read_manifest() or {}
+    return str(manifest.get("model_path", stage.dir.path / MODEL_DIR))
+
+
+@task(name="backbone")
+def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[str, Any]:
+    """Load the configured DiT, or pretrain one on the dataset's train split."""
+    logger = get_run_logger()
+    stage_dir = stage.dir
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with stage_dir.lock():
+        if stage_dir.is_complete():
+            return {"summary": stage_dir.read_manifest()["summary"]}
+        stage_dir.begin({"config": cfg.model_dump(mode="json"), "upstream": {"ingest": dataset.key}})
+        if cfg.kind == "load":
+            model = bb.load_backbone(cfg.path)
+            details: dict[str, Any] = {"model_path": cfg.path, "model": bb.describe(model)}
+            summary = f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}"
+        else:
+            data = read_dataset(dataset.dir.path)
+            train = data.train_idx
+            progress = ProgressArtifact("pretrain-progress", f"pretrain {cfg.variant} for {cfg.pretrain.steps} steps")
+            result = bb.pretrain(data.images[train], data.labels[train], len(data.class_names), cfg, stage_dir.path,
+                                 progress=lambda step, total, loss: progress.update(step / total))
+            progress.update(1.0, force=True)
+            model = bb.load_backbone(str(stage_dir.path / MODEL_DIR))
+            n_per_class = 8
+            labels = [c for c in range(len(data.class_names)) for _ in range(n_per_class)]
+            samples = bb.sample_images(model, labels, cfg.pretrain.sample_steps, cfg.pretrain.guidance_scale,
+                                       cfg.pretrain.seed)
+            bb.save_grid(samples, stage_dir.path / SAMPLES_PNG, nrow=n_per_class)
+            last_loss = result.loss_curve[-1][1] if result.loss_curve else float("nan")
+            details = {"model_path": str(stage_dir.path / MODEL_DIR), "model": bb.describe(model),
+                       "loss_curve": result.loss_curve, "resumed_from": result.resumed_from,
+                       "train_seconds": round(result.seconds, 2), "samples": SAMPLES_PNG}
+            summary = (f"pretrained {cfg.variant} ({bb.describe(model)['short']}) for {result.steps} steps, "
+                       f"final loss {last_loss:.4f}" + (f", resumed from step {result.resumed_from}"
+                                                       if result.resumed_from else ""))
+        stage_dir.complete(summary, **details)
+    logger.info("backbone %s: %s", stage.key, summary)
+    return {"summary": summary}

@@ -1,0 +1,80 @@
+"""What every stage task shares: the cache key, cache validation against disk, progress artifacts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect import Task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+
+from storage.stages import StageRef, Workdir
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Prefect's cache key is the stage key: no run id, so a new run reuses finished stages."""
+    return parameters["stage"].cache_key
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of one run, as `aselect run --json` prints it."""
+
+    name: str
+    key: str
+    status: str  # the Prefect state name: Completed, Cached, Failed
+    cached: bool
+    seconds: float
+    path: str
+    summary: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any) -> StageReport:
+    """Run a stage task through Prefect's cache, refreshing it when the stage's data is gone."""
+    # A cached result only points at data on disk: if that data was deleted (or never finished),
+    # the cache record is stale, so the task must run again and overwrite it.
+    fresh_on_disk = stage.dir.is_complete()
+    configured = stage_task.with_options(
+        cache_key_fn=stage_cache_key,
+        refresh_cache=not fresh_on_disk,
+        persist_result=True,
+        result_storage=workdir.results_dir,
+        result_serializer="json",
+    )
+    started = time.perf_counter()
+    state = configured(stage=stage, return_state=True, **inputs)
+    result = state.result()  # raises the task's exception when it failed
+    return StageReport(
+        name=stage.name, key=stage.key, status=state.name or state.type.value,
+        cached=state.name == "Cached", seconds=round(time.perf_counter() - started, 3),
+        path=stage.path, summary=str((result or {}).get("summary", "")),
+    )
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact, updated at most every `interval` seconds; silent without an API."""
+
+    def __init__(self, key: str, description: str, interval: float = 2.0) -> None:
+        self.interval = interval
+        self._last = 0.0
+        self._id: UUID | None = None
+        try:
+            self._id = create_progress_artifact(progress=0.0, key=key, description=description)
+        except Exception:  # progress is a convenience: never fail a stage over it
+            self._id = None
+
+    def update(self, fraction: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._id is None or (not force and now - self._last < self.interval):
+            return
+        self._last = now
+        try:
+            update_progress_artifact(artifact_id=self._id, progress=round(100.0 * min(max(fraction, 0.0), 1.0), 2))
+        except Exception:
+            pass

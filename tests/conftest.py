@@ -1,0 +1,48 @@
+"""Test set-up: a private PREFECT_HOME and one real local Prefect server for the whole session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported anywhere: tests never touch the user's Prefect home or phone home.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="aselect-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "aselect"
+os.environ.pop("PREFECT_API_URL", None)
+
+import diffusers  # noqa: E402,F401  (import on the main thread before any thread starts)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """A real Prefect server on loopback (SQLite in a temp dir), started once per test session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture()
+def run_cli(prefect_api_url: str, tmp_path: Path):
+    """Run `aselect ...` as a real subprocess against the session's Prefect server."""
+
+    def run(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"aselect {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+        return proc
+
+    return run

@@ -1,0 +1,66 @@
+"""Config loading: sections, overrides and one-line errors that name the file and key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import CONFIG_DIR, RunConfig, load_config
+from pipelines.errors import AselectError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_bundled_configs_validate(name: str) -> None:
+    cfg = load_config(name)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == name
+
+
+def test_digits_is_the_default() -> None:
+    assert load_config().ingest.source == "digits"
+
+
+def test_set_overrides_nested_values_with_yaml_types() -> None:
+    cfg = load_config("smoke", ["backbone.pretrain.steps=7", "ingest.skip_bad=true", "workdir=/tmp/x"])
+    assert cfg.backbone.pretrain.steps == 7
+    assert cfg.ingest.skip_bad is True
+    assert cfg.workdir == Path("/tmp/x")
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    ("ingest:\n  sourse: digits\n", r"run\.yaml: ingest\.sourse: unknown key$"),
+    ("backbone:\n  pretrain:\n    steps: many\n", r"run\.yaml: backbone\.pretrain\.steps: .*integer.*'many'"),
+    ("backbone:\n  pretrain:\n    steps: -5\n", r"backbone\.pretrain\.steps: .*greater than or equal to 1.*-5"),
+    ("ingest:\n  source: cifar\n", r"ingest\.source: .*'digits'.*'cifar'"),
+    ("ingest:\n  source: imagefolder\n", r"ingest: root is required when source is 'imagefolder'"),
+    ("backbone:\n  variant: DiT-Q/9\n", r"backbone: unknown variant 'DiT-Q/9'"),
+    ("backbone:\n  kind: load\n", r"backbone: path is required when kind is 'load'"),
+    ("- a\n- b\n", r"run\.yaml: expected a mapping of sections, got list"),
+    ("ingest: [\n", r"run\.yaml: line \d+ invalid YAML"),
+])
+def test_bad_config_gives_one_line_naming_file_and_key(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(AselectError, match=pattern) as info:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+    assert str(tmp_path / "run.yaml") in str(info.value)
+
+
+def test_bad_override_names_the_override() -> None:
+    with pytest.raises(AselectError, match=r"--set backbone\.pretrain\.stepz=3\): backbone\.pretrain\.stepz: unknown"):
+        load_config("smoke", ["backbone.pretrain.stepz=3"])
+    with pytest.raises(AselectError, match=r"--set 'nonsense': expected section\.key=value"):
+        load_config("smoke", ["nonsense"])
+
+
+def test_missing_config_names_it() -> None:
+    with pytest.raises(AselectError, match=r"nope\.yaml: config file not found"):
+        load_config("nope.yaml")
+    with pytest.raises(AselectError, match=r"nope: no such config file or bundled config \(bundled: .*digits"):
+        load_config("nope")

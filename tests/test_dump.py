@@ -1,0 +1,173 @@
+"""Feature capture and the chunked, resumable Zarr dump (stage 3), on a tiny random DiT."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from pipelines.backbone import build_dit, load_backbone, make_scheduler
+from pipelines.config import DumpConfig, IngestConfig
+from pipelines.dump import plan_layout, run_dump
+from pipelines.errors import AselectError
+from pipelines.features import AttentionMapProcessor, extract
+from pipelines.ingest import load_dataset
+from storage.datasets import write_dataset
+from storage.features import FEATURES_STORE, finished_items, open_features
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A random DiT-XS/2 saved in aselect's layout, and 120 digits at 8x8 in an ingest-like stage dir."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = build_dit("DiT-XS/2", image_size=8, channels=1, num_classes=10)
+    model.save_pretrained(root / "model" / "transformer")
+    make_scheduler(1000, "linear").save_pretrained(root / "model" / "scheduler")
+    (root / "data").mkdir()
+    write_dataset(load_dataset(IngestConfig(source="digits", image_size=8, limit=120)), root / "data")
+    return str(root / "model"), root / "data"
+
+
+def dump_into(tiny: tuple[str, Path], stage: Path, **overrides: object):
+    model_dir, data = tiny
+    cfg = DumpConfig(**{"timesteps": [0, 50, 400, 900], "images_per_chunk": 32, **overrides})
+    layout = plan_layout(load_backbone(model_dir), np.arange(120), cfg)
+    return run_dump(model_dir, data, stage, layout, cfg), layout
+
+
+def arrays(stage: Path) -> dict[str, np.ndarray]:
+    group = open_features(stage)
+    return {name: group[name][:] for name in ("pooled", "spatial", "attn_map") if name in group}
+
+
+def test_dump_writes_labelled_arrays(tiny, tmp_path: Path) -> None:
+    result, layout = dump_into(tiny, tmp_path, sites=["block", "attn", "mlp", "attn_map"], spatial=True)
+    assert result.items_total == 4 * 4 and result.items_computed == 16 and result.forward_passes == 16
+    assert result.images_timesteps == 4 * 120 and result.bytes_written > 0
+    got = arrays(tmp_path)
+    assert got["pooled"].shape == (4, 2, 3, 120, 32)  # (timestep, layer, site, sample, feature)
+    assert got["spatial"].shape == (4, 2, 3, 120, 16, 32) and got["spatial"].dtype == np.float16
+    np.testing.assert_allclose(got["spatial"].astype(np.float32).mean(axis=4), got["pooled"], atol=2e-2)
+    # attention probabilities: every query's row over the key grid sums to one
+    np.testing.assert_allclose(got["attn_map"].astype(np.float32).sum(axis=-1), 1.0, atol=1e-2)
+    # different timesteps give different features
+    assert not np.allclose(got["pooled"][0], got["pooled"][-1])
+
+    ds = xr.open_zarr(tmp_path / FEATURES_STORE, consolidated=False)
+    assert ds["pooled"].dims == ("timestep", "layer", "site", "sample", "feature")
+    assert list(ds["timestep"].values) == [0, 50, 400, 900] and list(ds["site"].values) == ["block", "attn", "mlp"]
+    assert ds["pooled"].sel(timestep=400, site="mlp").shape == (2, 120, 32)
+    lazy = da.from_zarr(str(tmp_path / FEATURES_STORE), component="pooled")
+    np.testing.assert_array_equal(lazy[2].compute(), got["pooled"][2])
+
+
+def test_rerun_of_a_finished_dump_computes_nothing(tiny, tmp_path: Path) -> None:
+    dump_into(tiny, tmp_path)
+    before = arrays(tmp_path)
+    again, _ = dump_into(tiny, tmp_path)
+    assert again.items_computed == 0 and again.items_reused == again.items_total
+    assert all(np.array_equal(before[k], v) for k, v in arrays(tmp_path).items())
+
+
+def test_two_workers_give_bit_identical_features(tiny, tmp_path: Path) -> None:
+    dump_into(tiny, tmp_path / "one")
+    result, _ = dump_into(tiny, tmp_path / "two", workers=2)
+    assert result.items_computed == 16
+    one, two = arrays(tmp_path / "one"), arrays(tmp_path / "two")
+    assert np.array_equal(one["pooled"], two["pooled"])
+
+
+KILLABLE = """
+import sys, time
+import numpy as np
+import pipelines.dump as dump
+from pipelines.backbone import load_backbone
+from pipelines.config import DumpConfig
+real_write = dump.write_item
+def slow_write(*args, **kwargs):  # slow each item down so the test can kill the dump mid-way
+    written = real_write(*args, **kwargs)
+    time.sleep(0.15)
+    return written
+dump.write_item = slow_write
+model_dir, data, stage = sys.argv[1:4]
+cfg = DumpConfig(timesteps=[0, 50, 400, 900], images_per_chunk=32)
+layout = dump.plan_layout(load_backbone(model_dir), np.arange(120), cfg)
+dump.run_dump(model_dir, dump.Path(data), dump.Path(stage), layout, cfg)
+"""
+
+
+def test_killed_dump_resumes_without_recomputing_finished_chunks(tiny, tmp_path: Path) -> None:
+    model_dir, data = tiny
+    stage = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, model_dir, str(data), str(stage)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(finished_items(stage)) < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = finished_items(stage)
+    assert 5 <= len(finished_before) < 16, "the dump should have been killed mid-way"
+
+    resumed, _ = dump_into(tiny, stage)
+    assert resumed.items_reused == len(finished_before)
+    assert resumed.items_computed == 16 - len(finished_before)
+    dump_into(tiny, tmp_path / "clean")
+    assert np.array_equal(arrays(stage)["pooled"], arrays(tmp_path / "clean")["pooled"])
+
+
+def test_capture_cuts_the_forward_but_matches_a_full_pass(tiny) -> None:
+    model_dir, _ = tiny
+    backbone = load_backbone(model_dir)
+    x0 = torch.randn(4, 1, 8, 8)
+    cut = extract(backbone, x0, [0, 1, 2, 3], 300, layers=[0], sites=["block"], seed=0)
+    full = extract(backbone, x0, [0, 1, 2, 3], 300, layers=[0, 1], sites=["block"], seed=0)
+    assert torch.equal(cut[(0, "block")], full[(0, "block")])
+    # a different seed or timestep gives different noise
+    other = extract(backbone, x0, [0, 1, 2, 3], 300, layers=[0], sites=["block"], seed=1)
+    assert not torch.equal(cut[(0, "block")], other[(0, "block")])
+
+
+def test_attention_map_processor_leaves_outputs_unchanged(tiny) -> None:
+    model_dir, _ = tiny
+    backbone = load_backbone(model_dir)
+    x = torch.randn(2, 1, 8, 8)
+    t, y = torch.tensor([10, 500]), torch.tensor([10, 10])
+    reference = backbone.transformer(x, timestep=t, class_labels=y).sample
+    sink: dict[int, torch.Tensor] = {}
+    for layer, block in enumerate(backbone.transformer.transformer_blocks):
+        block.attn1.set_processor(AttentionMapProcessor(sink, layer))
+    torch.testing.assert_close(backbone.transformer(x, timestep=t, class_labels=y).sample, reference)
+    assert sink[1].shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"timesteps": [0, 1000]}, r"dump\.timesteps \[1000\] must be < the scheduler's num_train_timesteps \(1000\)"),
+    ({"blocks": [0, 5]}, r"dump\.blocks \[0, 5\]: the backbone has 2 blocks \(0\.\.1\)"),
+])
+def test_out_of_range_timesteps_and_blocks_are_refused(tiny, overrides: dict, message: str) -> None:
+    with pytest.raises(AselectError, match=message):
+        plan_layout(load_backbone(tiny[0]), np.arange(10), DumpConfig(**overrides))
+
+
+def test_half_written_chunk_without_record_is_rewritten(tiny, tmp_path: Path) -> None:
+    dump_into(tiny, tmp_path)
+    good = arrays(tmp_path)["pooled"]
+    group = zarr.open_group(tmp_path / FEATURES_STORE, mode="r+")
+    group["pooled"][1, :, :, 32:64, :] = 123.0  # garbage, as if a write was cut short...
+    (tmp_path / "done" / "t001-c00001").unlink()  # ...before its completion record
+    again, _ = dump_into(tiny, tmp_path)
+    assert again.items_computed == 1
+    assert np.array_equal(arrays(tmp_path)["pooled"], good)
