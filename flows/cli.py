@@ -63,17 +63,21 @@ def human_age(seconds: float | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import aselect_pipeline, resolve_run_config  # imports Prefect, torch and diffusers
+    from flows.pipeline import aselect_exhaustive, aselect_pipeline, resolve_run_config  # Prefect, torch, diffusers
 
     resolve_run_config(args.config, args.set, args.workdir)  # a bad config fails here, before any run starts
     quiet_user_errors()
-    result: dict[str, Any] = aselect_pipeline(config=args.config, overrides=args.set, workdir=args.workdir)
+    flow = aselect_exhaustive if args.exhaustive else aselect_pipeline
+    result: dict[str, Any] = flow(config=args.config, overrides=args.set, workdir=args.workdir)
     if args.json:
         print(json.dumps(result, default=str))
-    else:
-        print(f"aselect run {result['config']} (workdir {result['workdir']})")
-        for s in result["stages"]:
-            print(f"  {s['name']:<10} {s['key']}  {s['status']:<10} {s['seconds']:>8.2f}s  {s['summary']}")
+        return 0
+    print(f"aselect run {result['config']} ({result['path']} path, workdir {result['workdir']})")
+    for s in result["stages"]:
+        print(f"  {s['name']:<10} {s['key']}  {s['status']:<10} {s['seconds']:>8.2f}s  {s['summary']}")
+    if result.get("selection"):
+        sel, met = result["selection"], result["metrics"]
+        print(f"selected t={sel['timestep']} block {sel['layer']} {sel['site']}: {met['metric']} {met['value']:.4f}")
     return 0
 
 
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", default="digits", help="config file or bundled name (default: digits)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
     run.add_argument("--workdir", help="where stages are stored (default: the config's workdir)")
+    run.add_argument("--exhaustive", action="store_true",
+                     help="run the exhaustive grid (the oracle) instead of the A-SelecT path")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     run.set_defaults(func=cmd_run)
 

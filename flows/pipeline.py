@@ -1,4 +1,10 @@
-"""The `aselect-pipeline` flow: ingest -> backbone -> dump (score, select and probe follow)."""
+"""The two flows over the same stages.
+
+- `aselect-pipeline` (A-SelecT): ingest -> backbone -> calibrate (all timesteps, small subset) -> score HFR
+  -> select -> dump only the selected pair for every image -> probe.
+- `aselect-exhaustive` (the oracle): ingest -> backbone -> dump the whole grid for every image
+  -> score every pair with a linear probe -> select the best -> probe.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pipelines.config import RunConfig, load_config
-from storage.stages import Workdir
+from storage.stages import StageRef, Workdir
 from tasks.backbone import backbone, plan_backbone
 from tasks.dump import dump, plan_dump
 from tasks.ingest import ingest, plan_ingest
-from tasks.stage import run_stage
+from tasks.probe import plan_probe, probe
+from tasks.score import plan_score, score
+from tasks.select import plan_select, select_pair
+from tasks.stage import StageReport, run_stage
 
 
 def resolve_run_config(config: str, overrides: list[str] | None, workdir: str | None) -> RunConfig:
@@ -21,33 +30,106 @@ def resolve_run_config(config: str, overrides: list[str] | None, workdir: str | 
     return cfg.model_copy(update={"workdir": Path(workdir)}) if workdir else cfg
 
 
+def is_segmentation(dataset: StageRef) -> bool:
+    """Datasets with per-pixel masks are evaluated by segmentation mIoU, the others by top-1."""
+    return bool((dataset.dir.read_manifest() or {}).get("counts", {}).get("masks", 0))
+
+
+def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageReport]) -> dict[str, Any]:
+    """The JSON a run prints: stages, the selection, the metric and what it cost."""
+    selection = next((r.result["selection"] for r in reports if r.name == "select"), None)
+    metrics = next((dict(r.result["metrics"]) for r in reports if r.name == "probe"), None)
+    cost = {"forward_passes": 0, "probe_fits": 0, "compute_seconds": 0.0}
+    for r in reports:
+        data = StageRef(r.name, r.key, r.path).dir.read_manifest() or {}
+        cost["forward_passes"] += int((data.get("accounting") or {}).get("forward_passes", 0))
+        cost["probe_fits"] += int(data.get("probe_fits", 0))
+        cost["compute_seconds"] += float(data.get("seconds", 0.0)) if r.name != "backbone" else 0.0
+    cost["compute_seconds"] = round(cost["compute_seconds"], 3)
+    return {"config": cfg.name, "path": path, "workdir": str(work.root), "stages": [r.as_dict() for r in reports],
+            "selection": selection, "metrics": metrics, "cost": cost}
+
+
+def _foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tuple[StageRef, StageRef]:
+    """Stages 1-2, shared by both paths."""
+    dataset = plan_ingest(work, cfg.ingest)
+    reports.append(run_stage(ingest, dataset, work, cfg=cfg.ingest))
+    model = plan_backbone(work, cfg.backbone, dataset)
+    reports.append(run_stage(backbone, model, work, cfg=cfg.backbone, dataset=dataset))
+    return dataset, model
+
+
+def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport], select_cfg: Any,
+                      scores: StageRef, table: list[dict], dataset: StageRef, model: StageRef,
+                      features: StageRef | None) -> None:
+    """Stages 5-6; `features=None` dumps the selected pair first (the A-SelecT path)."""
+    chosen = plan_select(work, select_cfg, [scores])
+    reports.append(run_stage(select_pair, chosen, work, cfg=select_cfg, table=table))
+    selection = reports[-1].result["selection"]
+    if features is None:
+        pair_cfg = cfg.dump.model_copy(update={
+            "timesteps": [selection["timestep"]], "blocks": [selection["layer"]], "sites": [selection["site"]],
+            "spatial": is_segmentation(dataset)})
+        features = plan_dump(work, pair_cfg, dataset, model)
+        reports.append(run_stage(dump, features, work, cfg=pair_cfg, dataset=dataset, model=model))
+    evaluation = plan_probe(work, cfg.probe, features, selection)
+    reports.append(run_stage(probe, evaluation, work, cfg=cfg.probe, features=features, dataset=dataset,
+                             selection=selection))
+
+
 @flow(name="aselect-pipeline")
 def aselect_pipeline(config: str = "digits", overrides: list[str] | None = None,
                      workdir: str | None = None) -> dict[str, Any]:
-    """Run the A-SelecT pipeline on a config; every stage is cached by its key in the workdir."""
+    """A-SelecT: pick (t, l, s) by HFR on a calibration subset, then dump and probe only that pair."""
     logger = get_run_logger()
     cfg = resolve_run_config(config, overrides, workdir)
     work = Workdir(cfg.workdir)
     work.check_writable()
-    logger.info("config %s, workdir %s", cfg.name, work.root)
+    logger.info("A-SelecT path: config %s, workdir %s", cfg.name, work.root)
+    reports: list[StageReport] = []
+    # 1-2. ingest, backbone
+    dataset, model = _foundation(cfg, work, reports)
+    # 3. calibrate: every candidate timestep and block, on a small subset, for the sites HFR reads
+    calib_cfg = cfg.dump.model_copy(update={
+        "sites": list(cfg.calibrate.sites), "spatial": any(s != "attn_map" for s in cfg.calibrate.sites)})
+    calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
+                            calibration_images=cfg.calibrate.images)
+    reports.append(run_stage(dump, calibration, work, cfg=calib_cfg, dataset=dataset, model=model,
+                             calibration_images=cfg.calibrate.images))
+    # 4. score: HFR per pair, label-free
+    hfr = plan_score(work, cfg.score, "hfr", calibration)
+    reports.append(run_stage(score, hfr, work, cfg=cfg.score, scorer="hfr", features=calibration, dataset=dataset))
+    # 5-6. select, dump the selected pair for every image, probe
+    _select_and_probe(cfg, work, reports, cfg.select, hfr, reports[-1].result["rows"], dataset, model, None)
+    return run_summary(cfg, work, "aselect", reports)
 
-    # 1. ingest
-    dataset = plan_ingest(work, cfg.ingest)
-    reports = [run_stage(ingest, dataset, work, cfg=cfg.ingest)]
-    # 2. backbone
-    model = plan_backbone(work, cfg.backbone, dataset)
-    reports.append(run_stage(backbone, model, work, cfg=cfg.backbone, dataset=dataset))
-    # 3. dump features
-    features = plan_dump(work, cfg.dump, dataset, model)
-    reports.append(run_stage(dump, features, work, cfg=cfg.dump, dataset=dataset, model=model))
 
-    return {
-        "config": cfg.name,
-        "workdir": str(work.root),
-        "stages": [r.as_dict() for r in reports],
-        "selection": None,
-        "metrics": None,
-    }
+@flow(name="aselect-exhaustive")
+def aselect_exhaustive(config: str = "digits", overrides: list[str] | None = None,
+                       workdir: str | None = None) -> dict[str, Any]:
+    """The oracle: dump the whole grid for every image, probe-score every pair, keep the best."""
+    logger = get_run_logger()
+    cfg = resolve_run_config(config, overrides, workdir)
+    work = Workdir(cfg.workdir)
+    work.check_writable()
+    logger.info("exhaustive path: config %s, workdir %s", cfg.name, work.root)
+    reports: list[StageReport] = []
+    # 1-2. ingest, backbone
+    dataset, model = _foundation(cfg, work, reports)
+    # 3. dump the grid for every image (token maps too for segmentation)
+    segmentation = is_segmentation(dataset)
+    grid_cfg = cfg.dump.model_copy(update={"sites": [s for s in cfg.dump.sites if s != "attn_map"],
+                                           "spatial": segmentation})
+    grid = plan_dump(work, grid_cfg, dataset, model)
+    reports.append(run_stage(dump, grid, work, cfg=grid_cfg, dataset=dataset, model=model))
+    # 4. score every pair with the labelled probe (train split only)
+    scorer = "probe_seg" if segmentation else "probe"
+    scores = plan_score(work, cfg.score, scorer, grid)
+    reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=grid, dataset=dataset))
+    # 5-6. select the best pair, probe it from the same dump
+    oracle = cfg.select.model_copy(update={"policy": "oracle"})
+    _select_and_probe(cfg, work, reports, oracle, scores, reports[-1].result["rows"], dataset, model, grid)
+    return run_summary(cfg, work, "exhaustive", reports)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,59 @@ class DumpConfig(Section):
         return self
 
 
+class CalibrateConfig(Section):
+    """A-SelecT path: the labelled-free calibration pass over all candidate timesteps on a small subset."""
+
+    images: int = Field(256, ge=8)  # stratified subset of the train split
+    sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
+        default_factory=lambda: ["attn_map"], min_length=1)  # what HFR is computed on
+
+
+class DaskConfig(Section):
+    """Where scoring runs: a fresh LocalCluster, or an existing scheduler by address."""
+
+    address: str | None = None  # e.g. tcp://127.0.0.1:8786
+    workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class ScoreConfig(Section):
+    """Stage 4: scorer parameters (each scorer is registered by name in pipelines.scoring)."""
+
+    hfr_cutoff: float = Field(0.5, gt=0.0, lt=1.5)  # radial frequency threshold, 1 = Nyquist
+    hfr_exclude_dc: bool = True
+    probe_folds: int = Field(3, ge=2)
+    probe_c: float = Field(1.0, gt=0.0)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+
+class SelectConfig(Section):
+    """Stage 5: how scores become one (timestep, layer, site)."""
+
+    policy: Literal["aselect", "oracle", "fixed", "fewshot"] = "aselect"
+    hfr_site: Literal["block", "attn", "mlp", "attn_map"] = "attn_map"
+    layers: list[int] | None = None  # blocks HFR is averaged over; default: the middle third
+    feature_site: Literal["block", "attn", "mlp"] = "block"
+    feature_layer: Literal["argmax"] | int = "argmax"
+    timestep: int | None = None  # fixed policy
+    layer: int | None = None  # fixed policy
+    site: Literal["block", "attn", "mlp"] | None = None  # fixed policy
+
+    @model_validator(mode="after")
+    def _fixed_needs_a_pair(self) -> SelectConfig:
+        if self.policy == "fixed" and None in (self.timestep, self.layer, self.site):
+            raise ValueError("policy 'fixed' needs timestep, layer and site")
+        return self
+
+
+class ProbeConfig(Section):
+    """Stage 6: the downstream probe on the selected pair's features."""
+
+    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
 class RunConfig(Section):
     """A whole run: a name, a workdir and one section per stage."""
 
@@ -123,6 +176,10 @@ class RunConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     dump: DumpConfig = Field(default_factory=DumpConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
     @model_validator(mode="after")
     def _dump_fits_backbone(self) -> RunConfig:

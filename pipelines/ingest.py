@@ -322,3 +322,11 @@ def _split(labels: np.ndarray, test_fraction: float, seed: int, origin: str) -> 
     stratify = labels if _stratify_ok(labels, n - n_test) else None
     train, test = train_test_split(np.arange(n), test_size=n_test, stratify=stratify, random_state=seed)
     return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def calibration_subset(labels: np.ndarray, train_idx: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded, stratified subset of the train split (sorted dataset indices) for A-SelecT's calibration."""
+    if size >= len(train_idx):
+        return np.sort(train_idx)
+    picked = _stratified_pick(labels[train_idx], size, seed)
+    return np.sort(train_idx[picked])

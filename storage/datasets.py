@@ -53,3 +53,15 @@ def read_dataset(stage_path: Path) -> Dataset:
         mask_class_names=list(group.attrs["mask_class_names"]) or None,
         skipped=list(group.attrs["skipped"]),
     )
+
+
+def read_split(stage_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, train indices and test indices only (no images)."""
+    group = zarr.open_group(stage_path / DATASET_STORE, mode="r")
+    return group["labels"][:], group["train_idx"][:], group["test_idx"][:]
+
+
+def read_masks(stage_path: Path) -> np.ndarray | None:
+    """Per-pixel masks (N, H, W), or None for classification-only datasets."""
+    group = zarr.open_group(stage_path / DATASET_STORE, mode="r")
+    return group["masks"][:] if "masks" in set(group.array_keys()) else None

@@ -1,4 +1,8 @@
-"""Stage 3 task: dump DiT features for the configured timesteps, blocks and sites to Zarr."""
+"""Stage 3 task: dump DiT features for the configured timesteps, blocks and sites to Zarr.
+
+The same task serves three stages: `calibrate` (every candidate timestep on a small calibration subset),
+`dump` (the exhaustive grid, or only the selected pair, for the whole dataset).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from pipelines.backbone import load_backbone
 from pipelines.config import DumpConfig
 from pipelines.dump import plan_layout, run_dump
 from pipelines.features import FEATURES_VERSION
+from pipelines.ingest import calibration_subset
+from storage.datasets import read_split
 from storage.stages import StageRef, Workdir, stage_key
 from tasks.backbone import backbone_dir
 from tasks.stage import ProgressArtifact
@@ -19,44 +25,50 @@ from tasks.stage import ProgressArtifact
 NOT_IN_KEY = {"workers", "device"}
 
 
-def plan_dump(workdir: Workdir, cfg: DumpConfig, dataset: StageRef, model: StageRef) -> StageRef:
-    """The dump's key: its section (minus placement knobs), the dataset and the backbone."""
-    section = cfg.model_dump(mode="json", exclude=NOT_IN_KEY)
-    key = stage_key("dump", section, {"ingest": dataset.key, "backbone": model.key}, FEATURES_VERSION)
-    return workdir.stage("dump", key).ref()
+def plan_dump(workdir: Workdir, cfg: DumpConfig, dataset: StageRef, model: StageRef, name: str = "dump",
+              calibration_images: int | None = None) -> StageRef:
+    """The dump's key: its section (minus placement knobs), the sample subset, the dataset and the backbone."""
+    section = {**cfg.model_dump(mode="json", exclude=NOT_IN_KEY), "calibration_images": calibration_images}
+    key = stage_key(name, section, {"ingest": dataset.key, "backbone": model.key}, FEATURES_VERSION)
+    return workdir.stage(name, key).ref()
 
 
 @task(name="dump")
-def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef) -> dict[str, Any]:
+def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
+         calibration_images: int | None = None) -> dict[str, Any]:
     """Stream features of every (timestep, chunk) to the stage's Zarr store, resuming finished chunks."""
     logger = get_run_logger()
     stage_dir = stage.dir
     with stage_dir.lock():
         if stage_dir.is_complete():
             return {"summary": stage_dir.read_manifest()["summary"]}
-        stage_dir.begin({"config": cfg.model_dump(mode="json"),
+        stage_dir.begin({"config": cfg.model_dump(mode="json"), "calibration_images": calibration_images,
                          "upstream": {"ingest": dataset.key, "backbone": model.key}})
+        labels, train_idx, _ = read_split(dataset.dir.path)
+        samples = (calibration_subset(labels, train_idx, calibration_images, cfg.seed)
+                   if calibration_images else np.arange(len(labels)))
         model_path = backbone_dir(model)
-        n_images = int((dataset.dir.read_manifest() or {}).get("counts", {}).get("images", 0))
-        layout = plan_layout(load_backbone(model_path), np.arange(n_images), cfg)
-        progress = ProgressArtifact("dump-progress", f"dump {len(layout.timesteps)} timesteps x {n_images} images")
+        layout = plan_layout(load_backbone(model_path), samples, cfg)
+        progress = ProgressArtifact(f"{stage.name}-progress",
+                                    f"{stage.name}: {len(layout.timesteps)} timesteps x {len(samples)} images")
         result = run_dump(model_path, dataset.dir.path, stage_dir.path, layout, cfg,
                           progress=lambda done, total: progress.update(done / total))
         progress.update(1.0, force=True)
         summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} blocks x "
-                   f"{len(layout.sites) + layout.attn_map} sites x {n_images} images, "
+                   f"{len(layout.sites) + layout.attn_map} sites x {len(samples)} images, "
                    f"{result.rate:.0f} image-timesteps/s"
                    + (f", resumed ({result.items_reused}/{result.items_total} items reused)"
                       if result.items_reused else ""))
         stage_dir.complete(summary, layout={
             "timesteps": list(layout.timesteps), "layers": list(layout.layers), "sites": list(layout.sites),
-            "attn_map": layout.attn_map, "spatial": layout.spatial, "samples": n_images, "width": layout.width,
+            "attn_map": layout.attn_map, "spatial": layout.spatial, "samples": len(samples), "width": layout.width,
             "tokens": layout.tokens, "chunk": layout.chunk,
         }, accounting={
             "items_total": result.items_total, "items_computed": result.items_computed,
             "items_reused": result.items_reused, "forward_passes": result.forward_passes,
+            "images_timesteps": result.images_timesteps,
             "images_timesteps_per_second": round(result.rate, 2), "bytes_written": result.bytes_written,
             "dump_seconds": result.seconds, "workers": cfg.workers,
         })
-    logger.info("dump %s: %s", stage.key, summary)
+    logger.info("%s %s: %s", stage.name, stage.key, summary)
     return {"summary": summary}

@@ -39,6 +39,7 @@ def ingest(stage: StageRef, cfg: IngestConfig) -> dict[str, Any]:
         stage_dir.complete(summary, counts={
             "images": n, "classes": len(dataset.class_names), "train": len(dataset.train_idx),
             "test": len(dataset.test_idx), "skipped": len(dataset.skipped),
+            "masks": len(dataset.mask_class_names or []) if dataset.masks is not None else 0,
         }, skipped=dataset.skipped[:100], class_names=dataset.class_names)
         progress.update(1.0, force=True)
     logger.info("ingest %s: %s", stage.key, summary)

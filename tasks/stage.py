@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -30,9 +30,10 @@ class StageReport:
     seconds: float
     path: str
     summary: str
+    result: dict[str, Any] = field(default_factory=dict, repr=False)  # the task's return value
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "result"}
 
 
 def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any) -> StageReport:
@@ -41,6 +42,7 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
     # the cache record is stale, so the task must run again and overwrite it.
     fresh_on_disk = stage.dir.is_complete()
     configured = stage_task.with_options(
+        name=stage.name,
         cache_key_fn=stage_cache_key,
         refresh_cache=not fresh_on_disk,
         persist_result=True,
@@ -53,7 +55,7 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
     return StageReport(
         name=stage.name, key=stage.key, status=state.name or state.type.value,
         cached=state.name == "Cached", seconds=round(time.perf_counter() - started, 3),
-        path=stage.path, summary=str((result or {}).get("summary", "")),
+        path=stage.path, summary=str((result or {}).get("summary", "")), result=result or {},
     )
 
 

@@ -46,3 +46,23 @@ def run_cli(prefect_api_url: str, tmp_path: Path):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A random DiT-XS/2 saved in aselect's layout, and 120 digits at 8x8 in an ingest-like stage dir."""
+    import torch
+
+    from pipelines.backbone import build_dit, make_scheduler
+    from pipelines.config import IngestConfig
+    from pipelines.ingest import load_dataset
+    from storage.datasets import write_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = build_dit("DiT-XS/2", image_size=8, channels=1, num_classes=10)
+    model.save_pretrained(root / "model" / "transformer")
+    make_scheduler(1000, "linear").save_pretrained(root / "model" / "scheduler")
+    (root / "data").mkdir()
+    write_dataset(load_dataset(IngestConfig(source="digits", image_size=8, limit=120)), root / "data")
+    return str(root / "model"), root / "data"

@@ -15,29 +15,14 @@ import torch
 import xarray as xr
 import zarr
 
-from pipelines.backbone import build_dit, load_backbone, make_scheduler
-from pipelines.config import DumpConfig, IngestConfig
+from pipelines.backbone import load_backbone
+from pipelines.config import DumpConfig
 from pipelines.dump import plan_layout, run_dump
 from pipelines.errors import AselectError
 from pipelines.features import AttentionMapProcessor, extract
-from pipelines.ingest import load_dataset
-from storage.datasets import write_dataset
 from storage.features import FEATURES_STORE, finished_items, open_features
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """A random DiT-XS/2 saved in aselect's layout, and 120 digits at 8x8 in an ingest-like stage dir."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = build_dit("DiT-XS/2", image_size=8, channels=1, num_classes=10)
-    model.save_pretrained(root / "model" / "transformer")
-    make_scheduler(1000, "linear").save_pretrained(root / "model" / "scheduler")
-    (root / "data").mkdir()
-    write_dataset(load_dataset(IngestConfig(source="digits", image_size=8, limit=120)), root / "data")
-    return str(root / "model"), root / "data"
 
 
 def dump_into(tiny: tuple[str, Path], stage: Path, **overrides: object):

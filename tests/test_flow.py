@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.pipeline import aselect_pipeline
+from flows.pipeline import aselect_exhaustive, aselect_pipeline
+
+ASELECT_STAGES = ["ingest", "backbone", "calibrate", "score", "select", "dump", "probe"]
 
 
 def stages_by_name(result: dict) -> dict[str, dict]:
     return {s["name"]: s for s in result["stages"]}
+
+
+FIRST: dict[str, Path] = {}  # stage name -> directory of the first smoke run
+
+
+def first_stage(name: str) -> Path:
+    return FIRST[name]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +31,9 @@ def smoke_workdir(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str
     """One smoke run shared by the tests below (they only add runs on top of it)."""
     workdir = tmp_path_factory.mktemp("smoke-work")
     first = aselect_pipeline(config="smoke", workdir=str(workdir))
-    assert [s["name"] for s in first["stages"]] == ["ingest", "backbone", "dump"]
+    assert [s["name"] for s in first["stages"]] == ASELECT_STAGES
     assert all(s["status"] == "Completed" and not s["cached"] for s in first["stages"]), first
+    FIRST.update({s["name"]: Path(s["path"]) for s in first["stages"]})
     return workdir
 
 
@@ -36,7 +46,7 @@ def test_second_run_is_cached_and_recomputes_nothing(smoke_workdir: Path) -> Non
 
 
 def test_ingest_writes_labelled_zarr(smoke_workdir: Path) -> None:
-    stage = next(smoke_workdir.glob("ingest/*"))
+    stage = first_stage("ingest")
     group = zarr.open_group(stage / "data.zarr", mode="r")
     assert group["images"].shape == (200, 1, 8, 8) and group["images"].dtype == np.uint8
     assert group["images"].metadata.dimension_names == ("sample", "channel", "y", "x")
@@ -45,15 +55,15 @@ def test_ingest_writes_labelled_zarr(smoke_workdir: Path) -> None:
 
 
 def test_deleting_a_stage_recomputes_it_and_keeps_the_rest(smoke_workdir: Path) -> None:
-    model_dir = next(smoke_workdir.glob("backbone/*"))
+    model_dir = first_stage("backbone")
     shutil.rmtree(model_dir)
     rerun = stages_by_name(aselect_pipeline(config="smoke", workdir=str(smoke_workdir)))
     assert rerun["ingest"]["cached"] and not rerun["backbone"]["cached"]
     assert rerun["backbone"]["status"] == "Completed" and (model_dir / "manifest.json").exists()
     # keys come from configs, not outputs: the dump keyed on the backbone stays valid (retraining is seeded)
-    assert rerun["backbone"]["key"] == model_dir.name and rerun["dump"]["cached"]
+    assert rerun["backbone"]["key"] == model_dir.name and rerun["calibrate"]["cached"] and rerun["probe"]["cached"]
 
-    ingest_dir = next(smoke_workdir.glob("ingest/*"))
+    ingest_dir = first_stage("ingest")
     images_before = zarr.open_group(ingest_dir / "data.zarr", mode="r")["images"][:]
     shutil.rmtree(ingest_dir)
     rerun = stages_by_name(aselect_pipeline(config="smoke", workdir=str(smoke_workdir)))
@@ -63,21 +73,53 @@ def test_deleting_a_stage_recomputes_it_and_keeps_the_rest(smoke_workdir: Path) 
     assert rerun["backbone"]["cached"]
 
 
+def test_changing_a_scorer_or_policy_parameter_keeps_dumps_and_pretraining(smoke_workdir: Path) -> None:
+    rescored = stages_by_name(aselect_pipeline(config="smoke", overrides=["score.hfr_cutoff=0.3"],
+                                               workdir=str(smoke_workdir)))
+    assert all(rescored[name]["cached"] for name in ("ingest", "backbone", "calibrate"))
+    assert not rescored["score"]["cached"] and not rescored["select"]["cached"]
+    reselected = stages_by_name(aselect_pipeline(config="smoke", overrides=["select.feature_site=mlp"],
+                                                 workdir=str(smoke_workdir)))
+    assert all(reselected[name]["cached"] for name in ("ingest", "backbone", "calibrate", "score"))
+    assert not reselected["select"]["cached"] and not reselected["probe"]["cached"]
+
+
 def test_changing_a_backbone_parameter_keeps_ingest(smoke_workdir: Path) -> None:
     result = stages_by_name(aselect_pipeline(config="smoke", overrides=["backbone.pretrain.steps=12"],
                                              workdir=str(smoke_workdir)))
-    assert result["ingest"]["cached"] and not result["backbone"]["cached"] and not result["dump"]["cached"]
+    assert result["ingest"]["cached"] and not result["backbone"]["cached"] and not result["calibrate"]["cached"]
     manifest = json.loads((Path(result["backbone"]["path"]) / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["loss_curve"][-1][0] == 12
 
 
-def test_dump_stage_records_its_accounting(smoke_workdir: Path) -> None:
-    manifest = json.loads(next(smoke_workdir.glob("dump/*/manifest.json")).read_text())
-    accounting = manifest["accounting"]
-    assert accounting["items_total"] == 4 * 4  # 4 timesteps x ceil(200 / 64) chunks
-    assert accounting["forward_passes"] == accounting["items_computed"] == 16
-    assert accounting["bytes_written"] > 0 and accounting["images_timesteps_per_second"] > 0
-    assert manifest["layout"]["timesteps"] == [0, 100, 500, 900]
+def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir: Path) -> None:
+    calibration = json.loads((first_stage("calibrate") / "manifest.json").read_text())
+    assert calibration["layout"]["timesteps"] == [0, 100, 500, 900] and calibration["layout"]["samples"] == 64
+    assert calibration["layout"]["attn_map"] and calibration["accounting"]["forward_passes"] == 4  # 4 t x 1 chunk
+    selection = json.loads((first_stage("select") / "selection.json").read_text())
+    hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
+    assert len(hfr_rows) == 4 * 2  # every (timestep, block) of attention maps
+    features = json.loads((first_stage("dump") / "manifest.json").read_text())
+    assert features["layout"]["timesteps"] == [selection["timestep"]]
+    assert features["layout"]["layers"] == [selection["layer"]] and features["layout"]["sites"] == [selection["site"]]
+    assert features["accounting"]["items_total"] == 4  # 1 timestep x ceil(200 / 64) chunks
+    metrics = json.loads((first_stage("probe") / "metrics.json").read_text())
+    assert metrics["metric"] == "top1" and 0.0 <= metrics["value"] <= 1.0
+
+
+def test_exhaustive_path_reuses_ingest_and_backbone_and_picks_the_probe_best(smoke_workdir: Path) -> None:
+    result = aselect_exhaustive(config="smoke", workdir=str(smoke_workdir))
+    stages = stages_by_name(result)
+    assert list(stages) == ["ingest", "backbone", "dump", "score", "select", "probe"]
+    assert stages["ingest"]["cached"] and stages["backbone"]["cached"] and not stages["dump"]["cached"]
+    table = stages_by_name(result)["score"]
+    rows = json.loads((Path(table["path"]) / "scores.json").read_text())
+    assert len(rows) == 4 * 2 * 3 and {r["scorer"] for r in rows} == {"probe"}
+    best = max(rows, key=lambda r: r["score"])
+    assert (result["selection"]["timestep"], result["selection"]["layer"], result["selection"]["site"]) == (
+        best["timestep"], best["layer"], best["site"])
+    assert result["cost"]["forward_passes"] == 4 * 4 and result["cost"]["probe_fits"] >= 24 * 3
+    assert result["metrics"]["metric"] == "top1"
 
 
 def test_cli_run_json_and_inspect(run_cli, tmp_path: Path) -> None:
@@ -85,13 +127,12 @@ def test_cli_run_json_and_inspect(run_cli, tmp_path: Path) -> None:
     proc = run_cli("run", "smoke", "--workdir", str(workdir), "--set", "backbone.pretrain.steps=4", "--json",
                    check=True)
     result = json.loads(proc.stdout)  # stdout is exactly one JSON object; logs go to stderr
-    assert [s["name"] for s in result["stages"]] == ["ingest", "backbone", "dump"]
+    assert [s["name"] for s in result["stages"]] == ASELECT_STAGES
     assert set(result) >= {"stages", "selection", "metrics"}
     assert set(result["stages"][0]) >= {"name", "key", "status", "cached", "seconds", "path"}
 
     listing = json.loads(run_cli("inspect", "--workdir", str(workdir), "--json", check=True).stdout)
-    assert {(s["name"], s["status"]) for s in listing["stages"]} == {
-        ("ingest", "complete"), ("backbone", "complete"), ("dump", "complete")}
+    assert {(s["name"], s["status"]) for s in listing["stages"]} == {(name, "complete") for name in ASELECT_STAGES}
     shown = json.loads(run_cli("inspect", "backbone", "--workdir", str(workdir), "--json", check=True).stdout)
     assert shown["key"] == result["stages"][1]["key"] and "samples.png" in shown["files"]
     text = run_cli("inspect", "--workdir", str(workdir), check=True).stdout

@@ -1,0 +1,126 @@
+"""Stage 4 (domain): score every (timestep, layer, site) pair of a dump, one Dask task per pair.
+
+Each task opens the feature store itself and reads only its pair's slice, so the scheduler ships
+pair indices and small label arrays, never feature arrays. A `LocalCluster` is started by default;
+`address` connects to an existing scheduler instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from distributed import Client, LocalCluster, as_completed
+
+from pipelines.scoring import get_scorer, score_pair
+
+log = logging.getLogger("aselect.score")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One candidate: indices into the dump's timestep/layer/site axes, and their labels."""
+
+    ti: int
+    li: int
+    site: str
+    timestep: int
+    layer: int
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Dask cluster
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None, workers: int, threads_per_worker: int) -> Iterator[Client]:
+    """A client on an existing scheduler (`address`) or on a fresh local cluster of worker processes."""
+    if address:
+        with Client(address, timeout="30s") as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+        yield client
+
+
+# ---------------------------------------------------------------------------------------------
+#                                           One pair
+# ---------------------------------------------------------------------------------------------
+
+
+def read_pair(store: str, pair: Pair, needs: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """Only this pair's slice of the dump: pooled (n, D), spatial (n, T, D) or attn_map (n, T, T)."""
+    group = zarr.open_group(store, mode="r")
+    sel = slice(None) if rows is None else rows
+    if pair.site == "attn_map":
+        data = group["attn_map"].get_orthogonal_selection((pair.ti, pair.li, sel))
+    elif needs == "pooled":
+        site_index = list(group["site"][:]).index(pair.site)
+        data = group["pooled"].get_orthogonal_selection((pair.ti, pair.li, site_index, sel))
+    else:
+        site_index = list(group["site"][:]).index(pair.site)
+        data = group["spatial"].get_orthogonal_selection((pair.ti, pair.li, site_index, sel))
+    return np.asarray(data, dtype=np.float32)
+
+
+def _score_one(store: str, pair: Pair, scorer: str, params: dict[str, Any], labels: np.ndarray | None,
+               masks: np.ndarray | None, rows: np.ndarray | None) -> dict[str, Any]:
+    """Runs on a Dask worker: read one pair, score it, return a table row."""
+    import torch
+    from distributed import get_worker
+
+    torch.set_num_threads(1)  # one task per thread: no oversubscription inside a worker
+    needs = get_scorer(scorer).needs
+    started = time.perf_counter()
+    features = read_pair(store, pair, "pooled" if needs == "pooled" else "spatial", rows)
+    extra = dict(params)
+    if scorer == "hfr":
+        extra["kind"] = "attn_map" if pair.site == "attn_map" else "tokens"
+    value = score_pair(scorer, features, labels=labels, masks=masks, **extra)
+    return {"timestep": pair.timestep, "layer": pair.layer, "site": pair.site, "scorer": scorer,
+            "score": float(value), "seconds": round(time.perf_counter() - started, 4), "worker": get_worker().address}
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          The grid
+# ---------------------------------------------------------------------------------------------
+
+
+def candidate_pairs(store: str | Path, sites: list[str] | None = None) -> list[Pair]:
+    """Every (timestep, layer, site) in a dump, optionally restricted to some sites."""
+    group = zarr.open_group(str(store), mode="r")
+    layout = group.attrs["layout"]
+    all_sites = list(layout["sites"]) + (["attn_map"] if layout["attn_map"] else [])
+    wanted = [s for s in all_sites if sites is None or s in sites]
+    return [Pair(ti, li, site, t, layer)
+            for ti, t in enumerate(layout["timesteps"]) for li, layer in enumerate(layout["layers"])
+            for site in wanted]
+
+
+def score_grid(client: Client, store: str | Path, scorer: str, pairs: list[Pair], params: dict[str, Any],
+               labels: np.ndarray | None = None, masks: np.ndarray | None = None,
+               rows: np.ndarray | None = None, progress: Any = None) -> list[dict[str, Any]]:
+    """Score each pair as its own Dask task; rows come back in pair order."""
+    spec = get_scorer(scorer)
+    if spec.needs_labels and labels is None and masks is None:
+        raise ValueError(f"scorer {scorer!r} needs labels")
+    # small arrays go to the workers once, not once per task
+    shared = {name: client.scatter(value, broadcast=True) if value is not None else None
+              for name, value in (("labels", labels), ("masks", masks), ("rows", rows))}
+    futures = {client.submit(_score_one, str(store), pair, scorer, params, shared["labels"], shared["masks"],
+                             shared["rows"], pure=False): i for i, pair in enumerate(pairs)}
+    results: list[dict[str, Any] | None] = [None] * len(pairs)
+    for done, future in enumerate(as_completed(futures), start=1):
+        results[futures[future]] = future.result()
+        if progress is not None:
+            progress(done, len(pairs))
+    return [r for r in results if r is not None]

@@ -1,0 +1,230 @@
+"""Stage 5 (domain): a policy turns a score table into one (timestep, layer, site) and says why.
+
+A score table is a list of rows {"timestep", "layer", "site", "scorer", "score"}, one per scored pair and scorer.
+Policies: `oracle` (best probe score), `fewshot` (best few-shot proxy), `fixed` (the configured pair) and
+`aselect` (A-SelecT: the timestep where HFR, averaged over a band of blocks, peaks).
+Ties go to the lowest timestep, then the lowest layer, then the earliest site in SITE_ORDER.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from pipelines.errors import AselectError
+from pipelines.scoring import get_scorer
+
+SELECT_VERSION = 1
+# pipelines.features.SITES, repeated here so selection does not import torch and diffusers
+SITE_ORDER = ("block", "attn", "mlp", "attn_map")
+ROW_KEYS = ("timestep", "layer", "site", "scorer", "score")
+
+Pair = tuple[int, int, str]
+
+
+@dataclass
+class Selection:
+    """The chosen pair, its score, the runner-up, one sentence of why, and the table it was chosen from."""
+
+    policy: str
+    timestep: int
+    layer: int
+    site: str
+    score: float
+    runner_up: dict | None  # {"timestep", "layer", "site", "score"} of the second-best candidate
+    reason: str
+    table: list[dict]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (manifests, artifacts)."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Score tables
+# ---------------------------------------------------------------------------------------------
+
+
+def pair_order(pair: Pair) -> tuple:
+    """Sort key of a pair: timestep, then layer, then site (known sites in SITE_ORDER, others by name after)."""
+    t, layer, site = pair
+    site_rank = (SITE_ORDER.index(site), "") if site in SITE_ORDER else (len(SITE_ORDER), site)
+    return (t, layer, site_rank)
+
+
+def normalise_table(table: Sequence[dict]) -> list[dict]:
+    """Rows with plain Python types (JSON-ready); a row missing a key or with a bad value is an error."""
+    rows = []
+    for i, row in enumerate(table):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise AselectError(f"score table row {i}: missing {', '.join(missing)}")
+        try:
+            rows.append({"timestep": int(row["timestep"]), "layer": int(row["layer"]), "site": str(row["site"]),
+                         "scorer": str(row["scorer"]), "score": float(row["score"])})
+        except (TypeError, ValueError) as exc:
+            raise AselectError(f"score table row {i}: {exc}") from None
+    if not rows:
+        raise AselectError("the score table is empty: nothing to select from")
+    return rows
+
+
+def candidates(rows: list[dict]) -> list[Pair]:
+    """Every (timestep, layer, site) in the table, in tie-break order."""
+    return sorted({(r["timestep"], r["layer"], r["site"]) for r in rows}, key=pair_order)
+
+
+def scores_of(rows: list[dict], scorer: str) -> dict[Pair, float]:
+    """{pair: score} of one scorer; non-finite scores (failed scoring) are left out."""
+    scores: dict[Pair, float] = {}
+    for r in rows:
+        if r["scorer"] != scorer or not math.isfinite(r["score"]):
+            continue
+        pair = (r["timestep"], r["layer"], r["site"])
+        if pair in scores:
+            raise AselectError(f"score table has two '{scorer}' scores for t={pair[0]} layer {pair[1]} site {pair[2]}")
+        scores[pair] = r["score"]
+    return scores
+
+
+def ranked(scores: dict[Pair, float], higher_is_better: bool = True) -> list[Pair]:
+    """Pairs best first; ties in tie-break order."""
+    sign = -1.0 if higher_is_better else 1.0
+    return sorted(scores, key=lambda p: (sign * scores[p], pair_order(p)))
+
+
+def _pair_dict(pair: Pair, score: float) -> dict:
+    return {"timestep": pair[0], "layer": pair[1], "site": pair[2], "score": score}
+
+
+def _describe(pair: Pair) -> str:
+    return f"t={pair[0]} block {pair[1]} site {pair[2]}"
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Policies
+# ---------------------------------------------------------------------------------------------
+
+
+def _best_by(policy: str, rows: list[dict], scorer: str) -> Selection:
+    """The pair with the best `scorer` score, and the second best as runner-up."""
+    direction = get_scorer(scorer).higher_is_better
+    scores = scores_of(rows, scorer)
+    if not scores:
+        have = ", ".join(sorted({r["scorer"] for r in rows}))
+        raise AselectError(f"policy '{policy}' needs '{scorer}' scores; the table has: {have}")
+    order = ranked(scores, direction)
+    best = order[0]
+    runner = _pair_dict(order[1], scores[order[1]]) if len(order) > 1 else None
+    word = "highest" if direction else "lowest"
+    tail = f"; runner-up {_describe(order[1])}, {scores[order[1]]:.3f}" if runner else ""
+    reason = f"{scorer} score {scores[best]:.3f} is the {word} of {len(scores)} candidates{tail}"
+    return Selection(policy, best[0], best[1], best[2], scores[best], runner, reason, rows)
+
+
+def _oracle(rows: list[dict], *, scorer: str | None = None) -> Selection:
+    """Exhaustive oracle: best probe_seg score when the table has one, else best probe score."""
+    if scorer is None:
+        present = {r["scorer"] for r in rows}
+        scorer = "probe_seg" if "probe_seg" in present else "probe"
+    return _best_by("oracle", rows, scorer)
+
+
+def _fewshot(rows: list[dict], *, scorer: str = "fewshot") -> Selection:
+    """Best few-shot proxy score."""
+    return _best_by("fewshot", rows, scorer)
+
+
+def _fixed(rows: list[dict], *, timestep: int | None = None, layer: int | None = None, site: str | None = None,
+           scorer: str | None = None) -> Selection:
+    """The configured pair, which must be one of the table's candidates."""
+    if timestep is None or layer is None or site is None:
+        raise AselectError("policy 'fixed' needs timestep, layer and site")
+    pair = (int(timestep), int(layer), str(site))
+    pairs = candidates(rows)
+    if pair not in pairs:
+        ts = sorted({p[0] for p in pairs})
+        ls = sorted({p[1] for p in pairs})
+        ss = sorted({p[2] for p in pairs}, key=lambda s: pair_order((0, 0, s)))
+        raise AselectError(f"policy 'fixed': {_describe(pair)} is not in the score table "
+                           f"(timesteps {ts}, layers {ls}, sites {ss})")
+    # report the oracle's score of the pair when there is one: it says what the fixed choice costs
+    present = sorted({r["scorer"] for r in rows if (r["timestep"], r["layer"], r["site"]) == pair})
+    if scorer is None:
+        scorer = next((s for s in ("probe_seg", "probe", "fewshot", "hfr") if s in present), present[0])
+    score = scores_of(rows, scorer).get(pair, math.nan)
+    reason = f"fixed by configuration: {_describe(pair)} ({scorer} {score:.3f})"
+    return Selection("fixed", pair[0], pair[1], pair[2], score, None, reason, rows)
+
+
+def middle_third(layers: Sequence[int]) -> list[int]:
+    """The middle third of the sorted layers (never empty): 6 blocks -> [2, 3], 12 -> [4, 5, 6, 7]."""
+    ordered = sorted(set(layers))
+    cut = len(ordered) // 3
+    return ordered[cut:len(ordered) - cut]
+
+
+def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[int] | None = None,
+             feature_site: str = "block", feature_layer: int | str = "argmax") -> Selection:
+    """A-SelecT: t* = argmax over t of HFR (of `hfr_site`) averaged over `layers`; features at (t*, layer, site)."""
+    hfr = {(t, layer): s for (t, layer, site), s in scores_of(rows, "hfr").items() if site == hfr_site}
+    if not hfr:
+        sites = sorted({r["site"] for r in rows if r["scorer"] == "hfr"})
+        raise AselectError(f"policy 'aselect' needs 'hfr' scores of site '{hfr_site}'; "
+                           f"the table has hfr for sites: {', '.join(sites) or 'none'}")
+    present = sorted({layer for _, layer in hfr})
+    band = middle_third(present) if layers is None else sorted({int(layer) for layer in layers})
+    absent = [layer for layer in band if layer not in present]
+    if not band or absent:
+        raise AselectError(f"policy 'aselect': layers {absent or band} have no hfr scores "
+                           f"(site '{hfr_site}' has layers {present})")
+    curve: dict[int, float] = {}
+    for t in sorted({t for t, _ in hfr}):
+        gaps = [layer for layer in band if (t, layer) not in hfr]
+        if gaps:  # a partial mean would compare timesteps over different blocks
+            raise AselectError(f"policy 'aselect': no finite hfr at t={t} for layers {gaps}")
+        curve[t] = sum(hfr[(t, layer)] for layer in band) / len(band)
+    order = sorted(curve, key=lambda t: (-curve[t], t))
+
+    def layer_at(t: int) -> int:
+        if feature_layer == "argmax":  # the band's block with the highest HFR at t (ties: lowest block)
+            return min(band, key=lambda layer: (-hfr[(t, layer)], layer))
+        if isinstance(feature_layer, bool) or not isinstance(feature_layer, int) or feature_layer < 0:
+            raise AselectError(f"policy 'aselect': feature_layer must be 'argmax' or a block index, "
+                               f"got {feature_layer!r}")
+        return feature_layer
+
+    best = order[0]
+    chosen = layer_at(best)
+    runner = None
+    tail = "only timestep scored"
+    if len(order) > 1:
+        second = order[1]
+        runner = {"timestep": second, "layer": layer_at(second), "site": feature_site, "score": curve[second]}
+        tail = f"runner-up t={second}, {curve[second]:.3f}"
+    reason = (f"HFR of {hfr_site} averaged over blocks {band} peaks at t={best} ({curve[best]:.3f}; {tail}); "
+              f"features: block {chosen} site {feature_site}")
+    return Selection("aselect", best, chosen, feature_site, curve[best], runner, reason, rows)
+
+
+POLICIES: dict[str, Callable[..., Selection]] = {
+    "oracle": _oracle,
+    "fewshot": _fewshot,
+    "fixed": _fixed,
+    "aselect": _aselect,
+}
+
+
+def select(policy: str, table: list[dict], **params: object) -> Selection:
+    """Apply a selection policy to a score table."""
+    if policy not in POLICIES:
+        raise AselectError(f"unknown selection policy '{policy}'; known: {', '.join(POLICIES)}")
+    fn = POLICIES[policy]
+    known = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise AselectError(f"policy '{policy}' got unknown parameter(s) {', '.join(unknown)}; "
+                           f"it takes: {', '.join(known)}")
+    return fn(normalise_table(table), **params)

@@ -1,0 +1,92 @@
+"""Stage 4 task: score every (timestep, layer, site) of a dump with one scorer, in parallel on Dask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from pipelines.config import ScoreConfig
+from pipelines.grid import candidate_pairs, dask_client, score_grid
+from pipelines.scoring import SCORING_VERSION, get_scorer
+from storage.datasets import read_masks, read_split
+from storage.features import FEATURES_STORE
+from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from tasks.stage import ProgressArtifact
+
+SCORES_JSON = "scores.json"
+
+
+def scorer_params(cfg: ScoreConfig, scorer: str) -> dict[str, Any]:
+    """The parameters one scorer takes from the score section."""
+    if scorer == "hfr":
+        return {"cutoff": cfg.hfr_cutoff, "exclude_dc": cfg.hfr_exclude_dc}
+    if scorer in ("probe", "probe_seg"):
+        return {"folds": cfg.probe_folds, "C": cfg.probe_c} if scorer == "probe" else {}
+    return {}
+
+
+def plan_score(workdir: Workdir, cfg: ScoreConfig, scorer: str, features: StageRef) -> StageRef:
+    """The score stage's key: the scorer, its parameters and the dump it reads (not where Dask runs)."""
+    section = {"scorer": scorer, "params": scorer_params(cfg, scorer)}
+    key = stage_key("score", section, {"features": features.key}, SCORING_VERSION)
+    return workdir.stage("score", key).ref()
+
+
+@task(name="score")
+def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, dataset: StageRef) -> dict[str, Any]:
+    """Score each pair of the dump as its own Dask task; labelled scorers see the train split only."""
+    logger = get_run_logger()
+    stage_dir = stage.dir
+    with stage_dir.lock():
+        if stage_dir.is_complete():
+            return {"summary": stage_dir.read_manifest()["summary"], "rows": _rows(stage)}
+        stage_dir.begin({"scorer": scorer, "params": scorer_params(cfg, scorer),
+                         "upstream": {"features": features.key}})
+        store = features.dir.path / FEATURES_STORE
+        spec = get_scorer(scorer)
+        labels = masks = rows = None
+        if spec.needs_labels:
+            import zarr
+
+            samples = zarr.open_group(store, mode="r")["sample"][:]
+            all_labels, train_idx, _ = read_split(dataset.dir.path)
+            rows = np.flatnonzero(np.isin(samples, train_idx))  # never score on test images
+            labels = all_labels[samples[rows]]
+            all_masks = read_masks(dataset.dir.path) if scorer == "probe_seg" else None
+            masks = all_masks[samples[rows]] if all_masks is not None else None
+        sites = None if spec.needs != "pooled" else ["block", "attn", "mlp"]
+        pairs = candidate_pairs(store, sites)
+        progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
+        with dask_client(cfg.dask.address, cfg.dask.workers, cfg.dask.threads_per_worker) as client:
+            workers = len(client.scheduler_info()["workers"])
+            table = score_grid(client, store, scorer, pairs, scorer_params(cfg, scorer), labels=labels, masks=masks,
+                               rows=rows, progress=lambda done, total: progress.update(done / total))
+        progress.update(1.0, force=True)
+        write_json_atomic(stage_dir.path / SCORES_JSON, table)
+        best = max(table, key=lambda r: r["score"])
+        summary = (f"{scorer} on {len(table)} pairs with {workers} Dask workers; best t={best['timestep']} "
+                   f"l={best['layer']} {best['site']} ({best['score']:.4f})")
+        stage_dir.complete(summary, scorer=scorer, pairs=len(table), dask_workers=workers,
+                           probe_fits=len(table) * cfg.probe_folds if scorer == "probe" else 0,
+                           task_seconds=round(sum(r["seconds"] for r in table), 3))
+    _table_artifact(scorer, table)
+    logger.info("score %s: %s", stage.key, summary)
+    return {"summary": summary, "rows": table}
+
+
+def _rows(stage: StageRef) -> list[dict[str, Any]]:
+    import json
+
+    return json.loads((stage.dir.path / SCORES_JSON).read_text())
+
+
+def _table_artifact(scorer: str, table: list[dict[str, Any]]) -> None:
+    """The score table as a Prefect table artifact (key `scores-<scorer>`)."""
+    try:
+        create_table_artifact(key=f"scores-{scorer.replace('_', '-')}", table=table,
+                              description=f"{scorer} score per (timestep, layer, site)")
+    except Exception:  # artifacts are a convenience; the table is in the stage directory too
+        pass

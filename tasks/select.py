@@ -1,0 +1,56 @@
+"""Stage 5 task: turn score tables into one (timestep, layer, site), and record why."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipelines.config import SelectConfig
+from pipelines.select import SELECT_VERSION, select
+from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+
+SELECTION_JSON = "selection.json"
+
+
+def plan_select(workdir: Workdir, cfg: SelectConfig, scores: list[StageRef]) -> StageRef:
+    """The selection's key: the policy section and the score tables it reads."""
+    key = stage_key("select", cfg.model_dump(mode="json"), {s.name + str(i): s.key for i, s in enumerate(scores)},
+                    SELECT_VERSION)
+    return workdir.stage("select", key).ref()
+
+
+def policy_params(cfg: SelectConfig) -> dict[str, Any]:
+    """The keyword arguments the configured policy takes."""
+    if cfg.policy == "aselect":
+        return {"hfr_site": cfg.hfr_site, "layers": cfg.layers, "feature_site": cfg.feature_site,
+                "feature_layer": cfg.feature_layer}
+    if cfg.policy == "fixed":
+        return {"timestep": cfg.timestep, "layer": cfg.layer, "site": cfg.site}
+    return {}
+
+
+@task(name="select")
+def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply the selection policy to the score table."""
+    logger = get_run_logger()
+    stage_dir = stage.dir
+    with stage_dir.lock():
+        if stage_dir.is_complete():
+            selection = json.loads((stage_dir.path / SELECTION_JSON).read_text())
+            return {"summary": stage_dir.read_manifest()["summary"], "selection": selection}
+        stage_dir.begin({"config": cfg.model_dump(mode="json")})
+        selection = select(cfg.policy, table, **policy_params(cfg)).to_dict()
+        write_json_atomic(stage_dir.path / SELECTION_JSON, selection)
+        summary = (f"{cfg.policy}: t={selection['timestep']} block {selection['layer']} {selection['site']} "
+                   f"({selection['reason']})")
+        stage_dir.complete(summary, selection={k: v for k, v in selection.items() if k != "table"})
+    try:
+        create_markdown_artifact(key="selection", description="the selected (timestep, layer, site)",
+                                 markdown=f"## Selection\n\n{summary}\n\nrunner-up: `{selection['runner_up']}`\n")
+    except Exception:
+        pass
+    logger.info("select %s: %s", stage.key, summary)
+    return {"summary": summary, "selection": {k: v for k, v in selection.items() if k != "table"}}

@@ -1,0 +1,327 @@
+"""Scoring (HFR, probe, fewshot, probe_seg), downstream probes and selection policies, on small synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.errors import AselectError
+from pipelines.probe import (
+    bilinear_matrix,
+    classification_probe,
+    iou_from_confusion,
+    patch_fractions,
+    segmentation_probe,
+    upsample_bilinear,
+)
+from pipelines.scoring import (
+    SCORERS,
+    get_scorer,
+    hfr_of_attention,
+    hfr_of_tokens,
+    high_frequency_ratio,
+    radial_frequency,
+    score_pair,
+)
+from pipelines.select import middle_third, select
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+def fraction_above(h: int, w: int, cutoff: float) -> float:
+    """Share of non-DC frequency bins with rho > cutoff: the HFR of a flat (white) spectrum."""
+    rho = radial_frequency(h, w)
+    return float((rho > cutoff).sum() / (rho > 0).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         HFR
+# ---------------------------------------------------------------------------------------------
+
+Y, X = np.mgrid[:16, :16]
+
+
+def test_hfr_of_simple_maps():
+    assert high_frequency_ratio(np.full((16, 16), 3.0)) == 0.0
+    assert high_frequency_ratio(np.full((16, 16), 3.0), exclude_dc=False) == 0.0
+    assert high_frequency_ratio(np.zeros((16, 16))) == 0.0
+    assert high_frequency_ratio((-1.0) ** (X + Y)) == pytest.approx(1.0)  # checkerboard: rho = sqrt(2)
+    assert high_frequency_ratio(np.cos(2 * np.pi * X / 16) + 5.0) == pytest.approx(0.0, abs=1e-12)  # rho = 0.125
+    # 6 cycles over 16 samples: f = 0.375 cycles/sample, rho = 0.75 -> above a 0.5 cutoff, below 0.8
+    stripes = np.cos(2 * np.pi * 6 * Y / 16)
+    assert high_frequency_ratio(stripes, cutoff=0.5) == pytest.approx(1.0)
+    assert high_frequency_ratio(stripes, cutoff=0.8) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hfr_dc_handling_and_mean_over_leading_dims():
+    checker = (-1.0) ** (X + Y)
+    # an offset adds DC power only: excluded by default, in the denominator otherwise
+    assert high_frequency_ratio(checker + 1.0) == pytest.approx(1.0)
+    assert high_frequency_ratio(checker + 1.0, exclude_dc=False) == pytest.approx(0.5)
+    stack = np.stack([np.ones((16, 16)), checker])[None]  # (1, 2, 16, 16): mean of 0 and 1
+    assert high_frequency_ratio(stack) == pytest.approx(0.5)
+
+
+def test_hfr_of_white_noise_matches_share_of_high_bins():
+    noise = np.random.default_rng(0).normal(size=(64, 32, 32))
+    for cutoff in (0.25, 0.5, 0.75, 1.0):
+        assert high_frequency_ratio(noise, cutoff=cutoff) == pytest.approx(fraction_above(32, 32, cutoff), abs=0.05)
+
+
+def test_hfr_decreases_with_cutoff():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(8, 16, 16)).cumsum(axis=1) + rng.normal(size=(8, 16, 16))  # mixed spectrum
+    values = [high_frequency_ratio(maps, cutoff=c) for c in np.linspace(0.0, 1.5, 16)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert values[0] == pytest.approx(1.0) and values[-1] == 0.0
+
+
+def test_hfr_of_tokens_reshapes_row_major_per_channel():
+    rng = np.random.default_rng(2)
+    n, side, D = 3, 8, 5
+    y, x = np.mgrid[:side, :side]
+    maps = rng.normal(size=(n, D, side, side))  # (sample, channel, row, col)
+    maps[:, 0] = (-1.0) ** (x + y)  # channel 0: HFR 1
+    maps[:, 1] = np.cos(2 * np.pi * x / side)  # channel 1: HFR 0
+    tokens = maps.transpose(0, 2, 3, 1).reshape(n, side * side, D)  # token index = row * side + col
+    assert hfr_of_tokens(tokens) == pytest.approx(high_frequency_ratio(maps), abs=1e-12)
+    assert hfr_of_tokens(tokens.astype(np.float16)) == pytest.approx(high_frequency_ratio(maps), abs=1e-3)
+    assert hfr_of_tokens(tokens[:, :, :2]) == pytest.approx(0.5)
+    assert score_pair("hfr", tokens, kind="block") == hfr_of_tokens(tokens)
+    with pytest.raises(AselectError) as excinfo:
+        hfr_of_tokens(np.zeros((2, 15, 4)))
+    assert "15 tokens" in one_line_error(excinfo)
+
+
+def test_hfr_of_attention():
+    n, T = 2, 64
+    uniform = np.full((n, T, T), 1.0 / T, dtype=np.float16)
+    assert hfr_of_attention(uniform) == 0.0
+    # each query attends to itself only: a delta over the key grid has a flat spectrum
+    identity = np.broadcast_to(np.eye(T), (n, T, T))
+    assert hfr_of_attention(identity) == pytest.approx(fraction_above(8, 8, 0.5))
+    assert score_pair("hfr", identity, kind="attn_map") == hfr_of_attention(identity)
+    with pytest.raises(AselectError) as excinfo:  # (n, T, T) could also be tokens with D == T
+        score_pair("hfr", identity)
+    assert "kind=" in one_line_error(excinfo)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   Labelled scorers
+# ---------------------------------------------------------------------------------------------
+
+
+def blobs(n: int = 240, d: int = 16, k: int = 3, spread: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k well separated Gaussian classes in d dims."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % k
+    centres = rng.normal(size=(k, d)) * 3.0
+    return (centres[labels] + spread * rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("name", ["probe", "fewshot"])
+def test_labelled_scorers_separate_signal_from_chance(name):
+    x, y = blobs()
+    assert score_pair(name, x, y) > 0.9
+    shuffled = np.random.default_rng(3).permutation(y)
+    assert abs(score_pair(name, x, shuffled) - 1 / 3) < 0.12
+    noise = np.random.default_rng(4).normal(size=x.shape)
+    assert abs(score_pair(name, noise, y) - 1 / 3) < 0.12
+    assert score_pair(name, x, shuffled, seed=5) == score_pair(name, x, shuffled, seed=5)
+
+
+def test_fewshot_uses_a_few_shots_per_class():
+    x, y = blobs(n=300)
+    assert score_pair("fewshot", x, y, shots=5, seed=1) > 0.9
+    assert score_pair("fewshot", x, y, shots=5, seed=1) == score_pair("fewshot", x, y, shots=5, seed=1)
+
+
+def test_score_pair_errors_are_one_line():
+    x, y = blobs(n=30)
+    with pytest.raises(AselectError) as excinfo:
+        score_pair("sharpness", x, y)
+    message = one_line_error(excinfo)
+    assert "unknown scorer 'sharpness'" in message and "probe" in message and "hfr" in message
+    with pytest.raises(AselectError) as excinfo:
+        get_scorer("nope")
+    assert "known:" in one_line_error(excinfo)
+    with pytest.raises(AselectError) as excinfo:
+        score_pair("probe", x)
+    assert "labels" in one_line_error(excinfo)
+    with pytest.raises(AselectError) as excinfo:
+        score_pair("probe", x, y, c=1.0)
+    assert "unknown parameter(s) c" in one_line_error(excinfo)
+    with pytest.raises(AselectError) as excinfo:
+        score_pair("probe", x[:, None, :], y)
+    assert "(n, D)" in one_line_error(excinfo)
+    assert {"hfr", "probe", "fewshot", "probe_seg"} <= set(SCORERS)
+    assert not get_scorer("hfr").needs_labels and get_scorer("probe_seg").needs == "spatial"
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   Downstream probes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_classification_probe_picks_c_and_generalises():
+    x, y = blobs(n=300, seed=6)
+    result = classification_probe(x[:200], y[:200], x[200:], y[200:], seed=0)
+    assert result.metric == "top1" and result.value > 0.9
+    assert result.details["C"] in (0.01, 0.1, 1.0, 10.0)
+    assert set(result.details["val_scores"]) == {"0.01", "0.1", "1.0", "10.0"}
+    again = classification_probe(x[:200], y[:200], x[200:], y[200:], seed=0)
+    assert (again.value, again.details) == (result.value, result.details)
+
+
+def segmentation_data(n: int, side: int = 4, patch: int = 4, k: int = 3, signal: float = 4.0, seed: int = 0,
+                      classes: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens = one-hot of their patch's class (+ noise); masks = patch classes upsampled to pixels."""
+    rng = np.random.default_rng(seed)
+    grid = rng.choice(classes or np.arange(k), size=(n, side, side))
+    d = 8
+    tokens = rng.normal(size=(n, side * side, d))
+    tokens[..., :k] += signal * np.eye(k)[grid.reshape(n, -1)]
+    masks = grid.repeat(patch, axis=1).repeat(patch, axis=2).astype(np.uint8)
+    return tokens.astype(np.float16), masks
+
+
+def test_segmentation_probe_on_patch_classes():
+    train_tokens, train_masks = segmentation_data(60, seed=0)
+    test_tokens, test_masks = segmentation_data(20, seed=1)
+    result = segmentation_probe(train_tokens, train_masks, test_tokens, test_masks, num_classes=3)
+    assert result.metric == "miou" and result.value > 0.9
+    assert result.details["pixel_accuracy"] > 0.9 and set(result.details["per_class_iou"]) == {"0", "1", "2"}
+    # features that carry nothing about the masks
+    noise = np.random.default_rng(2).normal(size=train_tokens.shape)
+    chance = segmentation_probe(noise, train_masks, test_tokens, test_masks, num_classes=3)
+    assert chance.value < 0.5
+    # the same through the label-using scorer
+    tokens, masks = segmentation_data(80, seed=3)
+    assert score_pair("probe_seg", tokens, masks=masks) > 0.9
+
+
+def test_segmentation_probe_with_a_class_absent_from_training():
+    train_tokens, train_masks = segmentation_data(30, classes=(0, 1), seed=4)
+    test_tokens, test_masks = segmentation_data(10, seed=5)
+    result = segmentation_probe(train_tokens, train_masks, test_tokens, test_masks, num_classes=3, Cs=(1.0,))
+    assert result.details["per_class_iou"]["2"] == 0.0  # never predicted, present in ground truth
+    assert result.details["per_class_iou"]["0"] > 0.5 and np.isfinite(result.value)
+
+
+def test_patch_fractions_and_bilinear_upsampling():
+    mask = np.array([[0, 0, 1, 1], [0, 1, 1, 1], [2, 2, 0, 0], [2, 2, 0, 1]], dtype=np.uint8)[None]
+    fractions = patch_fractions(mask, side=2, num_classes=3)
+    assert fractions.shape == (1, 4, 3)
+    np.testing.assert_allclose(fractions[0], [[0.75, 0.25, 0], [0, 1, 0], [0, 0, 1], [0.75, 0.25, 0]])
+    maps = np.random.default_rng(6).normal(size=(2, 3, 4, 5))
+    ours = upsample_bilinear(maps, 16, 20)
+    theirs = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(16, 20), mode="bilinear",
+                                             align_corners=False).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-12)
+    np.testing.assert_allclose(bilinear_matrix(8, 4).sum(axis=1), 1.0)
+    miou, per_class, accuracy = iou_from_confusion(np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]]))
+    assert per_class == {"0": 0.75, "1": 0.8} and miou == pytest.approx(0.775) and accuracy == 0.875
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Selection
+# ---------------------------------------------------------------------------------------------
+
+TIMESTEPS = (10, 25, 50)
+
+
+def hfr_value(t: int, layer: int) -> float:
+    """Attention HFR: the band [2, 3] peaks at t=25; block 0 alone would pick t=50 (must be ignored)."""
+    if layer == 0:
+        return {10: 0.1, 25: 0.2, 50: 0.9}[t]
+    base = {10: 0.30, 25: 0.40, 50: 0.35}[t]
+    return base + (0.02 if layer == 3 else 0.0)
+
+
+def score_table(with_seg: bool = False) -> list[dict]:
+    rows = []
+    for t in TIMESTEPS:
+        for layer in range(6):
+            rows.append({"timestep": t, "layer": layer, "site": "attn_map", "scorer": "hfr",
+                         "score": hfr_value(t, layer)})
+            for site in ("block", "mlp"):
+                probe = 0.5 + 0.01 * layer + (0.3 if (t, layer, site) == (10, 4, "mlp") else 0.0)
+                rows.append({"timestep": t, "layer": layer, "site": site, "scorer": "probe", "score": probe})
+                rows.append({"timestep": t, "layer": layer, "site": site, "scorer": "fewshot",
+                             "score": 1.0 - 0.1 * layer - t / 1000})
+                if with_seg:
+                    rows.append({"timestep": t, "layer": layer, "site": site, "scorer": "probe_seg",
+                                 "score": 0.9 if (t, layer, site) == (50, 1, "block") else 0.2})
+    return rows
+
+
+def test_oracle_and_fewshot_pick_the_best_pair():
+    oracle = select("oracle", score_table())
+    assert (oracle.timestep, oracle.layer, oracle.site, oracle.score) == (10, 4, "mlp", pytest.approx(0.84))
+    # the runner-up: layer 5 scores 0.55 everywhere; ties go to the lowest timestep, then block before mlp
+    assert oracle.runner_up == {"timestep": 10, "layer": 5, "site": "block", "score": pytest.approx(0.55)}
+    assert "probe" in oracle.reason and len(oracle.table) == len(score_table())
+    seg = select("oracle", score_table(with_seg=True))
+    assert (seg.timestep, seg.layer, seg.site) == (50, 1, "block")
+    fewshot = select("fewshot", score_table())
+    assert (fewshot.timestep, fewshot.layer, fewshot.site) == (10, 0, "block")
+    json.dumps(oracle.to_dict())
+
+
+def test_aselect_averages_hfr_over_the_middle_blocks():
+    assert middle_third(range(6)) == [2, 3] and middle_third(range(12)) == [4, 5, 6, 7] and middle_third([7]) == [7]
+    chosen = select("aselect", score_table())
+    assert (chosen.timestep, chosen.layer, chosen.site) == (25, 3, "block")
+    assert chosen.score == pytest.approx(0.41)
+    assert chosen.runner_up == {"timestep": 50, "layer": 3, "site": "block", "score": pytest.approx(0.36)}
+    assert chosen.reason == ("HFR of attn_map averaged over blocks [2, 3] peaks at t=25 (0.410; runner-up t=50, "
+                             "0.360); features: block 3 site block")
+    # over all blocks, block 0's spike at t=50 wins; a fixed feature layer and site are taken as given
+    wide = select("aselect", score_table(), layers=[0, 1, 2, 3, 4, 5], feature_layer=1, feature_site="mlp")
+    assert (wide.timestep, wide.layer, wide.site) == (50, 1, "mlp")
+    with pytest.raises(AselectError) as excinfo:
+        select("aselect", score_table(), hfr_site="block")
+    assert "hfr" in one_line_error(excinfo) and "attn_map" in str(excinfo.value)
+    with pytest.raises(AselectError) as excinfo:
+        select("aselect", score_table(), layers=[9])
+    assert "[9]" in one_line_error(excinfo)
+
+
+def test_fixed_policy_validates_the_pair():
+    fixed = select("fixed", score_table(), timestep=50, layer=2, site="mlp")
+    assert (fixed.timestep, fixed.layer, fixed.site) == (50, 2, "mlp")
+    assert fixed.score == pytest.approx(0.52) and fixed.runner_up is None
+    with pytest.raises(AselectError) as excinfo:
+        select("fixed", score_table(), timestep=75, layer=2, site="mlp")
+    assert "t=75 block 2 site mlp" in one_line_error(excinfo)
+    with pytest.raises(AselectError) as excinfo:
+        select("fixed", score_table(), timestep=50)
+    assert "needs timestep, layer and site" in one_line_error(excinfo)
+
+
+def test_ties_and_policy_errors():
+    rows = [{"timestep": t, "layer": layer, "site": site, "scorer": "probe", "score": 0.7}
+            for t in (50, 10) for layer in (1, 0) for site in ("mlp", "block")]
+    tie = select("oracle", rows)
+    assert (tie.timestep, tie.layer, tie.site) == (10, 0, "block")
+    assert tie.runner_up["timestep"] == 10 and tie.runner_up["layer"] == 0 and tie.runner_up["site"] == "mlp"
+    with pytest.raises(AselectError) as excinfo:
+        select("greedy", rows)
+    message = one_line_error(excinfo)
+    assert "unknown selection policy 'greedy'" in message and "aselect" in message and "oracle" in message
+    with pytest.raises(AselectError) as excinfo:
+        select("aselect", score_table(), layer=3)
+    assert "unknown parameter(s) layer" in one_line_error(excinfo)
+    with pytest.raises(AselectError) as excinfo:
+        select("fewshot", rows)
+    assert "needs 'fewshot' scores" in one_line_error(excinfo)
+    with pytest.raises(AselectError) as excinfo:
+        select("oracle", [])
+    assert "empty" in one_line_error(excinfo)
