@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from tasks.probe import plan_probe, probe
 from tasks.score import plan_score, score
 from tasks.select import plan_select, select_pair
 from tasks.stage import StageReport, run_stage
+
+# pipelines/ logs to `aselect.*`; Prefect attaches its handlers to it (PREFECT_LOGGING_EXTRA_LOGGERS)
+# but not a level, and the root's WARNING would hide progress lines.
+logging.getLogger("aselect").setLevel(logging.INFO)
 
 
 def resolve_run_config(config: str, overrides: list[str] | None, workdir: str | None) -> RunConfig:

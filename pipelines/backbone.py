@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from pipelines.config import BackboneConfig
 from pipelines.errors import AselectError
 
-BACKBONE_VERSION = 1
+BACKBONE_VERSION = 2
 
 logger = logging.getLogger("aselect.backbone")
 
@@ -428,9 +428,17 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: 
     )
 
 
-def _lr_factor(warmup_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the base rate over warmup_steps, then constant (simple and resume-safe)."""
-    return lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0
+def _lr_factor(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to zero: a pure function of the step, so resume-safe."""
+    # Decaying matters: at a constant rate the last steps' noise shows up as speckled samples.
+
+    def factor(done: int) -> float:
+        if done < warmup_steps:
+            return (done + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - warmup_steps) / span)))
+
+    return factor
 
 
 def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
@@ -553,7 +561,7 @@ def _train(
             module.dropout_prob = 0.0
     scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps, pcfg.steps))
 
     # 2. Data: the whole (small) dataset as one float tensor in [-1, 1].
     data = _to_unit(torch.from_numpy(np.ascontiguousarray(images)))

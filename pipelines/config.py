@@ -51,7 +51,7 @@ class PretrainConfig(Section):
     """How the tiny pixel-space DiT is trained (DDPM epsilon objective, class dropout)."""
 
     steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     checkpoint_every: int = Field(500, ge=1)
@@ -116,7 +116,7 @@ class DumpConfig(Section):
 
 
 class CalibrateConfig(Section):
-    """A-SelecT path: the labelled-free calibration pass over all candidate timesteps on a small subset."""
+    """A-SelecT path: the label-free calibration pass over all candidate timesteps on a small subset."""
 
     images: int = Field(256, ge=8)  # stratified subset of the train split
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(

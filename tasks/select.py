@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines.config import SelectConfig
+from pipelines.plots import score_heatmaps
 from pipelines.select import SELECT_VERSION, select
 from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
 
@@ -44,12 +45,14 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]])
         stage_dir.begin({"config": cfg.model_dump(mode="json")})
         selection = select(cfg.policy, table, **policy_params(cfg)).to_dict()
         write_json_atomic(stage_dir.path / SELECTION_JSON, selection)
+        pictures = [p.name for p in score_heatmaps(selection["table"], stage_dir.path, selection)]
         summary = (f"{cfg.policy}: t={selection['timestep']} block {selection['layer']} {selection['site']} "
                    f"({selection['reason']})")
-        stage_dir.complete(summary, selection={k: v for k, v in selection.items() if k != "table"})
+        stage_dir.complete(summary, selection={k: v for k, v in selection.items() if k != "table"}, pictures=pictures)
     try:
         create_markdown_artifact(key="selection", description="the selected (timestep, layer, site)",
-                                 markdown=f"## Selection\n\n{summary}\n\nrunner-up: `{selection['runner_up']}`\n")
+                                 markdown=f"## Selection\n\n{summary}\n\nrunner-up: `{selection['runner_up']}`\n\n"
+                                          f"heatmaps: {', '.join(str(stage_dir.path / p) for p in pictures)}\n")
     except Exception:
         pass
     logger.info("select %s: %s", stage.key, summary)

@@ -99,6 +99,8 @@ def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir
     selection = json.loads((first_stage("select") / "selection.json").read_text())
     hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
     assert len(hfr_rows) == 4 * 2  # every (timestep, block) of attention maps
+    assert selection["runner_up"]["timestep"] != selection["timestep"] and selection["reason"]
+    assert (first_stage("select") / "heatmap-hfr-attn_map.png").stat().st_size > 1000
     features = json.loads((first_stage("dump") / "manifest.json").read_text())
     assert features["layout"]["timesteps"] == [selection["timestep"]]
     assert features["layout"]["layers"] == [selection["layer"]] and features["layout"]["sites"] == [selection["site"]]

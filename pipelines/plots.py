@@ -1,0 +1,71 @@
+"""Pictures of a run: score heatmaps over (timestep, layer) per site, and metric-vs-t curves with HFR."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and workers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _grid(rows: Sequence[dict], scorer: str, site: str) -> tuple[list[int], list[int], np.ndarray]:
+    """(timesteps, layers, scores[layer, timestep]) of one scorer and site; NaN where missing."""
+    picked = [r for r in rows if r["scorer"] == scorer and r["site"] == site]
+    timesteps = sorted({int(r["timestep"]) for r in picked})
+    layers = sorted({int(r["layer"]) for r in picked})
+    grid = np.full((len(layers), len(timesteps)), np.nan)
+    for r in picked:
+        grid[layers.index(int(r["layer"])), timesteps.index(int(r["timestep"]))] = float(r["score"])
+    return timesteps, layers, grid
+
+
+def score_heatmaps(rows: Sequence[dict], out_dir: Path, chosen: dict | None = None) -> list[Path]:
+    """One PNG per (scorer, site): score over timestep x layer, the chosen pair marked."""
+    paths = []
+    for scorer, site in sorted({(r["scorer"], r["site"]) for r in rows}):
+        timesteps, layers, grid = _grid(rows, scorer, site)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(timesteps), 1.2 + 0.45 * len(layers)))
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+        ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps], rotation=45)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("block l")
+        ax.set_title(f"{scorer} ({site})")
+        fig.colorbar(image, ax=ax)
+        if chosen and chosen.get("timestep") in timesteps and chosen.get("layer") in layers:
+            ax.scatter([timesteps.index(chosen["timestep"])], [layers.index(chosen["layer"])], marker="*",
+                       s=160, c="red", label="selected")
+            ax.legend(loc="upper right", fontsize="small")
+        fig.tight_layout()
+        path = out_dir / f"heatmap-{scorer}-{site}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def metric_vs_timestep(metric_rows: Sequence[dict], hfr_rows: Sequence[dict], path: Path, metric_site: str,
+                       hfr_site: str, metric_name: str = "probe") -> Path:
+    """Metric vs t per layer (solid) with HFR per layer overlaid on a second axis (dashed)."""
+    timesteps, layers, metric = _grid(metric_rows, metric_name, metric_site)
+    hfr_t, hfr_layers, hfr = _grid(hfr_rows, "hfr", hfr_site)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    twin = ax.twinx()
+    colors = plt.cm.viridis(np.linspace(0, 1, max(len(layers), 1)))
+    for i, layer in enumerate(layers):
+        ax.plot(timesteps, metric[i], "-o", color=colors[i], label=f"{metric_name} block {layer}", markersize=3)
+        if layer in hfr_layers:
+            twin.plot(hfr_t, hfr[hfr_layers.index(layer)], "--", color=colors[i], alpha=0.7)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel(f"{metric_name} ({metric_site})")
+    twin.set_ylabel(f"HFR ({hfr_site}, dashed)")
+    ax.legend(fontsize="x-small", loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
