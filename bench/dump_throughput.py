@@ -75,11 +75,11 @@ def full_dump(model_dir: str, data: Path, cfg: DumpConfig, images: int, stage: P
 
 
 def child(args: argparse.Namespace) -> None:
-    """Run one dump in this (fresh) process and print its peak RSS."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir, data = prepare(Path(tmp), args.images)
-        cfg = DumpConfig(timesteps=args.timesteps, images_per_chunk=args.chunk)
-        out = full_dump(model_dir, data, cfg, args.images, Path(tmp) / "stage")
+    """Run only the dump in this fresh process (data prepared by the parent) and print its peak RSS."""
+    cfg = DumpConfig(timesteps=args.timesteps, images_per_chunk=args.chunk)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports: torch, diffusers, zarr
+    out = full_dump(args.model, Path(args.data), cfg, args.images, Path(args.stage))
+    out["rss_before_dump_mib"] = before
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -91,6 +91,9 @@ def main() -> None:
                         default=[0, 10, 25, 50, 100, 200, 300, 500, 700, 900])
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -110,12 +113,18 @@ def main() -> None:
 
     rss = {}
     for n in (args.images // 4, args.images):
-        cmd = [sys.executable, __file__, "--child", "--images", str(n), "--chunk", str(args.chunk),
-               "--timesteps", ",".join(map(str, args.timesteps))]
-        rss[n] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, data = prepare(Path(tmp), n)
+            cmd = [sys.executable, __file__, "--child", "--images", str(n), "--chunk", str(args.chunk),
+                   "--timesteps", ",".join(map(str, args.timesteps)), "--model", model_dir, "--data", str(data),
+                   "--stage", str(Path(tmp) / "stage")]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rss[n] = json.loads(done.stdout.splitlines()[-1])
     small, large = rss[args.images // 4], rss[args.images]
-    print(f"peak RSS, N={args.images // 4:<5}            : {small['peak_rss_mib']:8.1f} MiB")
-    print(f"peak RSS, 4N={args.images:<5}           : {large['peak_rss_mib']:8.1f} MiB")
+    print(f"peak RSS, N={args.images // 4:<5}            : {small['peak_rss_mib']:8.1f} MiB "
+          f"(after imports, before the dump: {small['rss_before_dump_mib']:.1f} MiB)")
+    print(f"peak RSS, 4N={args.images:<5}           : {large['peak_rss_mib']:8.1f} MiB "
+          f"(after imports, before the dump: {large['rss_before_dump_mib']:.1f} MiB)")
     print(f"ratio 4N/N                      : {large['peak_rss_mib'] / small['peak_rss_mib']:8.3f}   "
           "(goal: nearly flat, ~1.0)")
 

@@ -35,8 +35,9 @@ def rows_of(result: dict, stage: str, filename: str) -> list[dict]:
 
 
 def spearman(hfr_rows: list[dict], probe_rows: list[dict], site: str) -> float:
-    """Rank correlation over (t, l) between HFR of `site` and the probe score of the same pair (block for maps)."""
-    probe_site = "block" if site == "attn_map" else site
+    """Rank correlation over (t, l) between HFR of `site` and the probe score of that site (else of `block`)."""
+    probed = {r["site"] for r in probe_rows}
+    probe_site = site if site in probed else "block"
     probe = {(r["timestep"], r["layer"]): r["score"] for r in probe_rows if r["site"] == probe_site}
     pairs = [(r["score"], probe[(r["timestep"], r["layer"])]) for r in hfr_rows
              if r["site"] == site and (r["timestep"], r["layer"]) in probe]
@@ -64,6 +65,7 @@ def run_config(config: str, workdir: str) -> dict:
             "regret_points": round(100 * (out["oracle"]["value"] - picked["value"]), 2),
             "spearman_hfr_vs_probe": round(spearman(hfr_rows, probe_rows, site), 3),
             "forward_passes": result["cost"]["forward_passes"],
+            "compute_seconds": result["cost"]["compute_seconds"],
         })
         if site == "attn_map":  # the probe score over t per block, with the HFR it is selected by
             pictures = Path(workdir) / "bench"

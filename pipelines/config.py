@@ -119,8 +119,10 @@ class CalibrateConfig(Section):
     """A-SelecT path: the label-free calibration pass over all candidate timesteps on a small subset."""
 
     images: int = Field(256, ge=8)  # stratified subset of the train split
+    # What HFR is computed on. `attn` (self-attention output token maps) had the lowest regret across the
+    # bundled configs (README, "Results"); attention maps did best on digits only.
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
-        default_factory=lambda: ["attn_map"], min_length=1)  # what HFR is computed on
+        default_factory=lambda: ["attn"], min_length=1)
 
 
 class DaskConfig(Section):
@@ -145,7 +147,7 @@ class SelectConfig(Section):
     """Stage 5: how scores become one (timestep, layer, site)."""
 
     policy: Literal["aselect", "oracle", "fixed", "fewshot"] = "aselect"
-    hfr_site: Literal["block", "attn", "mlp", "attn_map"] = "attn_map"
+    hfr_site: Literal["block", "attn", "mlp", "attn_map"] = "attn"  # must be among calibrate.sites
     layers: list[int] | None = None  # blocks HFR is averaged over; default: the middle third
     feature_site: Literal["block", "attn", "mlp"] = "block"
     feature_layer: Literal["argmax"] | int = "argmax"
@@ -183,6 +185,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _dump_fits_backbone(self) -> RunConfig:
+        if self.select.policy == "aselect" and self.select.hfr_site not in self.calibrate.sites:
+            raise ValueError(f"select.hfr_site {self.select.hfr_site!r} must be one of calibrate.sites "
+                             f"{self.calibrate.sites}")
         # A loaded checkpoint is only known at run time; the dump stage checks it then.
         too_late = [t for t in self.dump.timesteps if t >= self.backbone.num_train_timesteps]
         if self.backbone.kind == "pretrain" and too_late:

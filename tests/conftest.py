@@ -16,6 +16,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "aselect"
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # pipelines/ also logs outside flows
 os.environ.pop("PREFECT_API_URL", None)
 
 import diffusers  # noqa: E402,F401  (import on the main thread before any thread starts)

@@ -42,6 +42,11 @@ def test_set_overrides_nested_values_with_yaml_types() -> None:
     ("ingest:\n  source: imagefolder\n", r"ingest: root is required when source is 'imagefolder'"),
     ("backbone:\n  variant: DiT-Q/9\n", r"backbone: unknown variant 'DiT-Q/9'"),
     ("backbone:\n  kind: load\n", r"backbone: path is required when kind is 'load'"),
+    ("select:\n  hfr_site: mlp\n", r"select\.hfr_site 'mlp' must be one of calibrate\.sites \['attn'\]"),
+    ("dump:\n  timesteps: []\n", r"dump\.timesteps: List should have at least 1 item"),
+    ("dump:\n  timesteps: [0, -5]\n", r"dump: timesteps must be >= 0"),
+    ("dump:\n  timesteps: [0, 1000]\n", r"dump\.timesteps \[1000\] must be < backbone\.num_train_timesteps"),
+    ("dump:\n  blocks: [9]\n", r"dump\.blocks \[9\]: DiT-T/2 has 6 blocks"),
     ("- a\n- b\n", r"run\.yaml: expected a mapping of sections, got list"),
     ("ingest: [\n", r"run\.yaml: line \d+ invalid YAML"),
 ])

@@ -95,12 +95,13 @@ def test_changing_a_backbone_parameter_keeps_ingest(smoke_workdir: Path) -> None
 def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir: Path) -> None:
     calibration = json.loads((first_stage("calibrate") / "manifest.json").read_text())
     assert calibration["layout"]["timesteps"] == [0, 100, 500, 900] and calibration["layout"]["samples"] == 64
-    assert calibration["layout"]["attn_map"] and calibration["accounting"]["forward_passes"] == 4  # 4 t x 1 chunk
+    assert calibration["layout"]["sites"] == ["attn"] and calibration["layout"]["spatial"]  # token maps for HFR
+    assert calibration["accounting"]["forward_passes"] == 4  # 4 timesteps x 1 chunk
     selection = json.loads((first_stage("select") / "selection.json").read_text())
     hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
-    assert len(hfr_rows) == 4 * 2  # every (timestep, block) of attention maps
+    assert len(hfr_rows) == 4 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, block)
     assert selection["runner_up"]["timestep"] != selection["timestep"] and selection["reason"]
-    assert (first_stage("select") / "heatmap-hfr-attn_map.png").stat().st_size > 1000
+    assert (first_stage("select") / "heatmap-hfr-attn.png").stat().st_size > 1000
     features = json.loads((first_stage("dump") / "manifest.json").read_text())
     assert features["layout"]["timesteps"] == [selection["timestep"]]
     assert features["layout"]["layers"] == [selection["layer"]] and features["layout"]["sites"] == [selection["site"]]
