@@ -55,6 +55,15 @@ def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageRep
             "selection": selection, "metrics": metrics, "cost": cost}
 
 
+def _start(config: str, overrides: list[str] | None, workdir: str | None, path: str) -> tuple[RunConfig, Workdir]:
+    """Resolve the config and check the workdir before any stage runs."""
+    cfg = resolve_run_config(config, overrides, workdir)
+    work = Workdir(cfg.workdir)
+    work.check_writable()
+    get_run_logger().info("%s path: config %s, workdir %s", path, cfg.name, work.root)
+    return cfg, work
+
+
 def _foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tuple[StageRef, StageRef]:
     """Stages 1-2, shared by both paths."""
     dataset = plan_ingest(work, cfg.ingest)
@@ -86,11 +95,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
 def aselect_pipeline(config: str = "digits", overrides: list[str] | None = None,
                      workdir: str | None = None) -> dict[str, Any]:
     """A-SelecT: pick (t, l, s) by HFR on a calibration subset, then dump and probe only that pair."""
-    logger = get_run_logger()
-    cfg = resolve_run_config(config, overrides, workdir)
-    work = Workdir(cfg.workdir)
-    work.check_writable()
-    logger.info("A-SelecT path: config %s, workdir %s", cfg.name, work.root)
+    cfg, work = _start(config, overrides, workdir, "A-SelecT")
     reports: list[StageReport] = []
     # 1-2. ingest, backbone
     dataset, model = _foundation(cfg, work, reports)
@@ -113,11 +118,7 @@ def aselect_pipeline(config: str = "digits", overrides: list[str] | None = None,
 def aselect_exhaustive(config: str = "digits", overrides: list[str] | None = None,
                        workdir: str | None = None) -> dict[str, Any]:
     """The oracle: dump the whole grid for every image, probe-score every pair, keep the best."""
-    logger = get_run_logger()
-    cfg = resolve_run_config(config, overrides, workdir)
-    work = Workdir(cfg.workdir)
-    work.check_writable()
-    logger.info("exhaustive path: config %s, workdir %s", cfg.name, work.root)
+    cfg, work = _start(config, overrides, workdir, "exhaustive")
     reports: list[StageReport] = []
     # 1-2. ingest, backbone
     dataset, model = _foundation(cfg, work, reports)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
+import zarr
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
@@ -23,8 +25,8 @@ def scorer_params(cfg: ScoreConfig, scorer: str) -> dict[str, Any]:
     """The parameters one scorer takes from the score section."""
     if scorer == "hfr":
         return {"cutoff": cfg.hfr_cutoff, "exclude_dc": cfg.hfr_exclude_dc}
-    if scorer in ("probe", "probe_seg"):
-        return {"folds": cfg.probe_folds, "C": cfg.probe_c} if scorer == "probe" else {}
+    if scorer == "probe":
+        return {"folds": cfg.probe_folds, "C": cfg.probe_c}
     return {}
 
 
@@ -49,8 +51,6 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         spec = get_scorer(scorer)
         labels = masks = rows = None
         if spec.needs_labels:
-            import zarr
-
             samples = zarr.open_group(store, mode="r")["sample"][:]
             all_labels, train_idx, _ = read_split(dataset.dir.path)
             rows = np.flatnonzero(np.isin(samples, train_idx))  # never score on test images
@@ -78,8 +78,6 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
 
 
 def _rows(stage: StageRef) -> list[dict[str, Any]]:
-    import json
-
     return json.loads((stage.dir.path / SCORES_JSON).read_text())
 
 
