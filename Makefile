@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv run test lint inspect clean
+.PHONY: venv run test serve inspect clean
 
 $(BIN)/aselect: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,19 @@ run: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1, the process work pool, every
+# deployment in prefect.yaml, and a worker. Stop with Ctrl-C. Then, in another shell:
+#   PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api .venv/bin/prefect deployment run 'aselect-pipeline/digits'
+PREFECT_PORT ?= 4200
+serve: venv
+	@export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	trap "kill $$server" EXIT INT TERM; \
+	until $(BIN)/python -c "import urllib.request as u; u.urlopen('$$PREFECT_API_URL/health', timeout=2)" 2>/dev/null; do sleep 1; done; \
+	$(BIN)/prefect work-pool create aselect-local --type process --overwrite >/dev/null; \
+	$(BIN)/prefect --no-prompt deploy --all; \
+	$(BIN)/prefect worker start --pool aselect-local
 
 inspect: venv
 	$(BIN)/aselect inspect

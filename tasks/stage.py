@@ -8,7 +8,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import Task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
 from storage.stages import StageRef, Workdir
@@ -52,11 +52,34 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
     started = time.perf_counter()
     state = configured(stage=stage, return_state=True, **inputs)
     result = state.result()  # raises the task's exception when it failed
-    return StageReport(
+    report = StageReport(
         name=stage.name, key=stage.key, status=state.name or state.type.value,
         cached=state.name == "Cached", seconds=round(time.perf_counter() - started, 3),
         path=stage.path, summary=str((result or {}).get("summary", "")), result=result or {},
     )
+    stage_artifact(report)
+    return report
+
+
+def stage_artifact(report: StageReport) -> None:
+    """A markdown artifact per stage (key `stage-<name>`): key, state, inputs, timings, size, directory."""
+    manifest = report.result and (StageRef(report.name, report.key, report.path).dir.read_manifest() or {})
+    inputs = (manifest or {}).get("inputs", {})
+    lines = [
+        f"## {report.name} `{report.key}`", "", report.summary, "",
+        "| field | value |", "| --- | --- |",
+        f"| state | {report.status} |",
+        f"| seconds (this run) | {report.seconds} |",
+        f"| seconds (compute) | {(manifest or {}).get('seconds', '-')} |",
+        f"| size | {(manifest or {}).get('bytes', 0) / 2**20:.2f} MiB |",
+        f"| upstream | {', '.join(f'{k} `{v}`' for k, v in inputs.get('upstream', {}).items()) or '-'} |",
+        f"| directory | [{report.path}](file://{report.path}) |",
+    ]
+    try:
+        create_markdown_artifact(key=f"stage-{report.name}", markdown="\n".join(lines) + "\n",
+                                 description=f"{report.name}: {report.summary[:120]}")
+    except Exception:  # artifacts are a convenience: the manifest on disk says the same
+        pass
 
 
 class ProgressArtifact:

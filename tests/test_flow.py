@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
+from flows.benchmark import aselect_benchmark, flag_regressions
 from flows.pipeline import aselect_exhaustive, aselect_pipeline
 
 ASELECT_STAGES = ["ingest", "backbone", "calibrate", "score", "select", "dump", "probe"]
@@ -155,3 +156,19 @@ def test_cli_errors_are_one_line_without_traceback(run_cli, tmp_path: Path) -> N
                    "--workdir", str(tmp_path / "w"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{empty}/cats: empty class folder" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_flow_compares_paths_and_flags_regressions(smoke_workdir: Path) -> None:
+    first = aselect_benchmark(configs=["smoke"], workdir=str(smoke_workdir))
+    row = first["rows"][0]
+    assert row["config"] == "smoke" and row["metric"] == "top1" and first["regressions"] == []
+    assert row["regret_points"] == pytest.approx(100 * (row["oracle"]["value"] - row["aselect"]["value"]), abs=0.01)
+    assert row["cost_ratio_forward_passes"] == pytest.approx(
+        row["oracle"]["forward_passes"] / row["aselect"]["forward_passes"], abs=0.01)
+    bench = smoke_workdir / "bench"
+    assert "| smoke | top1 |" in (bench / "results.md").read_text()
+    second = aselect_benchmark(configs=["smoke"], workdir=str(smoke_workdir))
+    assert json.loads((bench / "previous.json").read_text()) == first["rows"] and second["regressions"] == []
+    worse = [{**row, "aselect": {**row["aselect"], "value": row["aselect"]["value"] - 0.05}}]
+    assert flag_regressions(worse, first["rows"]) == [
+        f"smoke: top1 {row['aselect']['value']:.4f} -> {row['aselect']['value'] - 0.05:.4f}"]

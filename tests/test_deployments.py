@@ -1,0 +1,151 @@
+"""prefect.yaml against a real Prefect server and process worker: deploy, trigger by CLI, inspect artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`prefect server start` on loopback with its own PREFECT_HOME, plus a process worker."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "250"}
+        self.env.pop("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", None)
+        self.procs: list[subprocess.Popen] = []
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True)
+
+    def spawn(self, name: str, *args: str) -> None:
+        log = open(self.logs / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen([PREFECT, *args], cwd=ROOT, env=self.env, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        proc = subprocess.run([PREFECT, *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"{self.api}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict) -> list | dict:
+        request = urllib.request.Request(f"{self.api}{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def wait_healthy(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.api}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"server did not start:\n{(self.logs / 'server.log').read_text()[-3000:]}")
+
+    def run_deployment(self, name: str, *params: str, timeout: float = 300) -> dict:
+        """`prefect deployment run NAME --param ...`, then wait until the flow run is final."""
+        args = ["deployment", "run", name]
+        for param in params:
+            args += ["--param", param]
+        out = self.cli(*args)
+        run_id = re.search(r"flow-run/([0-9a-f-]{36})", out).group(1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.get(f"/flow_runs/{run_id}")
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(1)
+        raise AssertionError(f"flow run {run_id} not final:\n{(self.logs / 'worker.log').read_text()[-3000:]}")
+
+    def task_states(self, flow_run_id: str) -> dict[str, str]:
+        runs = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+        return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in runs}  # names are "<stage>-<suffix>"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(tmp_path_factory.mktemp("prefect-home"))
+    srv.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(srv.port))
+    try:
+        srv.wait_healthy()
+        srv.cli("work-pool", "create", "aselect-local", "--type", "process", "--overwrite")
+        srv.cli("--no-prompt", "deploy", "--all", timeout=180)
+        srv.spawn("worker", "worker", "start", "--pool", "aselect-local")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_deployments_from_prefect_yaml(server: Server) -> None:
+    names = server.cli("deployment", "ls")
+    for name in ("aselect-pipeline/digits", "aselect-pipeline/mnist5k", "aselect-pipeline/shapes",
+                 "aselect-benchmark/nightly"):
+        assert name in names
+    nightly = server.post("/deployments/filter", {"deployments": {"name": {"any_": ["nightly"]}}})[0]
+    assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+
+def test_triggered_run_completes_with_artifacts_then_reruns_cached(server: Server, tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    run = server.run_deployment("aselect-pipeline/smoke", f"workdir={workdir}")
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    states = server.task_states(run["id"])
+    assert set(states) >= {"ingest", "backbone", "calibrate", "score", "select", "dump", "probe"}
+    assert set(states.values()) == {"Completed"}
+
+    listed = server.cli("artifact", "ls")
+    for key in ("stage-ingest", "stage-backbone", "stage-probe", "scores-hfr", "selection", "pretrain-progress",
+                "dump-progress"):
+        assert key in listed, listed
+    stage = server.cli("artifact", "inspect", "stage-backbone")
+    assert "pretrained DiT-XS/2" in stage and str(workdir) in stage
+    scores = server.cli("artifact", "inspect", "scores-hfr")
+    assert '"timestep"' in scores and '"attn"' in scores
+
+    again = server.run_deployment("aselect-pipeline/smoke", f"workdir={workdir}")
+    assert again["state"]["type"] == "COMPLETED"
+    assert set(server.task_states(again["id"]).values()) == {"Cached"}
+
+
+def test_bad_parameter_fails_the_run_with_the_one_line_error(server: Server, tmp_path: Path) -> None:
+    run = server.run_deployment("aselect-pipeline/smoke", f"workdir={tmp_path / 'w'}",
+                                'overrides=["ingest.sourse=digits"]')
+    assert run["state"]["type"] == "FAILED"
+    assert "ingest.sourse: unknown key" in run["state"]["message"]
