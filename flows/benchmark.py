@@ -1,6 +1,6 @@
 """The `aselect-benchmark` flow: both paths on each config, regret and cost side by side, regressions flagged.
 
-Results go to `<workdir>/bench/results.json` and `results.md` (the previous run's file is kept as
+Results go to `<workdir>/bench/results.json`, `results.md` and `cost-vs-regret.png` (the previous run's file is kept as
 `previous.json` and compared against) and to the `benchmark-results` markdown artifact.
 """
 
@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import aselect_exhaustive, aselect_pipeline
+from pipelines.plots import cost_vs_regret
 from storage.stages import Workdir, write_json_atomic
 
 REGRESSION_POINTS = 1.0  # a metric drop larger than this (in points) against the previous run is flagged
@@ -79,7 +80,8 @@ def aselect_benchmark(configs: list[str] | None = None, workdir: str | None = No
         results.replace(previous_path)
     flags = flag_regressions(rows, previous)
     write_json_atomic(results, rows)
-    markdown = to_markdown(rows, flags)
+    picture = cost_vs_regret(rows, out / "cost-vs-regret.png")
+    markdown = to_markdown(rows, flags) + f"\nPicture: {picture}\n"
     (out / "results.md").write_text(markdown)
     create_markdown_artifact(key="benchmark-results", markdown=markdown, description="A-SelecT vs exhaustive")
     for flag in flags:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 
 from pipelines.config import RunConfig, load_config
 from storage.stages import StageRef, Workdir
@@ -23,6 +24,12 @@ from tasks.probe import plan_probe, probe
 from tasks.score import plan_score, score
 from tasks.select import plan_select, select_pair
 from tasks.stage import StageReport, run_stage
+
+# Flow parameters: Prefect turns these pydantic types into the deployment's parameter schema, so a
+# malformed override is refused when the run is submitted; a well-formed but wrong one (unknown key,
+# bad value) fails the run at its start with the config loader's one-line error.
+Override = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*=.*$", description="section.key=value")]
+ConfigName = Annotated[str, Field(min_length=1, description="a bundled config name or a YAML path")]
 
 # pipelines/ logs to `aselect.*`; Prefect attaches its handlers to it (PREFECT_LOGGING_EXTRA_LOGGERS)
 # but not a level, and the root's WARNING would hide progress lines.
@@ -92,7 +99,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
 
 
 @flow(name="aselect-pipeline")
-def aselect_pipeline(config: str = "digits", overrides: list[str] | None = None,
+def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | None = None,
                      workdir: str | None = None) -> dict[str, Any]:
     """A-SelecT: pick (t, l, s) by HFR on a calibration subset, then dump and probe only that pair."""
     cfg, work = _start(config, overrides, workdir, "A-SelecT")
@@ -115,7 +122,7 @@ def aselect_pipeline(config: str = "digits", overrides: list[str] | None = None,
 
 
 @flow(name="aselect-exhaustive")
-def aselect_exhaustive(config: str = "digits", overrides: list[str] | None = None,
+def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] | None = None,
                        workdir: str | None = None) -> dict[str, Any]:
     """The oracle: dump the whole grid for every image, probe-score every pair, keep the best."""
     cfg, work = _start(config, overrides, workdir, "exhaustive")

@@ -69,3 +69,20 @@ def metric_vs_timestep(metric_rows: Sequence[dict], hfr_rows: Sequence[dict], pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def cost_vs_regret(rows: Sequence[dict], path: Path) -> Path:
+    """Benchmark picture: per config, A-SelecT's regret (points) against its cost saving over the grid."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for row in rows:
+        ax.scatter(row["cost_ratio_forward_passes"], row["regret_points"], s=60)
+        ax.annotate(row["config"], (row["cost_ratio_forward_passes"], row["regret_points"]),
+                    textcoords="offset points", xytext=(5, 5))
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="1-point regret")
+    ax.set_xlabel("exhaustive / A-SelecT forward passes")
+    ax.set_ylabel("regret vs oracle (points)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -149,3 +149,11 @@ def test_bad_parameter_fails_the_run_with_the_one_line_error(server: Server, tmp
                                 'overrides=["ingest.sourse=digits"]')
     assert run["state"]["type"] == "FAILED"
     assert "ingest.sourse: unknown key" in run["state"]["message"]
+
+
+def test_malformed_parameter_is_refused_at_submission(server: Server) -> None:
+    proc = subprocess.run([PREFECT, "deployment", "run", "aselect-pipeline/smoke", "--param", 'overrides=["nonsense"]'],
+                          cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Validation failed for field 'overrides[0]'" in proc.stdout + proc.stderr
+    assert "'nonsense' does not match" in proc.stdout + proc.stderr

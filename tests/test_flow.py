@@ -167,6 +167,7 @@ def test_benchmark_flow_compares_paths_and_flags_regressions(smoke_workdir: Path
         row["oracle"]["forward_passes"] / row["aselect"]["forward_passes"], abs=0.01)
     bench = smoke_workdir / "bench"
     assert "| smoke | top1 |" in (bench / "results.md").read_text()
+    assert (bench / "cost-vs-regret.png").stat().st_size > 1000
     second = aselect_benchmark(configs=["smoke"], workdir=str(smoke_workdir))
     assert json.loads((bench / "previous.json").read_text()) == first["rows"] and second["regressions"] == []
     worse = [{**row, "aselect": {**row["aselect"], "value": row["aselect"]["value"] - 0.05}}]
