@@ -105,11 +105,11 @@ _WORKER: _Worker | None = None
 
 
 def _init_worker(model_dir: str, dataset_path: str, stage_path: str, layout: FeatureLayout, cfg: DumpConfig,
-                 threads: int) -> None:
+                 threads: int, backbone: Backbone | None = None) -> None:
     global _WORKER
     torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
-    backbone = load_backbone(model_dir)
+    backbone = backbone or load_backbone(model_dir)
     backbone.transformer.to(device).eval()
     if backbone.vae is not None:
         backbone.vae.to(device).eval()
@@ -150,8 +150,12 @@ def _run_chunk(ci: int, timestep_indices: list[int]) -> tuple[int, list[int], in
 
 
 def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: FeatureLayout, cfg: DumpConfig,
-             progress: Callable[[int, int], None] | None = None) -> DumpResult:
-    """Compute every unfinished (timestep, chunk) of `layout` into the stage's Zarr store."""
+             progress: Callable[[int, int], None] | None = None, backbone: Backbone | None = None) -> DumpResult:
+    """Compute every unfinished (timestep, chunk) of `layout` into the stage's Zarr store.
+
+    `backbone`, when the caller already loaded it from `model_dir`, is reused by an in-process dump
+    (workers=1) instead of being loaded a second time; worker processes always load their own.
+    """
     started = time.perf_counter()
     create_store(stage_path, layout)
     done = finished_items(stage_path)
@@ -182,7 +186,7 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
     try:
         if cfg.workers == 1:
             saved_threads = torch.get_num_threads()
-            _init_worker(*init_args)
+            _init_worker(*init_args, backbone=backbone)
             try:
                 for ci, tis in pending.items():
                     account(*_run_chunk(ci, tis))

@@ -48,11 +48,12 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
         samples = (calibration_subset(labels, train_idx, calibration_images, cfg.seed)
                    if calibration_images else np.arange(len(labels)))
         model_path = backbone_dir(model)
-        layout = plan_layout(load_backbone(model_path), samples, cfg)
+        model_backbone = load_backbone(model_path)
+        layout = plan_layout(model_backbone, samples, cfg)
         progress = ProgressArtifact(f"{stage.name}-progress",
                                     f"{stage.name}: {len(layout.timesteps)} timesteps x {len(samples)} images")
         result = run_dump(model_path, dataset.dir.path, stage_dir.path, layout, cfg,
-                          progress=lambda done, total: progress.update(done / total))
+                          progress=lambda done, total: progress.update(done / total), backbone=model_backbone)
         progress.update(1.0, force=True)
         summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} blocks x "
                    f"{len(layout.sites) + layout.attn_map} sites x {len(samples)} images, "

@@ -63,15 +63,15 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
 
 def stage_artifact(report: StageReport) -> None:
     """A markdown artifact per stage (key `stage-<name>`): key, state, inputs, timings, size, directory."""
-    manifest = report.result and (StageRef(report.name, report.key, report.path).dir.read_manifest() or {})
-    inputs = (manifest or {}).get("inputs", {})
+    manifest = StageRef(report.name, report.key, report.path).dir.read_manifest() or {}
+    inputs = manifest.get("inputs", {})
     lines = [
         f"## {report.name} `{report.key}`", "", report.summary, "",
         "| field | value |", "| --- | --- |",
         f"| state | {report.status} |",
         f"| seconds (this run) | {report.seconds} |",
-        f"| seconds (compute) | {(manifest or {}).get('seconds', '-')} |",
-        f"| size | {(manifest or {}).get('bytes', 0) / 2**20:.2f} MiB |",
+        f"| seconds (compute) | {manifest.get('seconds', '-')} |",
+        f"| size | {manifest.get('bytes', 0) / 2**20:.2f} MiB |",
         f"| upstream | {', '.join(f'{k} `{v}`' for k, v in inputs.get('upstream', {}).items()) or '-'} |",
         f"| directory | [{report.path}](file://{report.path}) |",
     ]
