@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv run test serve inspect clean
+.PHONY: venv run test bench serve inspect clean
 
 $(BIN)/aselect: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Every selector against the exhaustive oracle on the three bundled configs (about an hour on 2 cores,
+# pretraining included); regenerates bench/results.json and README's results section.
+bench: venv
+	$(BIN)/aselect bench digits mnist5k shapes --readme README.md
 
 # A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1, the process work pool, every
 # deployment in prefect.yaml, and a worker. Stop with Ctrl-C. Then, in another shell:

@@ -1,92 +1,135 @@
-"""The `aselect-benchmark` flow: both paths on each config, regret and cost side by side, regressions flagged.
+"""The `aselect-benchmark` flow: every selector against the exhaustive oracle, measured in one run.
 
-Results go to `<workdir>/bench/results.json`, `results.md` and `cost-vs-regret.png` (the previous run's file is kept as
-`previous.json` and compared against) and to the `benchmark-results` markdown artifact.
+Per config: ingest and the backbone come from the workdir (cached; pretraining is not a selection cost),
+then every selector runs its path in a fresh workdir, so the seconds compared were all spent in this run.
+Results: `<workdir>/bench/results.json`, `results.md`, `cost-vs-regret.png` and `<config>-metric-vs-t.png`
+(the previous run's JSON is kept as `previous.json` and compared against), and the `benchmark-results` artifact.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shutil
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import aselect_exhaustive, aselect_pipeline
-from pipelines.plots import cost_vs_regret
+from flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
+from pipelines.benchmark import (
+    BENCH_VERSION,
+    config_report,
+    flag_regressions,
+    hfr_probe_spearman,
+    selector_row,
+    selectors,
+    to_markdown,
+)
+from pipelines.grid import dask_client
+from pipelines.plots import cost_vs_regret, metric_vs_timestep
 from storage.stages import Workdir, write_json_atomic
+from tasks.benchmark import scaling as scaling_task
+from tasks.stage import StageReport
 
-REGRESSION_POINTS = 1.0  # a metric drop larger than this (in points) against the previous run is flagged
-
-
-def compare(config: str, aselect: dict[str, Any], oracle: dict[str, Any]) -> dict[str, Any]:
-    """One results row: the two selections, their metrics, regret and cost ratio."""
-    a_cost, o_cost = aselect["cost"], oracle["cost"]
-    return {
-        "config": config, "metric": aselect["metrics"]["metric"],
-        "aselect": {k: aselect["selection"][k] for k in ("timestep", "layer", "site")}
-        | {"value": aselect["metrics"]["value"], **a_cost},
-        "oracle": {k: oracle["selection"][k] for k in ("timestep", "layer", "site")}
-        | {"value": oracle["metrics"]["value"], **o_cost},
-        "regret_points": round(100 * (oracle["metrics"]["value"] - aselect["metrics"]["value"]), 2),
-        "cost_ratio_forward_passes": round(o_cost["forward_passes"] / max(a_cost["forward_passes"], 1), 2),
-        "cost_ratio_seconds": round(o_cost["compute_seconds"] / max(a_cost["compute_seconds"], 1e-9), 2),
-    }
+DEFAULT_CONFIGS = ("digits", "mnist5k", "shapes")
+BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
 
 
-def flag_regressions(rows: list[dict[str, Any]], previous: list[dict[str, Any]]) -> list[str]:
-    """Lines naming every config whose A-SelecT metric fell by more than REGRESSION_POINTS."""
-    before = {r["config"]: r for r in previous}
-    flags = []
-    for row in rows:
-        old = before.get(row["config"])
-        if old and 100 * (old["aselect"]["value"] - row["aselect"]["value"]) > REGRESSION_POINTS:
-            flags.append(f"{row['config']}: {row['metric']} {old['aselect']['value']:.4f} -> "
-                         f"{row['aselect']['value']:.4f}")
-    return flags
+def _score_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    path = next(Path(s["path"]) for s in summary["stages"] if s["name"] == "score")
+    return json.loads((path / "scores.json").read_text())
 
 
-def to_markdown(rows: list[dict[str, Any]], flags: list[str]) -> str:
-    lines = ["| config | metric | A-SelecT pair | A-SelecT | oracle pair | oracle | regret (pts) | cost ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        a, o = r["aselect"], r["oracle"]
-        lines.append(f"| {r['config']} | {r['metric']} | t={a['timestep']} l={a['layer']} {a['site']} | "
-                     f"{a['value']:.4f} | t={o['timestep']} l={o['layer']} {o['site']} | {o['value']:.4f} | "
-                     f"{r['regret_points']:.2f} | {r['cost_ratio_forward_passes']}x passes, "
-                     f"{r['cost_ratio_seconds']}x seconds |")
-    lines.append("")
-    lines.append("Regressions: " + ("; ".join(flags) if flags else "none"))
-    return "\n".join(lines) + "\n"
+def _machine() -> dict[str, Any]:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"cores": os.cpu_count(), "torch": torch.__version__, "device": device, "python": platform.python_version()}
+
+
+def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
+    """Every selector on one config, in a fresh workdir seeded with the cached dataset and backbone."""
+    logger = get_run_logger()
+    cfg = resolve_run_config(name, None, workdir)
+    main = Workdir(cfg.workdir)
+    main.check_writable()
+    foundation: list[StageReport] = []
+    dataset, model = run_foundation(cfg, main, foundation)
+    fresh = Workdir(main.root / BENCH_WORK / cfg.name)
+    shutil.rmtree(fresh.root, ignore_errors=True)
+    fresh.check_writable()
+    dataset, model = fresh.adopt(dataset), fresh.adopt(model)
+    depth = int(model.dir.read_manifest()["model"]["num_layers"])
+    rows, summaries, chosen = [], {}, selectors(cfg, depth)
+    # One Dask cluster serves every selector's scoring, so its start-up is in no selector's cost.
+    dask = cfg.score.dask
+    with dask_client(dask.address, dask.workers, dask.threads_per_worker) as client:
+        shared = f"score.dask.address={client.scheduler.address}"
+        for selector in chosen:
+            logger.info("bench %s: %s", cfg.name, selector.label)
+            run = aselect_exhaustive if selector.exhaustive else aselect_pipeline
+            started = time.perf_counter()
+            summary = run(config=name, overrides=[*selector.overrides, shared], workdir=str(fresh.root))
+            rows.append(selector_row(selector, summary, time.perf_counter() - started))
+            summaries[selector.name] = summary
+    measured = scaling_task(cfg, dataset, model, fresh.root / "scaling") if measure_scaling else None
+    oracle_rows, hfr_rows = _score_rows(summaries["oracle"]), _score_rows(summaries["aselect"])
+    for selector, row in zip(chosen, rows, strict=True):  # does HFR rank the grid the way the oracle's probe does?
+        if selector.hfr_site:
+            row["spearman_hfr_vs_probe"] = hfr_probe_spearman(_score_rows(summaries[selector.name]), oracle_rows,
+                                                              selector.hfr_site)
+    metric_site = cfg.select.feature_site if any(r["site"] == cfg.select.feature_site for r in oracle_rows) \
+        else oracle_rows[0]["site"]
+    curves = metric_vs_timestep(oracle_rows, hfr_rows, out / f"{cfg.name}-metric-vs-t.png", metric_site=metric_site,
+                                hfr_site=cfg.select.hfr_site, metric_name=oracle_rows[0]["scorer"])
+    if not keep_work:
+        shutil.rmtree(fresh.root, ignore_errors=True)
+    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)})
 
 
 @flow(name="aselect-benchmark")
-def aselect_benchmark(configs: list[str] | None = None, workdir: str | None = None) -> dict[str, Any]:
-    """Run both paths on each config, write the results table and flag regressions."""
+def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | None = None, scaling: bool = True,
+                      keep_work: bool = False, command: str | None = None) -> dict[str, Any]:
+    """Run every selector and the oracle on each config; write the report and flag regressions."""
     logger = get_run_logger()
-    rows = []
-    for config in configs or ["smoke"]:
-        started = time.perf_counter()
-        picked = aselect_pipeline(config=config, workdir=workdir)
-        oracle = aselect_exhaustive(config=config, workdir=workdir)
-        rows.append(compare(config, picked, oracle) | {"wall_seconds": round(time.perf_counter() - started, 1)})
-        work = Workdir(picked["workdir"])
-    out = work.root / "bench"
+    names = list(configs or DEFAULT_CONFIGS)
+    first = resolve_run_config(names[0], None, workdir)
+    out = Workdir(first.workdir).root / "bench"
     out.mkdir(parents=True, exist_ok=True)
+    reports = [bench_config(name, workdir, scaling, out, keep_work) for name in names]
     results, previous_path = out / "results.json", out / "previous.json"
-    previous = json.loads(results.read_text()) if results.exists() else []
+    previous = json.loads(results.read_text()) if results.exists() else None
     if results.exists():
         results.replace(previous_path)
-    flags = flag_regressions(rows, previous)
-    write_json_atomic(results, rows)
-    picture = cost_vs_regret(rows, out / "cost-vs-regret.png")
-    markdown = to_markdown(rows, flags) + f"\nPicture: {picture}\n"
+    picture = cost_vs_regret(reports, out / "cost-vs-regret.png")
+    report = {"bench_version": BENCH_VERSION, "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": _machine(), "command": command or f"aselect bench {' '.join(names)}", "configs": reports,
+              "regressions": flag_regressions(reports, previous if isinstance(previous, dict) else None),
+              "pictures": {"cost vs regret": str(picture)}}
+    write_json_atomic(results, report)
+    markdown = to_markdown(report) + f"\nCost vs regret: `{picture}`\n"
     (out / "results.md").write_text(markdown)
-    create_markdown_artifact(key="benchmark-results", markdown=markdown, description="A-SelecT vs exhaustive")
-    for flag in flags:
+    try:
+        create_markdown_artifact(key="benchmark-results", markdown=markdown,
+                                 description="every selector against the exhaustive oracle")
+        create_table_artifact(key="benchmark-selectors", description="one row per (config, selector)",
+                              table=[{"config": c["config"], **{k: v for k, v in r.items() if k != "cost_ratio"},
+                                      "cost_ratio_compute": r["cost_ratio"]["compute_seconds"]}
+                                     for c in reports for r in c["selectors"]])
+    except Exception:  # artifacts are a convenience; the files say the same
+        pass
+    for flag in report["regressions"]:
         logger.warning("regression: %s", flag)
-    return {"rows": rows, "regressions": flags, "results": str(results)}
+    for c in reports:
+        for goal_name, goal in c["goals"].items():
+            if not goal["met"]:
+                logger.warning("%s: goal %s (%s) not met: measured %s", c["config"], goal_name, goal["goal"],
+                               goal["measured"])
+    return report | {"results": str(results), "markdown": str(out / "results.md")}
 
 
 if __name__ == "__main__":

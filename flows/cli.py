@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 # Before Prefect is imported: route aselect's own loggers through Prefect and keep runs private.
@@ -81,6 +82,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flows.benchmark import DEFAULT_CONFIGS, aselect_benchmark  # Prefect, torch, diffusers
+    from flows.pipeline import resolve_run_config
+    from pipelines.benchmark import to_markdown, update_readme
+
+    configs = args.configs or list(DEFAULT_CONFIGS)
+    for name in configs:  # a bad config fails here, before anything runs
+        resolve_run_config(name, None, args.workdir)
+    quiet_user_errors()
+    command = "aselect bench " + " ".join(configs) + (" --no-scaling" if not args.scaling else "")
+    report = aselect_benchmark(configs=configs, workdir=args.workdir, scaling=args.scaling,
+                               keep_work=args.keep_work, command=command)
+    if args.readme:
+        readme = Path(args.readme)
+        copy = readme.parent / "bench" / "results.json"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        clean = {k: v for k, v in report.items() if k not in ("results", "markdown")}
+        copy.write_text(json.dumps(clean, indent=1) + "\n")
+        update_readme(readme, clean)
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print(to_markdown(report))
+        print(f"written: {report['results']}, {report['markdown']}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     work = Workdir(args.workdir)
     if not work.root.is_dir():
@@ -128,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the exhaustive grid (the oracle) instead of the A-SelecT path")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="every selector against the exhaustive oracle: regret, cost, scaling")
+    bench.add_argument("configs", nargs="*", help="configs to benchmark (default: digits mnist5k shapes)")
+    bench.add_argument("--workdir", help="where cached stages and bench/ results go (default: the config's)")
+    bench.add_argument("--no-scaling", dest="scaling", action="store_false",
+                       help="skip the dump/scoring scaling measurements")
+    bench.add_argument("--keep-work", action="store_true", help="keep the fresh per-config workdirs for inspection")
+    bench.add_argument("--readme", metavar="README", help="also copy results.json to bench/ beside README and "
+                       "regenerate README's results section from it")
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench.set_defaults(func=cmd_bench)
 
     inspect = sub.add_parser("inspect", help="list the stages in a workdir, or show one stage's manifest")
     inspect.add_argument("stage", nargs="?", help="a stage name, or name/key-prefix")

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from pipelines.config import RunConfig, load_config
+from pipelines.errors import AselectError
 from storage.stages import StageRef, Workdir
 from tasks.backbone import backbone, plan_backbone
 from tasks.dump import dump, plan_dump
@@ -51,13 +52,21 @@ def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageRep
     """The JSON a run prints: stages, the selection, the metric and what it cost."""
     selection = next((r.result["selection"] for r in reports if r.name == "select"), None)
     metrics = next((dict(r.result["metrics"]) for r in reports if r.name == "probe"), None)
-    cost = {"forward_passes": 0, "probe_fits": 0, "compute_seconds": 0.0}
+    # What selecting and evaluating cost; ingest and the backbone are left out (every path shares them).
+    # Forward passes count images x timesteps; compute seconds are the stages' own recorded seconds, whether
+    # or not this run recomputed them; wall seconds are this run's time in its stages (small when cached).
+    cost = {"forward_passes": 0, "probe_fits": 0, "compute_seconds": 0.0, "wall_seconds": 0.0, "cached_stages": 0}
     for r in reports:
+        if r.name in ("ingest", "backbone"):
+            continue
         data = StageRef(r.name, r.key, r.path).dir.read_manifest() or {}
-        cost["forward_passes"] += int((data.get("accounting") or {}).get("forward_passes", 0))
+        cost["forward_passes"] += int((data.get("accounting") or {}).get("images_timesteps", 0))
         cost["probe_fits"] += int(data.get("probe_fits", 0))
-        cost["compute_seconds"] += float(data.get("seconds", 0.0)) if r.name != "backbone" else 0.0
+        cost["compute_seconds"] += float(data.get("seconds", 0.0))
+        cost["wall_seconds"] += r.seconds
+        cost["cached_stages"] += int(r.cached)
     cost["compute_seconds"] = round(cost["compute_seconds"], 3)
+    cost["wall_seconds"] = round(cost["wall_seconds"], 3)
     return {"config": cfg.name, "path": path, "workdir": str(work.root), "stages": [r.as_dict() for r in reports],
             "selection": selection, "metrics": metrics, "cost": cost}
 
@@ -71,7 +80,7 @@ def _start(config: str, overrides: list[str] | None, workdir: str | None, path: 
     return cfg, work
 
 
-def _foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tuple[StageRef, StageRef]:
+def run_foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tuple[StageRef, StageRef]:
     """Stages 1-2, shared by both paths."""
     dataset = plan_ingest(work, cfg.ingest)
     reports.append(run_stage(ingest, dataset, work, cfg=cfg.ingest))
@@ -81,10 +90,10 @@ def _foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tu
 
 
 def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport], select_cfg: Any,
-                      scores: StageRef, table: list[dict], dataset: StageRef, model: StageRef,
+                      scores: list[StageRef], table: list[dict], dataset: StageRef, model: StageRef,
                       features: StageRef | None) -> None:
     """Stages 5-6; `features=None` dumps the selected pair first (the A-SelecT path)."""
-    chosen = plan_select(work, select_cfg, [scores])
+    chosen = plan_select(work, select_cfg, scores)
     reports.append(run_stage(select_pair, chosen, work, cfg=select_cfg, table=table))
     selection = reports[-1].result["selection"]
     if features is None:
@@ -98,27 +107,57 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
                              selection=selection))
 
 
-@flow(name="aselect-pipeline")
-def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | None = None,
-                     workdir: str | None = None) -> dict[str, Any]:
-    """A-SelecT: pick (t, l, s) by HFR on a calibration subset, then dump and probe only that pair."""
-    cfg, work = _start(config, overrides, workdir, "A-SelecT")
-    reports: list[StageReport] = []
-    # 1-2. ingest, backbone
-    dataset, model = _foundation(cfg, work, reports)
-    # 3. calibrate: every candidate timestep and block, on a small subset, for the sites HFR reads
-    calib_cfg = cfg.dump.model_copy(update={
-        "sites": list(cfg.calibrate.sites), "spatial": any(s != "attn_map" for s in cfg.calibrate.sites)})
+def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageReport], dataset: StageRef,
+                         model: StageRef) -> StageRef:
+    """Stages 3-4 of the cheap path: dump every candidate timestep on the calibration subset, then score it.
+
+    `aselect` scores HFR (label-free) of the `calibrate.sites` token or attention maps; `fewshot` scores a probe
+    on the same few images with their labels (nearest class mean for classification, a per-token probe for
+    segmentation).
+    """
+    segmentation = is_segmentation(dataset)
+    if cfg.select.policy == "fewshot":
+        sites = [s for s in cfg.dump.sites if s != "attn_map"]
+        calib_cfg = cfg.dump.model_copy(update={"sites": sites, "spatial": segmentation})
+        scorer = "probe_seg" if segmentation else "fewshot"
+    else:
+        sites = list(cfg.calibrate.sites)
+        calib_cfg = cfg.dump.model_copy(update={"sites": sites, "spatial": any(s != "attn_map" for s in sites)})
+        scorer = "hfr"
     calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
                             calibration_images=cfg.calibrate.images)
     reports.append(run_stage(dump, calibration, work, cfg=calib_cfg, dataset=dataset, model=model,
                              calibration_images=cfg.calibrate.images))
-    # 4. score: HFR per pair, label-free
-    hfr = plan_score(work, cfg.score, "hfr", calibration)
-    reports.append(run_stage(score, hfr, work, cfg=cfg.score, scorer="hfr", features=calibration, dataset=dataset))
+    scores = plan_score(work, cfg.score, scorer, calibration)
+    reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=calibration,
+                             dataset=dataset))
+    return scores
+
+
+@flow(name="aselect-pipeline")
+def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | None = None,
+                     workdir: str | None = None) -> dict[str, Any]:
+    """A-SelecT: pick (t, l, s) by HFR on a calibration subset, then dump and probe only that pair.
+
+    `select.policy` swaps the selector: `fewshot` probes the calibration subset with its labels instead of
+    HFR, `fixed` takes the configured pair without scoring anything.
+    """
+    cfg, work = _start(config, overrides, workdir, "A-SelecT")
+    if cfg.select.policy == "oracle":
+        raise AselectError("select.policy 'oracle' is the exhaustive path: run it with --exhaustive "
+                           "(the aselect-exhaustive flow)")
+    reports: list[StageReport] = []
+    # 1-2. ingest, backbone
+    dataset, model = run_foundation(cfg, work, reports)
+    # 3-4. calibrate: every candidate timestep and block on a small subset; score it (HFR, label-free)
+    if cfg.select.policy == "fixed":
+        scored, table = [], []
+    else:
+        scored = [_calibrate_and_score(cfg, work, reports, dataset, model)]
+        table = reports[-1].result["rows"]
     # 5-6. select, dump the selected pair for every image, probe
-    _select_and_probe(cfg, work, reports, cfg.select, hfr, reports[-1].result["rows"], dataset, model, None)
-    return run_summary(cfg, work, "aselect", reports)
+    _select_and_probe(cfg, work, reports, cfg.select, scored, table, dataset, model, None)
+    return run_summary(cfg, work, "aselect" if cfg.select.policy == "aselect" else cfg.select.policy, reports)
 
 
 @flow(name="aselect-exhaustive")
@@ -128,7 +167,7 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     cfg, work = _start(config, overrides, workdir, "exhaustive")
     reports: list[StageReport] = []
     # 1-2. ingest, backbone
-    dataset, model = _foundation(cfg, work, reports)
+    dataset, model = run_foundation(cfg, work, reports)
     # 3. dump the grid for every image (token maps too for segmentation)
     segmentation = is_segmentation(dataset)
     grid_cfg = cfg.dump.model_copy(update={"sites": [s for s in cfg.dump.sites if s != "attn_map"],
@@ -141,7 +180,7 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=grid, dataset=dataset))
     # 5-6. select the best pair, probe it from the same dump
     oracle = cfg.select.model_copy(update={"policy": "oracle"})
-    _select_and_probe(cfg, work, reports, oracle, scores, reports[-1].result["rows"], dataset, model, grid)
+    _select_and_probe(cfg, work, reports, oracle, [scores], reports[-1].result["rows"], dataset, model, grid)
     return run_summary(cfg, work, "exhaustive", reports)
 
 

@@ -170,6 +170,32 @@ class ProbeConfig(Section):
     seed: int = 0
 
 
+SiteName = Literal["block", "attn", "mlp", "attn_map"]
+
+
+class BenchConfig(Section):
+    """`aselect bench`: which selectors run next to A-SelecT and the oracle, and the scaling measurements."""
+
+    hfr_variants: list[SiteName] = Field(default_factory=lambda: ["attn_map", "block", "mlp"])  # besides hfr_site
+    fewshot: bool = True  # the few-shot probe on the calibration subset as a selector
+    # "A commonly used pair": t=100 of 1000 and the middle block, the usual hand-picked choice for DiT/DDPM
+    # features. None -> the middle block.
+    fixed_timestep: int = Field(100, ge=0)
+    fixed_layer: int | None = Field(None, ge=0)
+    fixed_site: Literal["block", "attn", "mlp"] = "block"
+    scaling_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
+    scaling_workers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> BenchConfig:
+        bad = [f for f in self.scaling_fractions if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"scaling_fractions must be in (0, 1] (got {bad})")
+        if any(w < 1 for w in self.scaling_workers):
+            raise ValueError(f"scaling_workers must be >= 1 (got {self.scaling_workers})")
+        return self
+
+
 class RunConfig(Section):
     """A whole run: a name, a workdir and one section per stage."""
 
@@ -182,6 +208,7 @@ class RunConfig(Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @model_validator(mode="after")
     def _dump_fits_backbone(self) -> RunConfig:

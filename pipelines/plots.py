@@ -71,17 +71,28 @@ def metric_vs_timestep(metric_rows: Sequence[dict], hfr_rows: Sequence[dict], pa
     return path
 
 
-def cost_vs_regret(rows: Sequence[dict], path: Path) -> Path:
-    """Benchmark picture: per config, A-SelecT's regret (points) against its cost saving over the grid."""
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for row in rows:
-        ax.scatter(row["cost_ratio_forward_passes"], row["regret_points"], s=60)
-        ax.annotate(row["config"], (row["cost_ratio_forward_passes"], row["regret_points"]),
-                    textcoords="offset points", xytext=(5, 5))
-    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="1-point regret")
-    ax.set_xlabel("exhaustive / A-SelecT forward passes")
-    ax.set_ylabel("regret vs oracle (points)")
-    ax.legend(fontsize="small")
+def cost_vs_regret(configs: Sequence[dict], path: Path) -> Path:
+    """Benchmark picture: per config and selector, regret (points) against cost relative to the exhaustive grid."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^vP*X"
+    names = sorted({r["selector"] for c in configs for r in c["selectors"]})
+    colors = plt.cm.tab10(np.arange(len(configs)) % 10)
+    for ci, c in enumerate(configs):
+        for r in c["selectors"]:
+            ratio = r["cost_ratio"]["compute_seconds"]
+            if not ratio:
+                continue
+            ax.scatter(1.0 / ratio, r["regret_points"], color=colors[ci], s=50,
+                       marker=markers[names.index(r["selector"]) % len(markers)],
+                       label=c["config"] if r["selector"] == "oracle" else None)
+            ax.annotate(r["selector"], (1.0 / ratio, r["regret_points"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize="x-small")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.axvline(1.0 / 21, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("compute seconds / exhaustive grid's (dotted: 1/21)")
+    ax.set_ylabel("regret vs oracle (points; dashed: 1)")
+    ax.legend(fontsize="small", title="config (oracle at 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

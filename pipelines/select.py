@@ -1,8 +1,8 @@
 """Stage 5 (domain): a policy turns a score table into one (timestep, layer, site) and says why.
 
 A score table is a list of rows {"timestep", "layer", "site", "scorer", "score"}, one per scored pair and scorer.
-Policies: `oracle` (best probe score), `fewshot` (best few-shot proxy), `fixed` (the configured pair) and
-`aselect` (A-SelecT: the timestep where HFR, averaged over a band of blocks, peaks).
+Policies: `oracle` (best probe score), `fewshot` (best few-shot proxy), `fixed` (the configured pair; an empty
+table is allowed) and `aselect` (A-SelecT: the timestep where HFR, averaged over a band of blocks, peaks).
 Ties go to the lowest timestep, then the lowest layer, then the earliest site in SITE_ORDER.
 """
 
@@ -132,8 +132,11 @@ def _oracle(rows: list[dict], *, scorer: str | None = None) -> Selection:
     return _best_by("oracle", rows, scorer)
 
 
-def _fewshot(rows: list[dict], *, scorer: str = "fewshot") -> Selection:
-    """Best few-shot proxy score."""
+def _fewshot(rows: list[dict], *, scorer: str | None = None) -> Selection:
+    """Best few-shot proxy score: `fewshot` (classification), else a segmentation probe on the few labelled images."""
+    if scorer is None:
+        present = {r["scorer"] for r in rows}
+        scorer = "probe_seg" if "probe_seg" in present and "fewshot" not in present else "fewshot"
     return _best_by("fewshot", rows, scorer)
 
 
@@ -143,6 +146,9 @@ def _fixed(rows: list[dict], *, timestep: int | None = None, layer: int | None =
     if timestep is None or layer is None or site is None:
         raise AselectError("policy 'fixed' needs timestep, layer and site")
     pair = (int(timestep), int(layer), str(site))
+    if not rows:  # nothing was scored: the pair is taken as given (the A-SelecT flow's `fixed` path)
+        return Selection("fixed", pair[0], pair[1], pair[2], math.nan, None,
+                         f"fixed by configuration: {_describe(pair)} (not scored)", rows)
     pairs = candidates(rows)
     if pair not in pairs:
         ts = sorted({p[0] for p in pairs})
@@ -227,4 +233,5 @@ def select(policy: str, table: list[dict], **params: object) -> Selection:
     if unknown:
         raise AselectError(f"policy '{policy}' got unknown parameter(s) {', '.join(unknown)}; "
                            f"it takes: {', '.join(known)}")
-    return fn(normalise_table(table), **params)
+    rows = [] if policy == "fixed" and not table else normalise_table(table)
+    return fn(rows, **params)

@@ -208,6 +208,23 @@ class Workdir:
     def stage(self, name: str, key: str) -> StageDir:
         return StageDir(self.root / name / key, name, key)
 
+    def adopt(self, stage: StageRef) -> StageRef:
+        """Link a complete stage of another workdir into this one (hard links, so no data is copied)."""
+        source = stage.dir
+        if not source.is_complete():
+            raise AselectError(f"{source.path}: only a complete stage can be adopted (status {source.status()})")
+        target = self.stage(stage.name, stage.key)
+        if not target.path.exists():
+            tmp = target.path.with_name(f".{target.key}.adopt-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                shutil.copytree(source.path, tmp, copy_function=os.link)
+            except OSError:  # another filesystem: copy instead
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(source.path, tmp)
+            tmp.rename(target.path)
+        return target.ref()
+
     def stages(self, name: str | None = None) -> list[StageInfo]:
         """Every stage directory under the workdir (optionally of one stage name), newest first."""
         infos = []

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.benchmark import aselect_benchmark, flag_regressions
+from flows.benchmark import BENCH_WORK
 from flows.pipeline import aselect_exhaustive, aselect_pipeline
+from pipelines.benchmark import README_END, README_START, readme_section
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ASELECT_STAGES = ["ingest", "backbone", "calibrate", "score", "select", "dump", "probe"]
 
@@ -122,7 +125,7 @@ def test_exhaustive_path_reuses_ingest_and_backbone_and_picks_the_probe_best(smo
     best = max(rows, key=lambda r: r["score"])
     assert (result["selection"]["timestep"], result["selection"]["layer"], result["selection"]["site"]) == (
         best["timestep"], best["layer"], best["site"])
-    assert result["cost"]["forward_passes"] == 4 * 4 and result["cost"]["probe_fits"] >= 24 * 3
+    assert result["cost"]["forward_passes"] == 200 * 4 and result["cost"]["probe_fits"] >= 24 * 3  # images x t
     assert result["metrics"]["metric"] == "top1"
 
 
@@ -158,18 +161,57 @@ def test_cli_errors_are_one_line_without_traceback(run_cli, tmp_path: Path) -> N
     assert f"{empty}/cats: empty class folder" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_benchmark_flow_compares_paths_and_flags_regressions(smoke_workdir: Path) -> None:
-    first = aselect_benchmark(configs=["smoke"], workdir=str(smoke_workdir))
-    row = first["rows"][0]
-    assert row["config"] == "smoke" and row["metric"] == "top1" and first["regressions"] == []
-    assert row["regret_points"] == pytest.approx(100 * (row["oracle"]["value"] - row["aselect"]["value"]), abs=0.01)
-    assert row["cost_ratio_forward_passes"] == pytest.approx(
-        row["oracle"]["forward_passes"] / row["aselect"]["forward_passes"], abs=0.01)
+def stage_dirs(workdir: Path) -> list[Path]:
+    return sorted(p.relative_to(workdir) for p in workdir.glob("*/*") if p.parent.name not in ("bench", ".locks",
+                                                                                                ".prefect-results"))
+
+
+def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_workdir: Path, tmp_path: Path) -> None:
+    before = stage_dirs(smoke_workdir)
     bench = smoke_workdir / "bench"
-    assert "| smoke | top1 |" in (bench / "results.md").read_text()
-    assert (bench / "cost-vs-regret.png").stat().st_size > 1000
-    second = aselect_benchmark(configs=["smoke"], workdir=str(smoke_workdir))
-    assert json.loads((bench / "previous.json").read_text()) == first["rows"] and second["regressions"] == []
-    worse = [{**row, "aselect": {**row["aselect"], "value": row["aselect"]["value"] - 0.05}}]
-    assert flag_regressions(worse, first["rows"]) == [
-        f"smoke: top1 {row['aselect']['value']:.4f} -> {row['aselect']['value'] - 0.05:.4f}"]
+    bench.mkdir(exist_ok=True)
+    # a previous run whose default A-SelecT scored 5 points higher: this run must flag it
+    previous = {"configs": [{"config": "smoke", "selectors": [{"selector": "aselect", "value": 2.0}]}]}
+    (bench / "results.json").write_text(json.dumps(previous))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\ntail\n")
+
+    proc = run_cli("bench", "smoke", "--workdir", str(smoke_workdir), "--json", "--readme", str(readme),
+                   check=True, timeout=600)
+    report = json.loads(proc.stdout)
+    (config,) = report["configs"]
+    rows = {r["selector"]: r for r in config["selectors"]}
+    assert list(rows) == ["aselect", "aselect-attn_map", "fewshot", "fixed", "oracle"]
+    oracle = rows["oracle"]
+    for row in rows.values():
+        assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
+        assert row["cost_ratio"]["forward_passes"] == pytest.approx(
+            oracle["forward_passes"] / row["forward_passes"], abs=0.01)
+    # forward passes are images x timesteps: 200 images, 4 timesteps, 64 calibration images
+    assert oracle["forward_passes"] == 200 * 4 and rows["aselect"]["forward_passes"] == 64 * 4 + 200
+    assert (rows["fixed"]["timestep"], rows["fixed"]["layer"], rows["fixed"]["site"]) == (100, 1, "block")
+    assert rows["fixed"]["forward_passes"] == 200 and rows["fewshot"]["site"] in ("block", "attn", "mlp")
+    assert "spearman_hfr_vs_probe" in rows["aselect-attn_map"] and "spearman_hfr_vs_probe" not in rows["fixed"]
+    assert rows["aselect"]["cached_stages"] == 0 and oracle["cached_stages"] == 0  # measured in this run
+    goals = config["goals"]
+    assert goals["regret"]["met"] == (rows["aselect"]["regret_points"] <= 1.0)
+    assert goals["cost"]["measured"] == rows["aselect"]["cost_ratio"]["compute_seconds"]
+
+    scaling = config["scaling"]
+    assert [p["images"] for p in scaling["points"]] == [100, 200]
+    assert scaling["points"][-1]["dump_ratio_to_full"] == 1.0
+    by_workers = scaling["scoring_seconds_by_workers"]
+    assert set(by_workers) == {"1", "2"} and scaling["dask_speedup"] == round(by_workers["1"] / by_workers["2"], 2)
+
+    assert report["regressions"] == [f"smoke aselect: top1 2.0000 -> {rows['aselect']['value']:.4f}"]
+    assert json.loads((bench / "previous.json").read_text()) == previous
+    assert json.loads((bench / "results.json").read_text())["configs"] == report["configs"]
+    assert "| A-SelecT, HFR of attn (default) |" in (bench / "results.md").read_text()
+    for picture in ("cost-vs-regret.png", "smoke-metric-vs-t.png"):
+        assert (bench / picture).stat().st_size > 1000
+    # the fresh workdir is gone, and the benchmark added no stage to the user's workdir
+    assert not (smoke_workdir / BENCH_WORK / "smoke").exists()
+    assert stage_dirs(smoke_workdir) == before
+    # --readme: the section is regenerated from the JSON copied beside it, the rest kept
+    copied = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert readme.read_text() == f"# x\n\n{readme_section(copied)}\n\ntail\n"

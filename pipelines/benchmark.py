@@ -1,0 +1,314 @@
+"""Benchmark (domain): selectors against the exhaustive oracle, cost side by side, and how dump and scoring scale.
+
+No Prefect here. flows/benchmark.py runs the two flows once per selector and hands their run summaries
+(`flows.pipeline.run_summary`) to `selector_row` and `config_report`; `measure_scaling` times the dump and
+the Dask scoring at fractions of the dataset; `to_markdown` and `readme_section` render the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import DumpConfig, RunConfig
+
+log = logging.getLogger("aselect.bench")
+
+BENCH_VERSION = 1
+COST_GOAL = 21.0  # the paper: ~21x less compute than exhaustive timestep search
+REGRET_GOAL_POINTS = 1.0
+DASK_SPEEDUP_GOAL = 1.7  # scoring with 2 workers vs 1
+REGRESSION_POINTS = 1.0  # a drop larger than this against the previous run is flagged
+REPRODUCE = "make bench  # = aselect bench digits mnist5k shapes --readme README.md"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# ---------------------------------------------------------------------------------------------
+#                                          Selectors
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One way of picking (t, l, s): a name, a sentence, and the `--set` overrides that make a run use it."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    exhaustive: bool = False
+    hfr_site: str | None = None  # A-SelecT selectors: the feature HFR is computed on
+
+
+def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
+    """A-SelecT as configured, its HFR feature variants, few-shot, a fixed common pair, and the oracle."""
+    site = cfg.select.hfr_site
+    out = [Selector("aselect", f"A-SelecT, HFR of {site} (default)", ("select.policy=aselect",), hfr_site=site)]
+    for variant in cfg.bench.hfr_variants:
+        if variant != site:
+            out.append(Selector(f"aselect-{variant}", f"A-SelecT, HFR of {variant}",
+                                ("select.policy=aselect", f"calibrate.sites=[{variant}]",
+                                 f"select.hfr_site={variant}"), hfr_site=variant))
+    if cfg.bench.fewshot:
+        out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.images} calibration images",
+                            ("select.policy=fewshot",)))
+    layer = depth // 2 if cfg.bench.fixed_layer is None else cfg.bench.fixed_layer
+    t, fixed_site = cfg.bench.fixed_timestep, cfg.bench.fixed_site
+    out.append(Selector("fixed", f"fixed t={t} block {layer} {fixed_site} (common hand-picked pair)",
+                        ("select.policy=fixed", f"select.timestep={t}", f"select.layer={layer}",
+                         f"select.site={fixed_site}")))
+    out.append(Selector("oracle", "exhaustive grid, best probe score (oracle)", exhaustive=True))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+#                                     Rows and the report
+# ---------------------------------------------------------------------------------------------
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b > 0 else None
+
+
+def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """What one selector picked, what it scored on the test split and what it cost (pretraining excluded)."""
+    sel, met, cost = summary["selection"], summary["metrics"], summary["cost"]
+    return {"selector": selector.name, "label": selector.label, "timestep": sel["timestep"], "layer": sel["layer"],
+            "site": sel["site"], "metric": met["metric"], "value": round(float(met["value"]), 4),
+            "forward_passes": cost["forward_passes"], "probe_fits": cost["probe_fits"],
+            "compute_seconds": cost["compute_seconds"], "wall_seconds": round(wall_seconds, 2),
+            "cached_stages": cost["cached_stages"]}
+
+
+def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, Any] | None,
+                  pictures: dict[str, str]) -> dict[str, Any]:
+    """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals."""
+    oracle = next(r for r in rows if r["selector"] == "oracle")
+    for row in rows:
+        row["regret_points"] = round(100 * (oracle["value"] - row["value"]), 2)
+        row["cost_ratio"] = {k: _ratio(oracle[k], row[k]) for k in ("forward_passes", "compute_seconds",
+                                                                     "wall_seconds")}
+    default = next(r for r in rows if r["selector"] == "aselect")
+    ratio = default["cost_ratio"]["compute_seconds"]
+    goals = {
+        "cost": {"goal": f">= {COST_GOAL:g}x cheaper (compute seconds)", "measured": ratio,
+                 "met": ratio is not None and ratio >= COST_GOAL},
+        "regret": {"goal": f"<= {REGRET_GOAL_POINTS:g} point", "measured": default["regret_points"],
+                   "met": default["regret_points"] <= REGRET_GOAL_POINTS},
+    }
+    if scaling and scaling.get("dask_speedup") is not None:
+        speedup = scaling["dask_speedup"]
+        goals["dask"] = {"goal": f">= {DASK_SPEEDUP_GOAL:g}x with 2 workers", "measured": speedup,
+                         "met": speedup >= DASK_SPEEDUP_GOAL}
+    return {"config": config, "metric": oracle["metric"], "selectors": rows, "goals": goals, "scaling": scaling,
+            "pictures": pictures}
+
+
+def flag_regressions(configs: list[dict[str, Any]], previous: dict[str, Any] | None) -> list[str]:
+    """Lines naming every (config, selector) whose metric fell by more than REGRESSION_POINTS since last run."""
+    if not previous:
+        return []
+    before = {(c["config"], r["selector"]): r for c in previous.get("configs", []) for r in c["selectors"]}
+    flags = []
+    for c in configs:
+        for row in c["selectors"]:
+            old = before.get((c["config"], row["selector"]))
+            if old and 100 * (old["value"] - row["value"]) > REGRESSION_POINTS:
+                flags.append(f"{c['config']} {row['selector']}: {row['metric']} {old['value']:.4f} -> "
+                             f"{row['value']:.4f}")
+    return flags
+
+
+def hfr_probe_spearman(hfr_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]], site: str) -> float | None:
+    """Rank correlation over (t, l) between HFR of `site` and the oracle's probe score of that site (else `block`)."""
+    from scipy.stats import spearmanr
+
+    probed = {r["site"] for r in probe_rows}
+    probe_site = site if site in probed else "block"
+    probe = {(r["timestep"], r["layer"]): r["score"] for r in probe_rows if r["site"] == probe_site}
+    pairs = [(r["score"], probe[(r["timestep"], r["layer"])]) for r in hfr_rows
+             if r["scorer"] == "hfr" and r["site"] == site and (r["timestep"], r["layer"]) in probe]
+    if len(pairs) < 3:
+        return None
+    value = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+    return round(value, 3) if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------
+#                                           Scaling
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_scaling(model_dir: str, dataset_path: Path, grid: DumpConfig, scorer: str, params: dict[str, Any],
+                    labels: np.ndarray, masks: np.ndarray | None, fractions: Sequence[float],
+                    workers: Sequence[int], scratch: Path,
+                    progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Seconds to dump and to score the grid at fractions of the dataset, and scoring at N with each worker count.
+
+    Every measurement starts from an empty store in `scratch` (removed afterwards): nothing is cached.
+    Scoring is timed on an already started, warmed-up Dask cluster, so cluster start-up is not in the ratio.
+    """
+    from pipelines.backbone import load_backbone  # torch and diffusers: only when measuring
+    from pipelines.dump import plan_layout, run_dump
+    from pipelines.grid import candidate_pairs, dask_client, score_grid
+    from pipelines.ingest import calibration_subset
+    from storage.features import FEATURES_STORE
+
+    backbone = load_backbone(model_dir)
+    total = len(labels)
+    fractions = sorted(set(fractions))
+    most = max(workers)
+    steps, done = len(fractions) + len(workers) - 1, 0
+    points = []
+    scoring_by_workers: dict[int, float] = {}
+    for fraction in fractions:
+        n = max(2, round(fraction * total))
+        samples = calibration_subset(labels, np.arange(total), n, grid.seed)
+        out = scratch / f"n{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        layout = plan_layout(backbone, samples, grid)
+        dumped = run_dump(model_dir, dataset_path, out, layout, grid, backbone=backbone)
+        store = out / FEATURES_STORE
+        pairs = candidate_pairs(store, None if scorer == "probe_seg" else ["block", "attn", "mlp"])
+        truth = {"labels": labels[samples], "masks": masks[samples] if masks is not None else None}
+        for count in (workers if fraction == fractions[-1] else [most]):
+            with dask_client(None, count, 1) as client:
+                client.run(_warm_up)  # imports on each worker, outside the timing
+                started = time.perf_counter()
+                score_grid(client, store, scorer, pairs, params, **truth)
+                seconds = round(time.perf_counter() - started, 3)
+            if fraction == fractions[-1]:
+                scoring_by_workers[count] = seconds
+            if count == most:
+                score_seconds = seconds
+            done += 1
+            if progress:
+                progress(done / steps)
+            log.info("scaling: %d images, %d pairs, %d workers: dump %.1f s, scoring %.1f s", n, len(pairs), count,
+                     dumped.seconds, seconds)
+        points.append({"fraction": fraction, "images": n, "dump_seconds": dumped.seconds,
+                       "score_seconds": score_seconds, "pairs": len(pairs), "score_workers": most})
+        shutil.rmtree(out, ignore_errors=True)
+    full = points[-1]
+    for p in points:
+        p["dump_ratio_to_full"] = _ratio(p["dump_seconds"], full["dump_seconds"])
+        p["score_ratio_to_full"] = _ratio(p["score_seconds"], full["score_seconds"])
+    one = scoring_by_workers.get(1)
+    speedup = _ratio(one, scoring_by_workers[most]) if one is not None and most > 1 else None
+    return {"points": points, "scoring_seconds_by_workers": {str(k): v for k, v in sorted(scoring_by_workers.items())},
+            "dask_speedup": speedup, "speedup_workers": most}
+
+
+def _warm_up() -> None:
+    import sklearn.linear_model  # noqa: F401
+    import torch  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _verdict(goal: dict[str, Any]) -> str:
+    return "met" if goal["met"] else "**not met**"
+
+
+def selector_table(c: dict[str, Any]) -> list[str]:
+    lines = [f"| selector | pair | {c['metric']} | regret (pts) | forward passes | probe fits | compute s | "
+             f"wall s | exhaustive / this (compute s) | Spearman HFR vs probe |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in c["selectors"]:
+        lines.append(f"| {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | {r['value']:.4f} | "
+                     f"{r['regret_points']:.2f} | {r['forward_passes']} | {r['probe_fits']} | "
+                     f"{r['compute_seconds']:.1f} | {r['wall_seconds']:.1f} | "
+                     f"{_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} | "
+                     f"{_fmt(r.get('spearman_hfr_vs_probe'), 2)} |")
+    return lines
+
+
+def scaling_table(s: dict[str, Any]) -> list[str]:
+    lines = ["| images | dump s | dump / dump at N | scoring s | scoring / scoring at N |",
+             "| --- | --- | --- | --- | --- |"]
+    for p in s["points"]:
+        lines.append(f"| {p['images']} ({p['fraction']:g} N) | {p['dump_seconds']:.1f} | "
+                     f"{_fmt(p['dump_ratio_to_full'], 2)} | {p['score_seconds']:.1f} | "
+                     f"{_fmt(p['score_ratio_to_full'], 2)} |")
+    by = s["scoring_seconds_by_workers"]
+    workers = ", ".join(f"{w} worker{'s' if w != '1' else ''} {sec:.1f} s" for w, sec in by.items())
+    lines += ["", f"Scoring at N ({s['points'][-1]['pairs']} pairs): {workers}; speedup "
+                  f"{_fmt(s['dask_speedup'], 2, 'x')}."]
+    return lines
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The full benchmark report: per config, every selector, the goals and the scaling measurements."""
+    m = report["machine"]
+    lines = [f"# aselect benchmark ({report['generated']})", "",
+             f"Machine: {m['cores']} cores, torch {m['torch']}, {m['device']}. Command: `{report['command']}`.",
+             "Costs exclude ingest and pretraining (shared by every selector). "
+             "Forward passes count images x timesteps.", ""]
+    for c in report["configs"]:
+        lines += [f"## {c['config']} ({c['metric']})", ""] + selector_table(c) + [""]
+        for name, goal in c["goals"].items():
+            lines.append(f"- goal {name} ({goal['goal']}): measured {goal['measured']}, {_verdict(goal)}")
+        if c["scaling"]:
+            lines += ["", "Scaling (measured in this run, fresh stores):", ""] + scaling_table(c["scaling"])
+        if c["pictures"]:
+            lines += ["", "Pictures: " + ", ".join(f"{k} `{v}`" for k, v in c["pictures"].items())]
+        lines.append("")
+    lines.append("Regressions against the previous run: " + ("; ".join(report["regressions"]) or "none"))
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(report: dict[str, Any]) -> str:
+    """The README's results section: one table of A-SelecT vs the oracle per config, the goals, and the command."""
+    lines = [README_START, "", f"Measured {report['generated'][:10]} on {report['machine']['cores']} CPU cores "
+             f"({report['machine']['device']}); generated from `bench/results.json` by:", "", "```sh",
+             REPRODUCE, "```", "",
+             "| config | selector | pair | metric | regret (pts) | forward passes | compute s | "
+             "exhaustive / this |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in report["configs"]:
+        for r in c["selectors"]:
+            lines.append(f"| {c['config']} | {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | "
+                         f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | {r['forward_passes']} | "
+                         f"{r['compute_seconds']:.1f} | {_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} |")
+    lines += ["", "Goals (A-SelecT default):", ""]
+    for c in report["configs"]:
+        parts = [f"{name} {goal['measured']} ({goal['goal']}: {_verdict(goal)})" for name, goal in c["goals"].items()]
+        lines.append(f"- {c['config']}: " + "; ".join(parts))
+    scaled = [c for c in report["configs"] if c["scaling"]]
+    if scaled:
+        lines += ["", "Scaling (dump and scoring seconds at 1/4, 1/2 and all images, relative to all images; "
+                  "scoring speedup with 2 Dask workers):", ""]
+        for c in scaled:
+            s = c["scaling"]
+            dumps = ", ".join(_fmt(p["dump_ratio_to_full"], 2) for p in s["points"])
+            scores = ", ".join(_fmt(p["score_ratio_to_full"], 2) for p in s["points"])
+            lines.append(f"- {c['config']}: dump {dumps}; scoring {scores}; 2-worker speedup "
+                         f"{_fmt(s['dask_speedup'], 2, 'x')}")
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, report: dict[str, Any]) -> None:
+    """Replace the section between the bench markers of `readme` with `readme_section(report)`."""
+    from pipelines.errors import AselectError
+
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise AselectError(f"{readme}: no '{README_START}' ... '{README_END}' section to replace")
+    readme.write_text(text[:start] + readme_section(report) + text[end + len(README_END):])
