@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -182,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AselectError as exc:
         print(f"aselect: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = exc.filename or "workdir"
+        print(f"aselect: error: {where}: {exc.strerror}; finished stages and chunks are kept, rerun to resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aselect: interrupted; finished stages and chunks are kept, rerun to resume", file=sys.stderr)

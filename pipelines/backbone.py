@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipelines.config import BackboneConfig
 from pipelines.errors import AselectError
+from pipelines.faults import failpoint
 
 BACKBONE_VERSION = 2
 
@@ -648,6 +649,7 @@ def _train(
                     window_losses=window_losses,
                 ),
             )
+        failpoint("pretrain")
     bar.close()
 
     # 5. Save a load_backbone-compatible directory (layout b); checkpoints are then redundant.

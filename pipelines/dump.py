@@ -7,6 +7,7 @@ Finished (timestep, chunk) pairs have completion records and are never recompute
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -184,24 +185,35 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
             progress(finished, total)
 
     try:
-        if cfg.workers == 1:
-            saved_threads = torch.get_num_threads()
-            _init_worker(*init_args, backbone=backbone)
-            try:
-                for ci, tis in pending.items():
-                    account(*_run_chunk(ci, tis))
-            finally:
-                torch.set_num_threads(saved_threads)
-        elif pending:
-            # spawn: a forked child would inherit torch's thread pools and any Prefect/Dask threads
-            with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                     initargs=init_args) as pool:
-                futures = [pool.submit(_run_chunk, ci, tis) for ci, tis in pending.items()]
-                for future in as_completed(futures):
-                    account(*future.result())
+        _compute(pending, cfg, init_args, backbone, account)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise AselectError(f"{stage_path}: disk full while writing features ({exc.strerror}); finished chunks "
+                               f"are kept: free space and rerun to resume") from None
+        raise
     finally:
         bar.close()
     computed = total - reused
     return DumpResult(items_total=total, items_computed=computed, items_reused=reused, forward_passes=computed,
                       images_timesteps=image_steps, bytes_written=written,
                       seconds=round(time.perf_counter() - started, 3))
+
+
+def _compute(pending: dict[int, list[int]], cfg: DumpConfig, init_args: tuple, backbone: Backbone | None,
+             account: Callable[..., None]) -> None:
+    """Run the pending chunks in this process (workers=1) or in spawned worker processes."""
+    if cfg.workers == 1:
+        saved_threads = torch.get_num_threads()
+        _init_worker(*init_args, backbone=backbone)
+        try:
+            for ci, tis in pending.items():
+                account(*_run_chunk(ci, tis))
+        finally:
+            torch.set_num_threads(saved_threads)
+    elif pending:
+        # spawn: a forked child would inherit torch's thread pools and any Prefect/Dask threads
+        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=init_args) as pool:
+            futures = [pool.submit(_run_chunk, ci, tis) for ci, tis in pending.items()]
+            for future in as_completed(futures):
+                account(*future.result())

@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 from distributed import Client, LocalCluster, as_completed
 
+from pipelines.faults import failpoint
 from pipelines.scoring import get_scorer, score_pair
 
 log = logging.getLogger("aselect.score")
@@ -121,6 +122,7 @@ def score_grid(client: Client, store: str | Path, scorer: str, pairs: list[Pair]
     results: list[dict[str, Any] | None] = [None] * len(pairs)
     for done, future in enumerate(as_completed(futures), start=1):
         results[futures[future]] = future.result()
+        failpoint("pair")
         if progress is not None:
             progress(done, len(pairs))
     return [r for r in results if r is not None]

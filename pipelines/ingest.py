@@ -228,15 +228,23 @@ def _scan_folder(root: Path, skip_bad: bool) -> tuple[list[tuple[str, list[Path]
     return plan, skipped
 
 
+HIGH_BIT_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
     """One file as uint8 (H, W) or (H, W, 3); raises AselectError with a short reason."""
     try:
         with Image.open(path) as img:
             img.load()  # open() is lazy: truncation only shows up here
+            if img.mode in HIGH_BIT_DEPTH:  # PIL's convert clips these to 255 rather than rescaling
+                raise AselectError(f"{path}: cannot read image ({img.mode} pixels, more than 8 bits per channel: "
+                                   f"convert to 8-bit first)")
             img = ImageOps.exif_transpose(img).convert(mode)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
+    except AselectError:
+        raise
     except UnidentifiedImageError:
         reason = "unrecognised image format"
     except Exception as exc:  # malformed files raise OSError, SyntaxError, DecompressionBombError, ...

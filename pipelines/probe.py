@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipelines.errors import AselectError
+from pipelines.faults import failpoint
 
 PROBE_VERSION = 1
 MAX_ITER = 1000
@@ -121,8 +122,10 @@ def classification_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
                 raise AselectError("classification probe: the validation split left fewer than two training classes")
             for c in cs:
                 val_scores[c] = linear_top1(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx], c)
+                failpoint("fit")
         best = _best_c(val_scores) if val_scores else cs[0]
         top1 = linear_top1(train_x, train_y, test_x, test_y, best)
+        failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "train_size": int(len(train_y)), "test_size": int(len(test_y)),
                "classes": int(len(np.unique(train_y)))}
@@ -288,8 +291,10 @@ def segmentation_probe(train_tokens: np.ndarray, train_masks: np.ndarray, test_t
             for c in cs:
                 val_scores[c] = _miou(train_tokens[fit_idx], train_masks[fit_idx], train_tokens[val_idx],
                                       train_masks[val_idx], num_classes, c)[0]
+                failpoint("fit")
         best = _best_c(val_scores) if val_scores else cs[0]
         miou, per_class, pixel_acc = _miou(train_tokens, train_masks, test_tokens, test_masks, num_classes, best)
+        failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "per_class_iou": per_class, "pixel_accuracy": pixel_acc, "num_classes": num_classes,
                "train_size": int(len(train_tokens)), "test_size": int(len(test_tokens))}

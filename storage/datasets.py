@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipelines.faults import failpoint
 from pipelines.ingest import Dataset
 
 DATASET_STORE = "data.zarr"
@@ -23,9 +24,11 @@ def write_dataset(dataset: Dataset, stage_path: Path) -> Path:
     chunk = min(n, 512)
     group.create_array("images", data=dataset.images, chunks=(chunk, *dataset.images.shape[1:]),
                        dimension_names=("sample", "channel", "y", "x"))
+    failpoint("ingest")
     group.create_array("labels", data=dataset.labels.astype(np.int64), chunks=(n,), dimension_names=("sample",))
     group.create_array("train_idx", data=dataset.train_idx.astype(np.int64), dimension_names=("train",))
     group.create_array("test_idx", data=dataset.test_idx.astype(np.int64), dimension_names=("test",))
+    failpoint("ingest")
     if dataset.masks is not None:
         group.create_array("masks", data=dataset.masks, chunks=(chunk, *dataset.masks.shape[1:]),
                            dimension_names=("sample", "y", "x"))
@@ -34,6 +37,7 @@ def write_dataset(dataset: Dataset, stage_path: Path) -> Path:
         "mask_class_names": list(dataset.mask_class_names or []),
         "skipped": list(dataset.skipped),
     })
+    failpoint("ingest")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

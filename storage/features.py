@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipelines.faults import failpoint
+
 FEATURES_STORE = "features.zarr"
 DONE_DIR = "done"
 
@@ -119,11 +121,13 @@ def write_item(group: zarr.Group, stage_path: Path, layout: FeatureLayout, ti: i
     if attn_map is not None:
         group["attn_map"][ti, :, rows, :, :] = attn_map.astype(np.float16)
         written += attn_map.size * 2
+    failpoint("chunk")
     marker = _marker(stage_path, ti, ci)
     with open(marker, "w") as fh:  # the data is written before the record that says so
         fh.write(f"{written}\n")
         fh.flush()
         os.fsync(fh.fileno())
+    failpoint("chunk")
     return written
 
 

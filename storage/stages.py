@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.errors import AselectError
+from pipelines.faults import failpoint
 
 MANIFEST = "manifest.json"
 Status = Literal["complete", "partial", "missing"]
@@ -123,11 +124,12 @@ class StageDir:
         previous = self.read_manifest() or {}
         write_json_atomic(self.manifest_path, {
             "stage": self.name, "key": self.key, "inputs": dict(inputs), "status": "partial",
-            "started": time.time(), "attempts": int(previous.get("attempts", 0)) + 1,
+            "started": time.time(), "attempts": int(previous.get("attempts", 0)) + 1, "pid": os.getpid(),
         })
 
     def complete(self, summary: str, **details: Any) -> dict[str, Any]:
         """Mark the stage complete: written last, so a crash before this line leaves it partial."""
+        failpoint(self.name)  # crash tests: killed here, the stage must stay partial
         manifest = self.read_manifest() or {"stage": self.name, "key": self.key, "started": time.time()}
         finished = time.time()
         manifest.update(details)

@@ -30,6 +30,11 @@ def scorer_params(cfg: ScoreConfig, scorer: str) -> dict[str, Any]:
     return {}
 
 
+def probe_fits(cfg: ScoreConfig, scorer: str, pairs: int) -> int:
+    """Linear probes trained to score `pairs` pairs: k folds each for `probe`, one each for `probe_seg`."""
+    return pairs * {"probe": cfg.probe_folds, "probe_seg": 1}.get(scorer, 0)
+
+
 def plan_score(workdir: Workdir, cfg: ScoreConfig, scorer: str, features: StageRef) -> StageRef:
     """The score stage's key: the scorer, its parameters and the dump it reads (not where Dask runs)."""
     section = {"scorer": scorer, "params": scorer_params(cfg, scorer)}
@@ -70,7 +75,7 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         summary = (f"{scorer} on {len(table)} pairs with {workers} Dask workers; best t={best['timestep']} "
                    f"l={best['layer']} {best['site']} ({best['score']:.4f})")
         stage_dir.complete(summary, scorer=scorer, pairs=len(table), dask_workers=workers,
-                           probe_fits=len(table) * cfg.probe_folds if scorer == "probe" else 0,
+                           probe_fits=probe_fits(cfg, scorer, len(table)),
                            task_seconds=round(sum(r["seconds"] for r in table), 3))
     _table_artifact(scorer, table)
     logger.info("score %s: %s", stage.key, summary)

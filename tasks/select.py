@@ -41,7 +41,8 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]])
     with stage_dir.lock():
         if stage_dir.is_complete():
             selection = json.loads((stage_dir.path / SELECTION_JSON).read_text())
-            return {"summary": stage_dir.read_manifest()["summary"], "selection": selection}
+            return {"summary": stage_dir.read_manifest()["summary"],
+                    "selection": {k: v for k, v in selection.items() if k != "table"}}
         stage_dir.begin({"config": cfg.model_dump(mode="json")})
         selection = select(cfg.policy, table, **policy_params(cfg)).to_dict()
         write_json_atomic(stage_dir.path / SELECTION_JSON, selection)

@@ -156,3 +156,30 @@ def test_half_written_chunk_without_record_is_rewritten(tiny, tmp_path: Path) ->
     again, _ = dump_into(tiny, tmp_path)
     assert again.items_computed == 1
     assert np.array_equal(arrays(tmp_path)["pooled"], good)
+
+
+def test_disk_full_fails_in_one_line_and_resumes_after_space_is_freed(tiny, tmp_path: Path) -> None:
+    """A dump into a 1 MiB tmpfs (the full dump needs ~4 MiB) stops with a clear error and resumes once it grows."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); needs root and CAP_SYS_ADMIN")
+    full = {"sites": ["block", "attn", "mlp", "attn_map"], "spatial": True}
+    try:
+        stage = small / "dump"
+        with pytest.raises(AselectError) as excinfo:
+            dump_into(tiny, stage, **full)
+        message = str(excinfo.value)
+        assert "\n" not in message and message.startswith(f"{stage}: disk full while writing features")
+        finished = finished_items(stage)
+        assert 0 < len(finished) < 16
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True)
+        result, _ = dump_into(tiny, stage, **full)
+        assert result.items_reused == len(finished) and result.items_computed == 16 - len(finished)
+        dump_into(tiny, tmp_path / "reference", **full)
+        got, want = arrays(stage), arrays(tmp_path / "reference")
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

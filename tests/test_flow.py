@@ -215,3 +215,10 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     # --readme: the section is regenerated from the JSON copied beside it, the rest kept
     copied = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert readme.read_text() == f"# x\n\n{readme_section(copied)}\n\ntail\n"
+
+
+def test_readme_results_section_is_generated_from_the_committed_json() -> None:
+    report = json.loads((ROOT / "bench" / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert readme_section(report) in readme
+    assert {c["config"] for c in report["configs"]} == {"digits", "mnist5k", "shapes"}

@@ -1,0 +1,147 @@
+"""Reliability with real processes: SIGKILL at seeded failpoints inside every stage, then resume; two runs at once.
+
+Each `aselect run` here is a real subprocess (its own process group, so a kill takes its dump and Dask
+workers too) against the session's Prefect server. Outputs are compared file by file with an
+uninterrupted run: arrays, weights and pictures byte for byte, JSON without timing fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# stage -> the failpoint inside it (pipelines/faults.py); two kills in each stretch of the run where one is hit
+STAGE_POINTS = {"ingest": "ingest", "pretrain": "pretrain", "dump": "chunk", "score": "pair", "probe": "fit"}
+VOLATILE = {"seconds", "worker", "resumed_from", "started", "finished", "attempts", "pid", "bytes", "train_seconds",
+            "dump_seconds", "images_timesteps_per_second", "items_reused", "items_computed", "forward_passes",
+            "images_timesteps", "bytes_written", "summary", "task_seconds"}
+
+
+def aselect(api_url: str, workdir: Path, **env: str) -> subprocess.Popen[str]:
+    """Start `aselect run smoke --json` as its own process group."""
+    full_env = dict(os.environ, PREFECT_API_URL=api_url, **env)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "smoke", "--workdir", str(workdir), "--json"],
+                            cwd=ROOT, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _strip(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def stage_files(stage: Path) -> dict[str, object]:
+    """A stage's outputs: bytes of every file, JSON without timing fields; resume leftovers and manifests aside."""
+    files: dict[str, object] = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        rel = path.relative_to(stage).as_posix()
+        if rel == "manifest.json" or "checkpoints/" in rel or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        files[rel] = _strip(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
+    return files
+
+
+def complete_stages(workdir: Path) -> dict[str, Path]:
+    """`name/key` -> directory of every stage whose manifest says complete."""
+    found = {}
+    for manifest in workdir.glob("*/*/manifest.json"):
+        if json.loads(manifest.read_text()).get("status") == "complete":
+            found[f"{manifest.parent.parent.name}/{manifest.parent.name}"] = manifest.parent
+    return found
+
+
+def assert_same_stage(got: Path, want: Path) -> None:
+    got_files, want_files = stage_files(got), stage_files(want)
+    assert sorted(got_files) == sorted(want_files), f"{got}: files differ from {want}"
+    for rel, content in want_files.items():
+        assert got_files[rel] == content, f"{got / rel} differs from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def reference(prefect_api_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+    """An uninterrupted smoke run, and the failpoints it passed, in order."""
+    workdir = tmp_path_factory.mktemp("reference")
+    hits = workdir.parent / "reference-hits.log"
+    code, out, err = finish(aselect(prefect_api_url, workdir, ASELECT_FAILPOINT_LOG=str(hits)))
+    assert code == 0, err[-3000:]
+    return workdir, json.loads(out), hits.read_text().split()
+
+
+def segments(hits: list[str]) -> list[tuple[str, int]]:
+    """The run as (failpoint, consecutive hits) in order, e.g. chunk(calibrate), pair, chunk(selected pair)."""
+    out: list[tuple[str, int]] = []
+    for name in (h for h in hits if h in STAGE_POINTS.values()):
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1] + 1)
+        else:
+            out.append((name, 1))
+    return out
+
+
+def test_sigkill_inside_every_stage_resumes_to_identical_outputs(prefect_api_url: str, reference, tmp_path: Path):
+    ref_dir, ref_result, hits = reference
+    ref_stages = complete_stages(ref_dir)
+    assert len(ref_stages) == 7
+    parts = segments(hits)
+    assert [name for name, _ in parts] == ["ingest", "pretrain", "chunk", "pair", "chunk", "fit"]
+    # Seeded kill points, two per segment: the first anywhere but the last hit, the second within what
+    # must remain (a resume redoes at least the hits after the last checkpoint or completion record).
+    rng = np.random.default_rng(20261126)
+    plan = []
+    for point, count in parts:
+        assert count >= 2, f"failpoint {point} hit {count} times"
+        first = int(rng.integers(1, count))
+        second = int(rng.integers(1, count - first + 1))
+        plan += [(point, first), (point, second)]
+    workdir = tmp_path / "work"
+    for point, nth in plan:
+        code, _, err = finish(aselect(prefect_api_url, workdir, ASELECT_FAILPOINT=f"{point}@{nth}"))
+        assert code == -signal.SIGKILL, f"expected SIGKILL at {point}@{nth}, exit {code}: {err[-2000:]}"
+        # no partial stage is ever reported complete: whatever says complete equals the clean run
+        for name, path in complete_stages(workdir).items():
+            assert_same_stage(path, ref_stages[name])
+    code, out, err = finish(aselect(prefect_api_url, workdir))
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["selection"] == ref_result["selection"] and result["metrics"] == ref_result["metrics"]
+    final = complete_stages(workdir)
+    assert sorted(final) == sorted(ref_stages)
+    for name, path in final.items():
+        assert_same_stage(path, ref_stages[name])
+    attempts = {name: json.loads((path / "manifest.json").read_text())["attempts"] for name, path in final.items()}
+    assert all(attempts[n] >= 3 for n in attempts if n.split("/")[0] in ("ingest", "backbone", "score", "probe"))
+
+
+def test_two_concurrent_runs_compute_each_stage_once(prefect_api_url: str, reference, tmp_path: Path) -> None:
+    ref_dir, ref_result, _ = reference
+    workdir = tmp_path / "shared"
+    first, second = aselect(prefect_api_url, workdir), aselect(prefect_api_url, workdir)
+    (code1, out1, err1), (code2, out2, err2) = finish(first), finish(second)
+    assert code1 == 0, err1[-3000:]
+    assert code2 == 0, err2[-3000:]
+    results = [json.loads(out1), json.loads(out2)]
+    for result in results:
+        assert result["selection"] == ref_result["selection"] and result["metrics"] == ref_result["metrics"]
+    stages = complete_stages(workdir)
+    assert sorted(stages) == sorted(complete_stages(ref_dir))  # one directory per stage, all complete
+    for name, path in stages.items():
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["attempts"] == 1, f"{name} was computed {manifest['attempts']} times"
+        assert manifest["pid"] in (first.pid, second.pid)
+        assert_same_stage(path, ref_dir / name)
