@@ -86,9 +86,12 @@ def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Pat
         else oracle_rows[0]["site"]
     curves = metric_vs_timestep(oracle_rows, hfr_rows, out / f"{cfg.name}-metric-vs-t.png", metric_site=metric_site,
                                 hfr_site=cfg.select.hfr_site, metric_name=oracle_rows[0]["scorer"])
+    counts = dataset.dir.read_manifest()["counts"]
+    grid = {"timesteps": len(cfg.dump.timesteps), "images": int(counts["images"]),
+            "calibration_images": min(cfg.calibrate.images, int(counts["train"]))}
     if not keep_work:
         shutil.rmtree(fresh.root, ignore_errors=True)
-    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)})
+    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid)
 
 
 @flow(name="aselect-benchmark")

@@ -86,9 +86,17 @@ def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: floa
             "cached_stages": cost["cached_stages"]}
 
 
+def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int) -> float:
+    """Exhaustive / A-SelecT forward passes: T*N / (C*T + N), below both T and N / C whatever HFR picks."""
+    return round(timesteps * images / (calibration_images * timesteps + images), 2)
+
+
 def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, Any] | None,
-                  pictures: dict[str, str]) -> dict[str, Any]:
-    """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals."""
+                  pictures: dict[str, str], grid: dict[str, int]) -> dict[str, Any]:
+    """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals.
+
+    `grid` is {"timesteps", "images", "calibration_images"}: what bounds the forward-pass ratio.
+    """
     oracle = next(r for r in rows if r["selector"] == "oracle")
     for row in rows:
         row["regret_points"] = round(100 * (oracle["value"] - row["value"]), 2)
@@ -98,7 +106,9 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
     ratio = default["cost_ratio"]["compute_seconds"]
     goals = {
         "cost": {"goal": f">= {COST_GOAL:g}x cheaper (compute seconds)", "measured": ratio,
-                 "met": ratio is not None and ratio >= COST_GOAL},
+                 "met": ratio is not None and ratio >= COST_GOAL,
+                 "forward_pass_ceiling": forward_pass_ceiling(grid["timesteps"], grid["images"],
+                                                              grid["calibration_images"])},
         "regret": {"goal": f"<= {REGRET_GOAL_POINTS:g} point", "measured": default["regret_points"],
                    "met": default["regret_points"] <= REGRET_GOAL_POINTS},
     }
@@ -106,8 +116,8 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
         speedup = scaling["dask_speedup"]
         goals["dask"] = {"goal": f">= {DASK_SPEEDUP_GOAL:g}x with 2 workers", "measured": speedup,
                          "met": speedup >= DASK_SPEEDUP_GOAL}
-    return {"config": config, "metric": oracle["metric"], "selectors": rows, "goals": goals, "scaling": scaling,
-            "pictures": pictures}
+    return {"config": config, "metric": oracle["metric"], "grid": grid, "selectors": rows, "goals": goals,
+            "scaling": scaling, "pictures": pictures}
 
 
 def flag_regressions(configs: list[dict[str, Any]], previous: dict[str, Any] | None) -> list[str]:
@@ -264,6 +274,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {c['config']} ({c['metric']})", ""] + selector_table(c) + [""]
         for name, goal in c["goals"].items():
             lines.append(f"- goal {name} ({goal['goal']}): measured {goal['measured']}, {_verdict(goal)}")
+        g = c["grid"]
+        lines.append(f"- grid: {g['timesteps']} timesteps, N={g['images']} images, C={g['calibration_images']} "
+                     f"calibration images: the forward-pass ratio can be at most T*N/(C*T+N) = "
+                     f"{c['goals']['cost']['forward_pass_ceiling']}x")
         if c["scaling"]:
             lines += ["", "Scaling (measured in this run, fresh stores):", ""] + scaling_table(c["scaling"])
         if c["pictures"]:
@@ -288,7 +302,10 @@ def readme_section(report: dict[str, Any]) -> str:
     lines += ["", "Goals (A-SelecT default):", ""]
     for c in report["configs"]:
         parts = [f"{name} {goal['measured']} ({goal['goal']}: {_verdict(goal)})" for name, goal in c["goals"].items()]
-        lines.append(f"- {c['config']}: " + "; ".join(parts))
+        g = c["grid"]
+        lines.append(f"- {c['config']}: " + "; ".join(parts) + f". Ceiling of the forward-pass ratio with "
+                     f"T={g['timesteps']}, N={g['images']}, C={g['calibration_images']}: "
+                     f"{c['goals']['cost']['forward_pass_ceiling']}x")
     scaled = [c for c in report["configs"] if c["scaling"]]
     if scaled:
         lines += ["", "Scaling (dump and scoring seconds at 1/4, 1/2 and all images, relative to all images; "

@@ -196,6 +196,10 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     goals = config["goals"]
     assert goals["regret"]["met"] == (rows["aselect"]["regret_points"] <= 1.0)
     assert goals["cost"]["measured"] == rows["aselect"]["cost_ratio"]["compute_seconds"]
+    # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (C*T + N)
+    assert config["grid"] == {"timesteps": 4, "images": 200, "calibration_images": 64}
+    assert goals["cost"]["forward_pass_ceiling"] == rows["aselect"]["cost_ratio"]["forward_passes"] == round(
+        4 * 200 / (64 * 4 + 200), 2)
 
     scaling = config["scaling"]
     assert [p["images"] for p in scaling["points"]] == [100, 200]
