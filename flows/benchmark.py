@@ -33,8 +33,9 @@ from pipelines.benchmark import (
 )
 from pipelines.grid import dask_client
 from pipelines.plots import cost_vs_regret, metric_vs_timestep
-from storage.stages import Workdir, write_json_atomic
+from storage.stages import StageRef, Workdir, write_json_atomic
 from tasks.benchmark import scaling as scaling_task
+from tasks.score import read_rows
 from tasks.stage import StageReport
 
 DEFAULT_CONFIGS = ("digits", "mnist5k", "shapes")
@@ -42,8 +43,9 @@ BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `asele
 
 
 def _score_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    path = next(Path(s["path"]) for s in summary["stages"] if s["name"] == "score")
-    return json.loads((path / "scores.json").read_text())
+    """The score table of a run's score stage."""
+    stage = next(s for s in summary["stages"] if s["name"] == "score")
+    return read_rows(StageRef(stage["name"], stage["key"], stage["path"]))
 
 
 def _machine() -> dict[str, Any]:

@@ -149,7 +149,7 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
     reports: list[StageReport] = []
     # 1-2. ingest, backbone
     dataset, model = run_foundation(cfg, work, reports)
-    # 3-4. calibrate: every candidate timestep and block on a small subset; score it (HFR, label-free)
+    # 3-4. calibrate: every candidate timestep and block on a small subset; score it (HFR, or the few-shot probe)
     if cfg.select.policy == "fixed":
         scored, table = [], []
     else:
@@ -157,7 +157,7 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
         table = reports[-1].result["rows"]
     # 5-6. select, dump the selected pair for every image, probe
     _select_and_probe(cfg, work, reports, cfg.select, scored, table, dataset, model, None)
-    return run_summary(cfg, work, "aselect" if cfg.select.policy == "aselect" else cfg.select.policy, reports)
+    return run_summary(cfg, work, cfg.select.policy, reports)  # aselect, fewshot or fixed
 
 
 @flow(name="aselect-exhaustive")

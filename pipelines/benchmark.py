@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import DumpConfig, RunConfig
+from pipelines.errors import AselectError
 
 log = logging.getLogger("aselect.bench")
 
@@ -322,8 +323,6 @@ def readme_section(report: dict[str, Any]) -> str:
 
 def update_readme(readme: Path, report: dict[str, Any]) -> None:
     """Replace the section between the bench markers of `readme` with `readme_section(report)`."""
-    from pipelines.errors import AselectError
-
     text = readme.read_text()
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:

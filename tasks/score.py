@@ -49,7 +49,7 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
     stage_dir = stage.dir
     with stage_dir.lock():
         if stage_dir.is_complete():
-            return {"summary": stage_dir.read_manifest()["summary"], "rows": _rows(stage)}
+            return {"summary": stage_dir.read_manifest()["summary"], "rows": read_rows(stage)}
         stage_dir.begin({"scorer": scorer, "params": scorer_params(cfg, scorer),
                          "upstream": {"features": features.key}})
         store = features.dir.path / FEATURES_STORE
@@ -82,7 +82,8 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
     return {"summary": summary, "rows": table}
 
 
-def _rows(stage: StageRef) -> list[dict[str, Any]]:
+def read_rows(stage: StageRef) -> list[dict[str, Any]]:
+    """A finished score stage's table."""
     return json.loads((stage.dir.path / SCORES_JSON).read_text())
 
 
