@@ -17,6 +17,7 @@ from pydantic import Field
 
 from pipelines.config import RunConfig, load_config
 from pipelines.errors import AselectError
+from pipelines.grid import exhaustive_grid
 from storage.stages import StageRef, Workdir
 from tasks.backbone import backbone, plan_backbone
 from tasks.dump import dump, plan_dump
@@ -169,13 +170,10 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     # 1-2. ingest, backbone
     dataset, model = run_foundation(cfg, work, reports)
     # 3. dump the grid for every image (token maps too for segmentation)
-    segmentation = is_segmentation(dataset)
-    grid_cfg = cfg.dump.model_copy(update={"sites": [s for s in cfg.dump.sites if s != "attn_map"],
-                                           "spatial": segmentation})
+    grid_cfg, scorer = exhaustive_grid(cfg.dump, is_segmentation(dataset))
     grid = plan_dump(work, grid_cfg, dataset, model)
     reports.append(run_stage(dump, grid, work, cfg=grid_cfg, dataset=dataset, model=model))
     # 4. score every pair with the labelled probe (train split only)
-    scorer = "probe_seg" if segmentation else "probe"
     scores = plan_score(work, cfg.score, scorer, grid)
     reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=grid, dataset=dataset))
     # 5-6. select the best pair, probe it from the same dump

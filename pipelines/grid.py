@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 from distributed import Client, LocalCluster, as_completed
 
+from pipelines.config import DumpConfig
 from pipelines.faults import failpoint
 from pipelines.scoring import get_scorer, score_pair
 
@@ -94,6 +95,13 @@ def _score_one(store: str, pair: Pair, scorer: str, params: dict[str, Any], labe
 # ---------------------------------------------------------------------------------------------
 #                                          The grid
 # ---------------------------------------------------------------------------------------------
+
+
+def exhaustive_grid(dump: DumpConfig, segmentation: bool) -> tuple[DumpConfig, str]:
+    """The exhaustive path's dump (every pooled site; token maps too for segmentation) and the probe scoring it."""
+    grid = dump.model_copy(update={"sites": [s for s in dump.sites if s != "attn_map"], "spatial": segmentation})
+    return grid, "probe_seg" if segmentation else "probe"
+
 
 
 def candidate_pairs(store: str | Path, sites: list[str] | None = None) -> list[Pair]:

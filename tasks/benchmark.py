@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.benchmark import measure_scaling
 from pipelines.config import RunConfig
+from pipelines.grid import exhaustive_grid
 from storage.datasets import read_masks, read_split
 from storage.stages import StageRef
 from tasks.backbone import backbone_dir
@@ -23,10 +24,7 @@ def scaling(cfg: RunConfig, dataset: StageRef, model: StageRef, scratch: Path) -
     logger = get_run_logger()
     labels, _, _ = read_split(dataset.dir.path)
     masks = read_masks(dataset.dir.path)
-    segmentation = masks is not None
-    grid = cfg.dump.model_copy(update={"sites": [s for s in cfg.dump.sites if s != "attn_map"],
-                                       "spatial": segmentation})
-    scorer = "probe_seg" if segmentation else "probe"
+    grid, scorer = exhaustive_grid(cfg.dump, segmentation=masks is not None)
     progress = ProgressArtifact("scaling-progress", f"scaling of dump and scoring on {cfg.name}")
     result = measure_scaling(backbone_dir(model), dataset.dir.path, grid, scorer, scorer_params(cfg.score, scorer),
                              labels, masks, cfg.bench.scaling_fractions, cfg.bench.scaling_workers, scratch,
