@@ -177,17 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flush_prefect_services(timeout: float = 10.0) -> None:
+    """Send Prefect's queued events and logs now, so their exit-time warnings never follow our last line."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AselectError as exc:
+        flush_prefect_services()
         print(f"aselect: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = exc.filename or "workdir"
+        flush_prefect_services()
         print(f"aselect: error: {where}: {exc.strerror}; finished stages and chunks are kept, rerun to resume",
               file=sys.stderr)
         return 2
