@@ -73,7 +73,7 @@ def metric_vs_timestep(metric_rows: Sequence[dict], hfr_rows: Sequence[dict], pa
 
 def cost_vs_regret(configs: Sequence[dict], path: Path) -> Path:
     """Benchmark picture: per config and selector, regret (points) against cost relative to the exhaustive grid."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^vP*X"
     names = sorted({r["selector"] for c in configs for r in c["selectors"]})
     colors = plt.cm.tab10(np.arange(len(configs)) % 10)
@@ -82,17 +82,26 @@ def cost_vs_regret(configs: Sequence[dict], path: Path) -> Path:
             ratio = r["cost_ratio"]["compute_seconds"]
             if not ratio:
                 continue
-            ax.scatter(1.0 / ratio, r["regret_points"], color=colors[ci], s=50,
-                       marker=markers[names.index(r["selector"]) % len(markers)],
-                       label=c["config"] if r["selector"] == "oracle" else None)
-            ax.annotate(r["selector"], (1.0 / ratio, r["regret_points"]), textcoords="offset points",
-                        xytext=(4, 3), fontsize="x-small")
+            # Hollow markers: selectors that pick the same pair sit on one spot and stay readable.
+            ax.scatter(1.0 / ratio, r["regret_points"], s=60, facecolors="none", edgecolors=colors[ci],
+                       linewidths=1.5, marker=markers[names.index(r["selector"]) % len(markers)])
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.axvline(1.0 / 21, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)  # regrets span 0 to ~100 points; the goal region is below 1
+    worst = max((r["regret_points"] or 0.0 for c in configs for r in c["selectors"]), default=1.0)
+    ax.set_ylim(-0.05, max(worst, 1.0) * 2.0)
     ax.set_xlabel("compute seconds / exhaustive grid's (dotted: 1/21)")
     ax.set_ylabel("regret vs oracle (points; dashed: 1)")
-    ax.legend(fontsize="small", title="config (oracle at 1)")
+    # Two legends instead of per-point labels, which overlap where selectors coincide.
+    by_config = [plt.Line2D([], [], color=colors[ci], marker="o", linestyle="", label=c["config"])
+                 for ci, c in enumerate(configs)]
+    by_selector = [plt.Line2D([], [], color="black", marker=markers[i % len(markers)], linestyle="",
+                              markerfacecolor="none", label=name) for i, name in enumerate(names)]
+    first = ax.legend(handles=by_config, fontsize="small", title="config", loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=by_selector, fontsize="small", title="selector", loc="lower left", bbox_to_anchor=(1.01, 0.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
