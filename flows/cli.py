@@ -177,8 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flush_prefect_services(timeout: float = 10.0) -> None:
-    """Send Prefect's queued events and logs now, so their exit-time warnings never follow our last line."""
+def temporary_server_running() -> bool:
+    """Whether Prefect's temporary local server (started when PREFECT_API_URL is unset) is up in this process."""
+    if "prefect.server.api.server" not in sys.modules:
+        return False
+    from prefect.server.api.server import SubprocessASGIServer
+
+    return SubprocessASGIServer().running  # the singleton Prefect's clients start
+
+
+def flush_prefect_services(stop_server: bool, timeout: float = 10.0) -> None:
+    """Finish Prefect's exit work now (queued events and logs, our temporary server) so none prints after our line."""
     if "prefect" not in sys.modules:
         return
     from prefect.events.worker import EventsWorker
@@ -186,21 +195,27 @@ def flush_prefect_services(timeout: float = 10.0) -> None:
 
     for service in (EventsWorker, APILogWorker):
         service.drain_all(timeout=timeout)
+    if stop_server and temporary_server_running():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().stop()  # atexit's stop is then a no-op
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A server that was up before us (a caller's test harness) is not ours to stop.
+    stop_server = not temporary_server_running()
     try:
         return args.func(args)
     except AselectError as exc:
-        flush_prefect_services()
+        flush_prefect_services(stop_server)
         print(f"aselect: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = exc.filename or "workdir"
-        flush_prefect_services()
+        flush_prefect_services(stop_server)
         print(f"aselect: error: {where}: {exc.strerror}; finished stages and chunks are kept, rerun to resume",
               file=sys.stderr)
         return 2
