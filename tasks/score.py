@@ -71,9 +71,10 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
                                rows=rows, progress=lambda done, total: progress.update(done / total))
         progress.update(1.0, force=True)
         write_json_atomic(stage_dir.path / SCORES_JSON, table)
-        best = max(table, key=lambda r: r["score"])
-        summary = (f"{scorer} on {len(table)} pairs with {workers} Dask workers; best t={best['timestep']} "
-                   f"l={best['layer']} {best['site']} ({best['score']:.4f})")
+        top = max(table, key=lambda r: r["score"])
+        # "highest", not "best": for HFR the raw maximum is not the selection (the select stage decides).
+        summary = (f"{scorer} on {len(table)} pairs with {workers} Dask workers; highest t={top['timestep']} "
+                   f"l={top['layer']} {top['site']} ({top['score']:.4f})")
         stage_dir.complete(summary, scorer=scorer, pairs=len(table), dask_workers=workers,
                            probe_fits=probe_fits(cfg, scorer, len(table)),
                            task_seconds=round(sum(r["seconds"] for r in table), 3))
