@@ -103,7 +103,6 @@ def exhaustive_grid(dump: DumpConfig, segmentation: bool) -> tuple[DumpConfig, s
     return grid, "probe_seg" if segmentation else "probe"
 
 
-
 def candidate_pairs(store: str | Path, sites: list[str] | None = None) -> list[Pair]:
     """Every (timestep, layer, site) in a dump, optionally restricted to some sites."""
     group = zarr.open_group(str(store), mode="r")

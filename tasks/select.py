@@ -33,6 +33,11 @@ def policy_params(cfg: SelectConfig) -> dict[str, Any]:
     return {}
 
 
+def _without_table(selection: dict[str, Any]) -> dict[str, Any]:
+    """A selection as returned and put in the manifest: the full score table stays in selection.json only."""
+    return {k: v for k, v in selection.items() if k != "table"}
+
+
 @task(name="select")
 def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]]) -> dict[str, Any]:
     """Apply the selection policy to the score table."""
@@ -41,15 +46,14 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]])
     with stage_dir.lock():
         if stage_dir.is_complete():
             selection = json.loads((stage_dir.path / SELECTION_JSON).read_text())
-            return {"summary": stage_dir.read_manifest()["summary"],
-                    "selection": {k: v for k, v in selection.items() if k != "table"}}
+            return {"summary": stage_dir.read_manifest()["summary"], "selection": _without_table(selection)}
         stage_dir.begin({"config": cfg.model_dump(mode="json")})
         selection = select(cfg.policy, table, **policy_params(cfg)).to_dict()
         write_json_atomic(stage_dir.path / SELECTION_JSON, selection)
         pictures = [p.name for p in score_heatmaps(selection["table"], stage_dir.path, selection)]
         summary = (f"{cfg.policy}: t={selection['timestep']} block {selection['layer']} {selection['site']} "
                    f"({selection['reason']})")
-        stage_dir.complete(summary, selection={k: v for k, v in selection.items() if k != "table"}, pictures=pictures)
+        stage_dir.complete(summary, selection=_without_table(selection), pictures=pictures)
     try:
         create_markdown_artifact(key="selection", description="the selected (timestep, layer, site)",
                                  markdown=f"## Selection\n\n{summary}\n\nrunner-up: `{selection['runner_up']}`\n\n"
@@ -57,4 +61,4 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]])
     except Exception:
         pass
     logger.info("select %s: %s", stage.key, summary)
-    return {"summary": summary, "selection": {k: v for k, v in selection.items() if k != "table"}}
+    return {"summary": summary, "selection": _without_table(selection)}
