@@ -24,18 +24,23 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
 from pipelines.benchmark import (
     BENCH_VERSION,
+    Selector,
+    confidence_curve,
     config_report,
     flag_regressions,
     hfr_probe_spearman,
+    oracle_timesteps,
     selector_row,
     selectors,
     to_markdown,
 )
+from pipelines.config import RunConfig
 from pipelines.grid import dask_client
 from pipelines.plots import cost_vs_regret, metric_vs_timestep
 from storage.stages import StageRef, Workdir, write_json_atomic
 from tasks.benchmark import scaling as scaling_task
-from tasks.score import read_rows
+from tasks.score import read_per_image, read_rows
+from tasks.select import policy_params
 from tasks.stage import StageReport
 
 DEFAULT_CONFIGS = ("digits", "mnist5k", "shapes")
@@ -89,11 +94,30 @@ def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Pat
     curves = metric_vs_timestep(oracle_rows, hfr_rows, out / f"{cfg.name}-metric-vs-t.png", metric_site=metric_site,
                                 hfr_site=cfg.select.hfr_site, metric_name=oracle_rows[0]["scorer"])
     counts = dataset.dir.read_manifest()["counts"]
-    grid = {"timesteps": len(cfg.dump.timesteps), "images": int(counts["images"]),
-            "calibration_images": min(cfg.calibrate.images, int(counts["train"]))}
+    calibration_images = min(cfg.calibrate.images, int(counts["train"]))
+    grid = {"timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
+            "oracle_timesteps": len(oracle_timesteps(cfg)), "images": int(counts["images"]),
+            "calibration_images": calibration_images}
+    curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     if not keep_work:
         shutil.rmtree(fresh.root, ignore_errors=True)
-    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid)
+    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid, curve)
+
+
+def _confidence_curve(cfg: RunConfig, chosen: list[Selector], summaries: dict[str, Any],
+                      calibration_images: int) -> list[dict[str, Any]]:
+    """Confidence vs C, bootstrapped from the per-image HFR of the curve selector's calibration."""
+    source = next((s for s in chosen if s.curve), None)
+    if source is None:
+        return []
+    stage = next(s for s in summaries[source.name]["stages"] if s["name"] == "score")
+    ref = StageRef(stage["name"], stage["key"], stage["path"])
+    per_image = read_per_image(ref)
+    if per_image is None:
+        return []
+    sizes = [*cfg.bench.confidence_images, calibration_images]
+    return confidence_curve(read_rows(ref), per_image, policy_params(cfg.select), sizes,
+                            cfg.select.bootstrap or 200, cfg.select.bootstrap_seed)
 
 
 @flow(name="aselect-benchmark")

@@ -18,6 +18,7 @@ from pydantic import Field
 from pipelines.config import RunConfig, load_config
 from pipelines.errors import AselectError
 from pipelines.grid import exhaustive_grid
+from pipelines.streamed import HfrStream
 from storage.stages import StageRef, Workdir
 from tasks.backbone import backbone, plan_backbone
 from tasks.dump import dump, plan_dump
@@ -95,7 +96,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
                       features: StageRef | None) -> None:
     """Stages 5-6; `features=None` dumps the selected pair first (the A-SelecT path)."""
     chosen = plan_select(work, select_cfg, scores)
-    reports.append(run_stage(select_pair, chosen, work, cfg=select_cfg, table=table))
+    reports.append(run_stage(select_pair, chosen, work, cfg=select_cfg, table=table, scores=scores))
     selection = reports[-1].result["selection"]
     if features is None:
         pair_cfg = cfg.dump.model_copy(update={
@@ -110,25 +111,31 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
 
 def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageReport], dataset: StageRef,
                          model: StageRef) -> StageRef:
-    """Stages 3-4 of the cheap path: dump every candidate timestep on the calibration subset, then score it.
+    """Stages 3-4 of the cheap path: every candidate timestep (`calibrate.timesteps`) on the calibration subset.
 
-    `aselect` scores HFR (label-free) of the `calibrate.sites` token or attention maps; `fewshot` scores a probe
-    on the same few images with their labels (nearest class mean for classification, a per-token probe for
-    segmentation).
+    `aselect` streams HFR (label-free) of the `calibrate.sites` token or attention maps: the forward hooks reduce
+    each map to one number per image, and scoring averages them. `fewshot` dumps pooled features (token maps
+    for segmentation) of the same few images and scores a probe with their labels (nearest class mean for
+    classification, a per-token probe for segmentation).
     """
     segmentation = is_segmentation(dataset)
+    timesteps = cfg.calibrate.candidate_timesteps(cfg.dump)
+    hfr = None
     if cfg.select.policy == "fewshot":
         sites = [s for s in cfg.dump.sites if s != "attn_map"]
-        calib_cfg = cfg.dump.model_copy(update={"sites": sites, "spatial": segmentation})
+        calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": sites, "spatial": segmentation})
         scorer = "probe_seg" if segmentation else "fewshot"
     else:
-        sites = list(cfg.calibrate.sites)
-        calib_cfg = cfg.dump.model_copy(update={"sites": sites, "spatial": any(s != "attn_map" for s in sites)})
+        calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites),
+                                                "spatial": False})
+        hfr = HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff,
+                        exclude_dc=cfg.score.hfr_exclude_dc)
         scorer = "hfr"
+    keep_maps = cfg.calibrate.keep_maps and hfr is not None
     calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
-                            calibration_images=cfg.calibrate.images)
+                            calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps)
     reports.append(run_stage(dump, calibration, work, cfg=calib_cfg, dataset=dataset, model=model,
-                             calibration_images=cfg.calibrate.images))
+                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps))
     scores = plan_score(work, cfg.score, scorer, calibration)
     reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=calibration,
                              dataset=dataset))

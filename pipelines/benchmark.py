@@ -45,12 +45,31 @@ class Selector:
     overrides: tuple[str, ...] = ()
     exhaustive: bool = False
     hfr_site: str | None = None  # A-SelecT selectors: the feature HFR is computed on
+    curve: bool = False  # its calibration feeds the confidence-vs-C curve
+
+
+def curve_images(cfg: RunConfig) -> int | None:
+    """The calibration size the confidence-vs-C curve is bootstrapped from (None: no curve)."""
+    return max(cfg.bench.confidence_images) if cfg.bench.confidence_images else None
+
+
+def oracle_timesteps(cfg: RunConfig) -> list[int]:
+    """The oracle's candidate timesteps: A-SelecT's own candidates, or the dump grid (`bench.oracle_grid`)."""
+    if cfg.bench.oracle_grid == "calibrate":
+        return cfg.calibrate.candidate_timesteps(cfg.dump)
+    return sorted(cfg.dump.timesteps)
 
 
 def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
-    """A-SelecT as configured, its HFR feature variants, few-shot, a fixed common pair, and the oracle."""
+    """A-SelecT as configured (and with the curve's larger calibration), its HFR feature variants, few-shot,
+    a fixed common pair, and the oracle on the same candidate timesteps."""
     site = cfg.select.hfr_site
-    out = [Selector("aselect", f"A-SelecT, HFR of {site} (default)", ("select.policy=aselect",), hfr_site=site)]
+    largest = curve_images(cfg)
+    out = [Selector("aselect", f"A-SelecT, HFR of {site} (default)", ("select.policy=aselect",), hfr_site=site,
+                    curve=largest is not None and largest <= cfg.calibrate.images)]
+    if largest is not None and largest > cfg.calibrate.images:
+        out.append(Selector(f"aselect-c{largest}", f"A-SelecT, HFR of {site}, {largest} calibration images",
+                            ("select.policy=aselect", f"calibrate.images={largest}"), hfr_site=site, curve=True))
     for variant in cfg.bench.hfr_variants:
         if variant != site:
             out.append(Selector(f"aselect-{variant}", f"A-SelecT, HFR of {variant}",
@@ -64,8 +83,36 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
     out.append(Selector("fixed", f"fixed t={t} block {layer} {fixed_site} (common hand-picked pair)",
                         ("select.policy=fixed", f"select.timestep={t}", f"select.layer={layer}",
                          f"select.site={fixed_site}")))
-    out.append(Selector("oracle", "exhaustive grid, best probe score (oracle)", exhaustive=True))
+    grid = ",".join(str(t) for t in oracle_timesteps(cfg))
+    out.append(Selector("oracle", "exhaustive grid, best probe score (oracle)", (f"dump.timesteps=[{grid}]",),
+                        exhaustive=True))
     return out
+
+
+def confidence_curve(table: list[dict[str, Any]], per_image: np.ndarray, policy_params: dict[str, Any],
+                     sizes: Sequence[int], resamples: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Bootstrap confidence of the aselect choice at each calibration size C, from one calibration of the largest.
+
+    Each C uses the first C images of one seeded permutation of the pool (kept in pool order, so at C = pool
+    this is the selection's own bootstrap); `agrees` says whether the choice on those C images is the pool's.
+    """
+    from pipelines.select import bootstrap_confidence
+
+    pool = per_image.shape[1]
+    order = np.random.default_rng(seed).permutation(pool)
+    full = bootstrap_confidence("aselect", table, per_image, policy_params, resamples=0)["selected"]
+    points = []
+    for size in sorted({int(c) for c in sizes if int(c) <= pool}):
+        subset = per_image[:, np.sort(order[:size])]
+        conf = bootstrap_confidence("aselect", table, subset, policy_params, resamples, seed)
+        points.append({"images": size, "confidence": conf["value"], "timestep": conf["timestep"],
+                       "block": conf["block"], "selected": conf["selected"], "agrees": conf["selected"] == full})
+    return points
+
+
+def smallest_confident(curve: list[dict[str, Any]], threshold: float = 0.9) -> int | None:
+    """The smallest C whose bootstrap confidence reaches `threshold` (None when none does)."""
+    return next((p["images"] for p in curve if p["confidence"] >= threshold), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,21 +129,26 @@ def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: floa
     sel, met, cost = summary["selection"], summary["metrics"], summary["cost"]
     return {"selector": selector.name, "label": selector.label, "timestep": sel["timestep"], "layer": sel["layer"],
             "site": sel["site"], "metric": met["metric"], "value": round(float(met["value"]), 4),
+            "confidence": (sel.get("confidence") or {}).get("value"),
             "forward_passes": cost["forward_passes"], "probe_fits": cost["probe_fits"],
             "compute_seconds": cost["compute_seconds"], "wall_seconds": round(wall_seconds, 2),
             "cached_stages": cost["cached_stages"]}
 
 
-def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int) -> float:
-    """Exhaustive / A-SelecT forward passes: T*N / (C*T + N), below both T and N / C whatever HFR picks."""
-    return round(timesteps * images / (calibration_images * timesteps + images), 2)
+def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
+                         oracle_timesteps: int | None = None) -> float:
+    """Exhaustive / A-SelecT forward passes: T_o*N / (C*T + N); on one grid (T_o = T) below both T and N / C."""
+    t_oracle = timesteps if oracle_timesteps is None else oracle_timesteps
+    return round(t_oracle * images / (calibration_images * timesteps + images), 2)
 
 
 def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, Any] | None,
-                  pictures: dict[str, str], grid: dict[str, int]) -> dict[str, Any]:
+                  pictures: dict[str, str], grid: dict[str, int],
+                  curve: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals.
 
-    `grid` is {"timesteps", "images", "calibration_images"}: what bounds the forward-pass ratio.
+    `grid` is {"timesteps", "oracle_timesteps", "images", "calibration_images"}: what bounds the forward-pass
+    ratio. `curve` is the confidence-vs-C curve (`confidence_curve`).
     """
     oracle = next(r for r in rows if r["selector"] == "oracle")
     for row in rows:
@@ -104,12 +156,15 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
         row["cost_ratio"] = {k: _ratio(oracle[k], row[k]) for k in ("forward_passes", "compute_seconds",
                                                                      "wall_seconds")}
     default = next(r for r in rows if r["selector"] == "aselect")
-    ratio = default["cost_ratio"]["compute_seconds"]
+    ratio, passes = default["cost_ratio"]["compute_seconds"], default["cost_ratio"]["forward_passes"]
     goals = {
         "cost": {"goal": f">= {COST_GOAL:g}x cheaper (compute seconds)", "measured": ratio,
                  "met": ratio is not None and ratio >= COST_GOAL,
                  "forward_pass_ceiling": forward_pass_ceiling(grid["timesteps"], grid["images"],
-                                                              grid["calibration_images"])},
+                                                              grid["calibration_images"],
+                                                              grid.get("oracle_timesteps"))},
+        "cost_forward_passes": {"goal": f">= {COST_GOAL:g}x fewer forward passes", "measured": passes,
+                                "met": passes is not None and passes >= COST_GOAL},
         "regret": {"goal": f"<= {REGRET_GOAL_POINTS:g} point", "measured": default["regret_points"],
                    "met": default["regret_points"] <= REGRET_GOAL_POINTS},
     }
@@ -117,8 +172,15 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
         speedup = scaling["dask_speedup"]
         goals["dask"] = {"goal": f">= {DASK_SPEEDUP_GOAL:g}x with 2 workers", "measured": speedup,
                          "met": speedup >= DASK_SPEEDUP_GOAL}
+    if curve:
+        smallest = smallest_confident(curve)
+        goals["confidence"] = {"goal": f"confidence >= 0.9 at C = {grid['calibration_images']}",
+                               "measured": next((p["confidence"] for p in curve
+                                                 if p["images"] == grid["calibration_images"]), None),
+                               "met": smallest is not None and smallest <= grid["calibration_images"],
+                               "smallest_confident_images": smallest}
     return {"config": config, "metric": oracle["metric"], "grid": grid, "selectors": rows, "goals": goals,
-            "scaling": scaling, "pictures": pictures}
+            "scaling": scaling, "pictures": pictures, "confidence_curve": curve or []}
 
 
 def flag_regressions(configs: list[dict[str, Any]], previous: dict[str, Any] | None) -> list[str]:
@@ -238,15 +300,28 @@ def _verdict(goal: dict[str, Any]) -> str:
 
 
 def selector_table(c: dict[str, Any]) -> list[str]:
-    lines = [f"| selector | pair | {c['metric']} | regret (pts) | forward passes | probe fits | compute s | "
-             f"wall s | exhaustive / this (compute s) | Spearman HFR vs probe |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| selector | pair | {c['metric']} | regret (pts) | confidence | forward passes | probe fits | "
+             f"compute s | wall s | exhaustive / this (forward passes) | exhaustive / this (compute s) | "
+             f"Spearman HFR vs probe |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in c["selectors"]:
         lines.append(f"| {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | {r['value']:.4f} | "
-                     f"{r['regret_points']:.2f} | {r['forward_passes']} | {r['probe_fits']} | "
-                     f"{r['compute_seconds']:.1f} | {r['wall_seconds']:.1f} | "
+                     f"{r['regret_points']:.2f} | {_fmt(r.get('confidence'), 2)} | {r['forward_passes']} | "
+                     f"{r['probe_fits']} | {r['compute_seconds']:.1f} | {r['wall_seconds']:.1f} | "
+                     f"{_fmt(r['cost_ratio']['forward_passes'], 2, 'x')} | "
                      f"{_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} | "
                      f"{_fmt(r.get('spearman_hfr_vs_probe'), 2)} |")
+    return lines
+
+
+def curve_table(curve: list[dict[str, Any]]) -> list[str]:
+    """Confidence vs calibration size C: bootstrap shares, and whether C images pick what the whole pool picks."""
+    lines = ["| C | confidence (same t and block) | same t | same block | choice on C images | = choice on all |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for p in curve:
+        lines.append(f"| {p['images']} | {p['confidence']:.2f} | {p['timestep']:.2f} | {p['block']:.2f} | "
+                     f"t={p['selected']['timestep']} block {p['selected']['layer']} | "
+                     f"{'yes' if p['agrees'] else 'no'} |")
     return lines
 
 
@@ -276,9 +351,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         for name, goal in c["goals"].items():
             lines.append(f"- goal {name} ({goal['goal']}): measured {goal['measured']}, {_verdict(goal)}")
         g = c["grid"]
-        lines.append(f"- grid: {g['timesteps']} timesteps, N={g['images']} images, C={g['calibration_images']} "
-                     f"calibration images: the forward-pass ratio can be at most T*N/(C*T+N) = "
-                     f"{c['goals']['cost']['forward_pass_ceiling']}x")
+        lines.append(f"- grid: A-SelecT searched {g['timesteps']} timesteps, the oracle "
+                     f"{g.get('oracle_timesteps', g['timesteps'])}; N={g['images']} images, "
+                     f"C={g['calibration_images']} calibration images: the forward-pass ratio can be at most "
+                     f"T_o*N/(C*T+N) = {c['goals']['cost']['forward_pass_ceiling']}x")
+        if c.get("confidence_curve"):
+            lines += ["", "Confidence vs calibration size C (200 bootstrap resamples at each C, one calibration of "
+                          "the largest C; measured in this run):", ""] + curve_table(c["confidence_curve"])
         if c["scaling"]:
             lines += ["", "Scaling (measured in this run, fresh stores):", ""] + scaling_table(c["scaling"])
         if c["pictures"]:
@@ -293,20 +372,34 @@ def readme_section(report: dict[str, Any]) -> str:
     lines = [README_START, "", f"Measured {report['generated'][:10]} on {report['machine']['cores']} CPU cores "
              f"({report['machine']['device']}); generated from `bench/results.json` by:", "", "```sh",
              REPRODUCE, "```", "",
-             "| config | selector | pair | metric | regret (pts) | forward passes | compute s | "
-             "exhaustive / this |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| config | selector | pair | metric | regret (pts) | confidence | forward passes | compute s | "
+             "exhaustive / this (forward passes) | exhaustive / this (compute s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in report["configs"]:
         for r in c["selectors"]:
             lines.append(f"| {c['config']} | {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | "
-                         f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | {r['forward_passes']} | "
-                         f"{r['compute_seconds']:.1f} | {_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} |")
+                         f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | "
+                         f"{_fmt(r.get('confidence'), 2)} | {r['forward_passes']} | {r['compute_seconds']:.1f} | "
+                         f"{_fmt(r['cost_ratio']['forward_passes'], 2, 'x')} | "
+                         f"{_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} |")
     lines += ["", "Goals (A-SelecT default):", ""]
     for c in report["configs"]:
         parts = [f"{name} {goal['measured']} ({goal['goal']}: {_verdict(goal)})" for name, goal in c["goals"].items()]
         g = c["grid"]
         lines.append(f"- {c['config']}: " + "; ".join(parts) + f". Ceiling of the forward-pass ratio with "
-                     f"T={g['timesteps']}, N={g['images']}, C={g['calibration_images']}: "
-                     f"{c['goals']['cost']['forward_pass_ceiling']}x")
+                     f"T={g['timesteps']} (oracle {g.get('oracle_timesteps', g['timesteps'])}), N={g['images']}, "
+                     f"C={g['calibration_images']}: {c['goals']['cost']['forward_pass_ceiling']}x")
+    curves = [c for c in report["configs"] if c.get("confidence_curve")]
+    if curves:
+        sizes = sorted({p["images"] for c in curves for p in c["confidence_curve"]})
+        lines += ["", "Confidence of the A-SelecT choice vs calibration size C (share of 200 bootstrap resamples "
+                      "picking the same timestep and block; * = differs from the choice on the largest C):", "",
+                  "| config | " + " | ".join(f"C={n}" for n in sizes) + " |",
+                  "| --- |" + " --- |" * len(sizes)]
+        for c in curves:
+            at = {p["images"]: p for p in c["confidence_curve"]}
+            cells = [f"{at[n]['confidence']:.2f}{'' if at[n]['agrees'] else '*'}" if n in at else "-" for n in sizes]
+            lines.append(f"| {c['config']} | " + " | ".join(cells) + " |")
     scaled = [c for c in report["configs"] if c["scaling"]]
     if scaled:
         lines += ["", "Scaling (dump and scoring seconds at 1/4, 1/2 and all images, relative to all images; "

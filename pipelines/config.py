@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import AselectError
 
@@ -86,6 +86,14 @@ class BackboneConfig(Section):
 DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 300, 500, 700, 900)
 
 
+def _check_timesteps(name: str, values: list[int]) -> None:
+    """Non-negative and unique (timesteps or block indices)."""
+    if any(v < 0 for v in values):
+        raise ValueError(f"{name} must be >= 0 (got {values})")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates (got {values})")
+
+
 class DumpConfig(Section):
     """Stage 3: which DiT features to capture at which timesteps, and how to stream them to Zarr."""
 
@@ -103,11 +111,7 @@ class DumpConfig(Section):
     @model_validator(mode="after")
     def _unique_non_negative(self) -> DumpConfig:
         for name in ("timesteps", "blocks"):
-            values = getattr(self, name) or []
-            if any(v < 0 for v in values):
-                raise ValueError(f"{name} must be >= 0 (got {values})")
-            if len(set(values)) != len(values):
-                raise ValueError(f"{name} has duplicates (got {values})")
+            _check_timesteps(name, getattr(self, name) or [])
         if self.blocks is not None and not self.blocks:
             raise ValueError("blocks must not be empty (omit it for every block)")
         if len(set(self.sites)) != len(self.sites):
@@ -115,14 +119,68 @@ class DumpConfig(Section):
         return self
 
 
+class TimestepRange(Section):
+    """`{start, stop, step}`: the timesteps start, start + step, ... below stop (Python's range)."""
+
+    start: int = Field(0, ge=0)
+    stop: int = Field(ge=1)
+    step: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TimestepRange:
+        if self.start >= self.stop:
+            raise ValueError(f"start {self.start} must be below stop {self.stop}")
+        return self
+
+    def values(self) -> list[int]:
+        return list(range(self.start, self.stop, self.step))
+
+
 class CalibrateConfig(Section):
-    """A-SelecT path: the label-free calibration pass over all candidate timesteps on a small subset."""
+    """A-SelecT path: the label-free calibration pass over all candidate timesteps on a small subset.
+
+    HFR is reduced inside the forward pass: per (image, timestep, block, site) one number is kept, never
+    the token or attention maps unless `keep_maps` asks for them.
+    """
 
     images: int = Field(256, ge=8)  # stratified subset of the train split
+    # The candidate timesteps A-SelecT searches: a list, or {start, stop, step}; default: dump.timesteps.
+    # Calibration is a reduction over a small subset, so it can afford a far denser grid than the dump.
+    timesteps: list[int] | None = None
     # What HFR is computed on. `attn` (self-attention output token maps) had the lowest regret across the
     # bundled configs (README, "Results"); attention maps did best on digits only.
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
         default_factory=lambda: ["attn"], min_length=1)
+    keep_maps: bool = False  # also store the token / attention maps (float16) the HFR was computed from
+
+    @field_validator("timesteps", mode="before")
+    @classmethod
+    def _range_form(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # {start, stop, step} -> the list it stands for
+            try:
+                return TimestepRange.model_validate(value).values()
+            except ValidationError as exc:
+                raise ValueError(validation_messages(exc)) from None
+        return value
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_valid(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must not be empty (omit it to use dump.timesteps)")
+            _check_timesteps("timesteps", value)
+        return value
+
+    @model_validator(mode="after")
+    def _sites_unique(self) -> CalibrateConfig:
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites has duplicates (got {self.sites})")
+        return self
+
+    def candidate_timesteps(self, dump: DumpConfig) -> list[int]:
+        """The timesteps calibration scores, ascending."""
+        return sorted(dump.timesteps if self.timesteps is None else self.timesteps)
 
 
 class DaskConfig(Section):
@@ -154,6 +212,10 @@ class SelectConfig(Section):
     timestep: int | None = None  # fixed policy
     layer: int | None = None  # fixed policy
     site: Literal["block", "attn", "mlp"] | None = None  # fixed policy
+    # aselect: resample the calibration images this many times (no new forward passes) and record the share
+    # of resamples that pick the same timestep and block (`confidence`); 0 turns it off.
+    bootstrap: int = Field(200, ge=0)
+    bootstrap_seed: int = 0
 
     @model_validator(mode="after")
     def _fixed_needs_a_pair(self) -> SelectConfig:
@@ -185,9 +247,17 @@ class BenchConfig(Section):
     fixed_site: Literal["block", "attn", "mlp"] = "block"
     scaling_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
     scaling_workers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    # The oracle's candidate timesteps: `calibrate` = the grid A-SelecT searched (so the cost ratio is the one a
+    # user saves), `dump` = dump.timesteps.
+    oracle_grid: Literal["calibrate", "dump"] = "calibrate"
+    # Calibration sizes C of the confidence-vs-C curve: one calibration of the largest C (an extra A-SelecT
+    # selector when it exceeds calibrate.images), bootstrapped at each smaller C; empty: no curve.
+    confidence_images: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
 
     @model_validator(mode="after")
     def _fractions_in_range(self) -> BenchConfig:
+        if any(c < 2 for c in self.confidence_images):
+            raise ValueError(f"confidence_images must be >= 2 (got {self.confidence_images})")
         bad = [f for f in self.scaling_fractions if not 0.0 < f <= 1.0]
         if bad:
             raise ValueError(f"scaling_fractions must be in (0, 1] (got {bad})")
@@ -216,10 +286,14 @@ class RunConfig(Section):
             raise ValueError(f"select.hfr_site {self.select.hfr_site!r} must be one of calibrate.sites "
                              f"{self.calibrate.sites}")
         # A loaded checkpoint is only known at run time; the dump stage checks it then.
-        too_late = [t for t in self.dump.timesteps if t >= self.backbone.num_train_timesteps]
-        if self.backbone.kind == "pretrain" and too_late:
-            raise ValueError(f"dump.timesteps {too_late} must be < backbone.num_train_timesteps "
-                             f"({self.backbone.num_train_timesteps})")
+        grids = {"dump.timesteps": self.dump.timesteps,
+                 "calibrate.timesteps": self.calibrate.candidate_timesteps(self.dump)}
+        for name, values in grids.items():
+            too_late = [t for t in values if t >= self.backbone.num_train_timesteps]
+            if self.backbone.kind == "pretrain" and too_late:
+                shown = too_late if len(too_late) <= 5 else [*too_late[:5], "..."]
+                raise ValueError(f"{name} {shown} must be < backbone.num_train_timesteps "
+                                 f"({self.backbone.num_train_timesteps})")
         if self.backbone.kind == "pretrain" and self.dump.blocks:
             from pipelines.backbone import VARIANTS
 
@@ -266,6 +340,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def format_validation_error(origin: str, error: ValidationError) -> str:
     """One line: `origin: key.path: message (got value)` for each problem, joined by '; '."""
+    return f"{origin}: {validation_messages(error)}"
+
+
+def validation_messages(error: ValidationError) -> str:
+    """`key.path: message (got value)` for each problem, joined by '; '."""
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -275,7 +354,7 @@ def format_validation_error(origin: str, error: ValidationError) -> str:
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         parts.append(f"{where}: {message}{shown}")
-    return f"{origin}: " + "; ".join(parts)
+    return "; ".join(parts)
 
 
 def load_config(name_or_path: str | Path = "digits", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

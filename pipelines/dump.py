@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from pipelines.backbone import Backbone, encode_images, load_backbone
 from pipelines.config import DumpConfig
 from pipelines.errors import AselectError
-from pipelines.features import ATTN_MAP, TOKEN_SITES, extract
+from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, extract
+from pipelines.streamed import HfrStream, hfr_per_image
 from storage.datasets import DATASET_STORE
 from storage.features import FeatureLayout, create_store, finished_items, write_item
 
@@ -63,8 +65,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
-def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig) -> FeatureLayout:
-    """The dump's shape, checked against the backbone (timesteps and blocks in range)."""
+def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: HfrStream | None = None,
+                keep_maps: bool = False) -> FeatureLayout:
+    """The dump's shape, checked against the backbone (timesteps and blocks in range).
+
+    With `hfr` (a streamed calibration) the dump keeps per-image HFR of `hfr.sites` and no pooled features;
+    the maps HFR reads are stored only with `keep_maps`.
+    """
     train_steps = int(backbone.scheduler.config.num_train_timesteps)
     late = [t for t in cfg.timesteps if t >= train_steps]
     if late:
@@ -76,12 +83,16 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig) -> Fea
     config = backbone.transformer.config
     side = int(config.sample_size) // int(config.patch_size)
     width = int(config.num_attention_heads) * int(config.attention_head_dim)
-    return FeatureLayout(
-        timesteps=tuple(sorted(cfg.timesteps)), layers=layers,
-        sites=tuple(s for s in TOKEN_SITES if s in cfg.sites), samples=tuple(int(i) for i in samples),
-        width=width, tokens=side * side, chunk=cfg.images_per_chunk, spatial=cfg.spatial,
-        attn_map=ATTN_MAP in cfg.sites,
-    )
+    common = dict(timesteps=tuple(sorted(cfg.timesteps)), layers=layers, samples=tuple(int(i) for i in samples),
+                  width=width, tokens=side * side, chunk=cfg.images_per_chunk)
+    if hfr is None:
+        return FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites), spatial=cfg.spatial,
+                             attn_map=ATTN_MAP in cfg.sites)
+    token_sites = tuple(s for s in TOKEN_SITES if s in hfr.sites)
+    return FeatureLayout(**common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
+                         attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False,
+                         hfr_sites=tuple(s for s in SITES if s in hfr.sites), hfr_cutoff=hfr.cutoff,
+                         hfr_exclude_dc=hfr.exclude_dc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,20 +139,27 @@ def _run_chunk(ci: int, timestep_indices: list[int]) -> tuple[int, list[int], in
     pixels = torch.from_numpy(w.images.get_orthogonal_selection((np.asarray(sample_ids),)))
     x0 = encode_images(w.backbone, pixels.to(w.device))
     written = 0
-    layers, sites = w.layout.layers, [*w.layout.sites] + ([ATTN_MAP] if w.layout.attn_map else [])
+    layout = w.layout
+    layers, sites = layout.layers, [*layout.sites] + ([ATTN_MAP] if layout.attn_map else [])
+    reducers = {"hfr": partial(hfr_per_image, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc)}
     for ti in timestep_indices:
-        feats = extract(w.backbone, x0, sample_ids, w.layout.timesteps[ti], layers, sites, w.cfg.seed,
-                        autocast=AUTOCAST[w.cfg.autocast] if w.device.type == "cuda" else None)
-        pooled = spatial = attn = None
-        if w.layout.sites:
-            tokens = torch.stack([torch.stack([feats[(layer, s)] for s in w.layout.sites]) for layer in layers])
+        feats = extract(w.backbone, x0, sample_ids, layout.timesteps[ti], layers, sites, w.cfg.seed,
+                        autocast=AUTOCAST[w.cfg.autocast] if w.device.type == "cuda" else None,
+                        reduce_sites=layout.hfr_sites, reducers=reducers if layout.hfr_sites else None)
+        pooled = spatial = attn = hfr = None
+        if layout.sites:
+            tokens = torch.stack([torch.stack([feats[(layer, s)] for s in layout.sites]) for layer in layers])
             # tokens: (L, S, B, T, D) -> pooled (L, S, B, D)
-            pooled = tokens.mean(dim=3).cpu().numpy()
-            if w.layout.spatial:
+            if layout.pooled:
+                pooled = tokens.mean(dim=3).cpu().numpy()
+            if layout.spatial:
                 spatial = tokens.to(torch.float16).cpu().numpy()
-        if w.layout.attn_map:
+        if layout.attn_map:
             attn = torch.stack([feats[(layer, ATTN_MAP)] for layer in layers]).to(torch.float16).cpu().numpy()
-        written += write_item(w.group, w.stage_path, w.layout, ti, ci, pooled, spatial, attn)
+        if layout.hfr_sites:  # (L, S_hfr, B) per-image scalars
+            hfr = torch.stack([torch.stack([feats[(layer, s, "hfr")] for s in layout.hfr_sites])
+                               for layer in layers]).cpu().numpy()
+        written += write_item(w.group, w.stage_path, layout, ti, ci, pooled, spatial, attn, hfr)
     return ci, timestep_indices, written
 
 

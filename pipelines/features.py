@@ -11,7 +11,7 @@ Sites, per transformer block `l`:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,32 +80,52 @@ class AttentionMapProcessor(AttnProcessor):
         return out / attn.rescale_output_factor
 
 
+Reducer = Callable[[torch.Tensor, str], torch.Tensor]  # (features of one site, site name) -> per-image (B,)
+
+
 @dataclass
 class FeatureCapture:
-    """Forward hooks on the chosen blocks; `outputs[(layer, site)]` holds the last forward's features."""
+    """Forward hooks on the chosen blocks.
+
+    `outputs[(layer, site)]` holds the last forward's features of `sites`; `reduced[(layer, site, name)]` holds
+    each reducer's per-image values of `reduce_sites`, computed in the hook as soon as the block produced the
+    map, so maps that are only reduced are never kept.
+    """
 
     backbone: Backbone
     layers: Sequence[int]
     sites: Sequence[str]
+    reduce_sites: Sequence[str] = ()
+    reducers: Mapping[str, Reducer] = field(default_factory=dict)
     outputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    reduced: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
+
+    def _put(self, layer: int, site: str, value: torch.Tensor) -> None:
+        if site in self.sites:
+            self.outputs[(layer, site)] = value
+        if site in self.reduce_sites:
+            with torch.autocast(value.device.type, enabled=False):  # reductions keep their own precision
+                for name, reduce in self.reducers.items():
+                    self.reduced[(layer, site, name)] = reduce(value, site)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[FeatureCapture]:
         blocks = self.backbone.transformer.transformer_blocks
         handles, saved_processors, maps = [], {}, {}
         last = max(self.layers)
+        wanted = set(self.sites) | set(self.reduce_sites)
 
         def keep(layer: int, site: str):
             def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-                self.outputs[(layer, site)] = output[0] if isinstance(output, tuple) else output
+                self._put(layer, site, output[0] if isinstance(output, tuple) else output)
             return hook
 
         def finish(layer: int):
             def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-                if "block" in self.sites:
-                    self.outputs[(layer, "block")] = output
-                if ATTN_MAP in self.sites:
-                    self.outputs[(layer, ATTN_MAP)] = maps[layer]
+                if "block" in wanted:
+                    self._put(layer, "block", output)
+                if ATTN_MAP in wanted:
+                    self._put(layer, ATTN_MAP, maps.pop(layer))
                 if layer == last:
                     raise _StopForward
             return hook
@@ -113,11 +133,11 @@ class FeatureCapture:
         try:
             for layer in self.layers:
                 block = blocks[layer]
-                if "attn" in self.sites:
+                if "attn" in wanted:
                     handles.append(block.attn1.register_forward_hook(keep(layer, "attn")))
-                if "mlp" in self.sites:
+                if "mlp" in wanted:
                     handles.append(block.ff.register_forward_hook(keep(layer, "mlp")))
-                if ATTN_MAP in self.sites:
+                if ATTN_MAP in wanted:
                     saved_processors[layer] = block.attn1.processor
                     block.attn1.set_processor(AttentionMapProcessor(maps, layer))
                 handles.append(block.register_forward_hook(finish(layer)))
@@ -132,15 +152,20 @@ class FeatureCapture:
 @torch.no_grad()
 def extract(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
             layers: Sequence[int], sites: Sequence[str], seed: int,
-            autocast: torch.dtype | None = None) -> dict[tuple[int, str], torch.Tensor]:
-    """Features of x_t for one timestep: one forward pass (cut after the deepest requested block)."""
+            autocast: torch.dtype | None = None, reduce_sites: Sequence[str] = (),
+            reducers: Mapping[str, Reducer] | None = None) -> dict[tuple, torch.Tensor]:
+    """Features of x_t for one timestep: one forward pass (cut after the deepest requested block).
+
+    Returns `{(layer, site): features}` (float32) for `sites`, and `{(layer, site, name): per-image values}` for
+    each reducer applied to `reduce_sites` in the forward hooks.
+    """
     # 1. noise the clean inputs with per-image seeds
     x_t = add_noise(backbone, x0, image_indices, timestep, seed)
     # 2. condition on the null class: features without label information
     labels = torch.full((len(x0),), backbone.null_class, dtype=torch.long, device=x0.device)
     t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
-    # 3. run the DiT with hooks; stop after the deepest block we need
-    capture = FeatureCapture(backbone, sorted(set(layers)), list(sites))
+    # 3. run the DiT with hooks (reducers run inside them); stop after the deepest block we need
+    capture = FeatureCapture(backbone, sorted(set(layers)), list(sites), list(reduce_sites), dict(reducers or {}))
     device_type = x0.device.type
     amp = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with capture.attached(), amp:
@@ -148,12 +173,4 @@ def extract(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], 
             backbone.transformer(x_t, timestep=t, class_labels=labels)
         except _StopForward:
             pass
-    return {key: value.float() for key, value in capture.outputs.items()}
-
-
-def token_grid(tokens: int) -> int:
-    """Side of the square patch grid for a token count."""
-    side = int(round(tokens ** 0.5))
-    if side * side != tokens:
-        raise ValueError(f"{tokens} tokens do not form a square grid")
-    return side
+    return {**{key: value.float() for key, value in capture.outputs.items()}, **capture.reduced}

@@ -20,8 +20,10 @@ import zarr
 from distributed import Client, LocalCluster, as_completed
 
 from pipelines.config import DumpConfig
+from pipelines.errors import AselectError
 from pipelines.faults import failpoint
 from pipelines.scoring import get_scorer, score_pair
+from storage.features import read_hfr, read_samples
 
 log = logging.getLogger("aselect.score")
 
@@ -112,6 +114,31 @@ def candidate_pairs(store: str | Path, sites: list[str] | None = None) -> list[P
     return [Pair(ti, li, site, t, layer)
             for ti, t in enumerate(layout["timesteps"]) for li, layer in enumerate(layout["layers"])
             for site in wanted]
+
+
+def streamed_hfr_table(stage_path: Path, params: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """HFR rows of a streamed calibration: each pair's score is the mean of its per-image values.
+
+    Returns (rows in (timestep, layer, site) order, per-image values (rows, images) aligned with them, sample ids).
+    No Dask: the values were reduced in the forward pass, what is left is a mean over a few hundred numbers.
+    """
+    started = time.perf_counter()
+    values, layout = read_hfr(stage_path)
+    wanted = {"cutoff": layout["hfr_cutoff"], "exclude_dc": layout["hfr_exclude_dc"]}
+    if {k: params.get(k, v) for k, v in wanted.items()} != wanted:
+        raise AselectError(f"{stage_path}: HFR was streamed with {wanted}, scoring asks for {params}")
+    rows, per_image = [], []
+    for ti, t in enumerate(layout["timesteps"]):
+        for li, layer in enumerate(layout["layers"]):
+            for si, site in enumerate(layout["hfr_sites"]):
+                per_image.append(values[ti, li, si])
+                rows.append({"timestep": int(t), "layer": int(layer), "site": site, "scorer": "hfr",
+                             "score": float(values[ti, li, si].mean()), "seconds": 0.0, "worker": "streamed"})
+                failpoint("pair")
+    seconds = round((time.perf_counter() - started) / max(1, len(rows)), 6)
+    for row in rows:
+        row["seconds"] = seconds
+    return rows, np.stack(per_image), read_samples(stage_path)
 
 
 def score_grid(client: Client, store: str | Path, scorer: str, pairs: list[Pair], params: dict[str, Any],

@@ -12,6 +12,9 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
 
 from pipelines.errors import AselectError
 from pipelines.scoring import get_scorer
@@ -36,6 +39,8 @@ class Selection:
     runner_up: dict | None  # {"timestep", "layer", "site", "score"} of the second-best candidate
     reason: str
     table: list[dict]
+    # aselect: how stable the choice is when the calibration images are resampled (see `bootstrap_confidence`)
+    confidence: dict | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (manifests, artifacts)."""
@@ -221,6 +226,44 @@ POLICIES: dict[str, Callable[..., Selection]] = {
     "fixed": _fixed,
     "aselect": _aselect,
 }
+
+
+def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, params: dict[str, Any],
+                         resamples: int = 200, seed: int = 0, images: int | None = None) -> dict[str, Any]:
+    """How often the policy picks the same (timestep, block) when the calibration images are resampled.
+
+    `per_image` (rows, n) holds each table row's per-image values (its score is their mean). Each resample draws
+    n images with replacement and recomputes every row's mean; no new forward passes. `images` uses only the
+    first `images` columns (a smaller calibration set drawn from the same pool), resampled at that size.
+    Returns the shares of resamples that agree with the selection on these images: `timestep`, `block` and
+    `pair` (both; the headline `value`).
+    """
+    per_image = np.asarray(per_image, dtype=np.float64)
+    if per_image.ndim != 2 or len(per_image) != len(table):
+        raise AselectError(f"bootstrap: per-image values of shape {per_image.shape} do not match "
+                           f"{len(table)} table rows")
+    n = per_image.shape[1] if images is None else int(images)
+    if not 1 <= n <= per_image.shape[1]:
+        raise AselectError(f"bootstrap: images must be in 1..{per_image.shape[1]}, got {images}")
+    values = per_image[:, :n]
+
+    def pick(scores: np.ndarray) -> tuple[int, int]:
+        rows = [{**row, "score": float(score)} for row, score in zip(table, scores, strict=True)]
+        chosen = select(policy, rows, **params)
+        return chosen.timestep, chosen.layer
+
+    reference = pick(values.mean(axis=1))
+    rng = np.random.default_rng(seed)
+    same_t = same_l = same = 0
+    for _ in range(resamples):
+        t, layer = pick(values[:, rng.integers(0, n, n)].mean(axis=1))
+        same_t += t == reference[0]
+        same_l += layer == reference[1]
+        same += (t, layer) == reference
+    share = (lambda k: round(k / resamples, 4)) if resamples else (lambda k: math.nan)
+    return {"value": share(same), "timestep": share(same_t), "block": share(same_l), "pair": share(same),
+            "resamples": int(resamples), "images": n, "seed": int(seed),
+            "selected": {"timestep": reference[0], "layer": reference[1]}}
 
 
 def select(policy: str, table: list[dict], **params: object) -> Selection:

@@ -3,8 +3,9 @@
 features.zarr/
   pooled    float32 (timestep, layer, site, sample, feature)          token sites, mean over tokens
   spatial   float16 (timestep, layer, site, sample, token, feature)   only when spatial maps are kept
-  attn_map  float16 (timestep, layer, sample, query, key)             only when attention maps are asked for
-  timestep, layer, site, sample, feature, token, query, key           coordinate arrays (xarray shows labels)
+  attn_map  float16 (timestep, layer, sample, query, key)             only when attention maps are kept
+  hfr       float64 (timestep, layer, hfr_site, sample)               per-image HFR reduced in the forward pass
+  timestep, layer, site, hfr_site, sample, feature, token, query, key coordinate arrays (xarray shows labels)
 done/t<ti>-c<ci>                                                      written after that chunk's data
 
 Zarr skips chunks equal to the fill value, so a missing chunk file does not mean "not written":
@@ -39,6 +40,10 @@ class FeatureLayout:
     chunk: int  # images per chunk
     spatial: bool
     attn_map: bool
+    pooled: bool = True  # store mean-pooled token features (a streamed calibration does not)
+    hfr_sites: tuple[str, ...] = ()  # sites whose per-image HFR is streamed into `hfr`
+    hfr_cutoff: float = 0.5
+    hfr_exclude_dc: bool = True
 
     @property
     def num_chunks(self) -> int:
@@ -67,7 +72,7 @@ def create_store(stage_path: Path, layout: FeatureLayout) -> zarr.Group:
     group = zarr.open_group(path, mode="w")
     nt, nl, ns, n = len(layout.timesteps), len(layout.layers), len(layout.sites), len(layout.samples)
     d, tok, c = layout.width, layout.tokens, layout.chunk
-    if ns:
+    if ns and layout.pooled:
         group.create_array("pooled", shape=(nt, nl, ns, n, d), chunks=(1, nl, ns, c, d), dtype="float32",
                            fill_value=0.0, dimension_names=("timestep", "layer", "site", "sample", "feature"))
     if ns and layout.spatial:
@@ -77,9 +82,14 @@ def create_store(stage_path: Path, layout: FeatureLayout) -> zarr.Group:
     if layout.attn_map:
         group.create_array("attn_map", shape=(nt, nl, n, tok, tok), chunks=(1, nl, c, tok, tok), dtype="float16",
                            fill_value=0.0, dimension_names=("timestep", "layer", "sample", "query", "key"))
+    nh = len(layout.hfr_sites)
+    if nh:
+        group.create_array("hfr", shape=(nt, nl, nh, n), chunks=(1, nl, nh, c), dtype="float64", fill_value=0.0,
+                           dimension_names=("timestep", "layer", "hfr_site", "sample"))
     coords = {"timestep": np.asarray(layout.timesteps, dtype=np.int64),
               "layer": np.asarray(layout.layers, dtype=np.int64),
               "site": np.asarray(layout.sites, dtype=object),  # variable-length strings: a Zarr v3 spec'd type
+              "hfr_site": np.asarray(layout.hfr_sites, dtype=object),
               "sample": np.asarray(layout.samples, dtype=np.int64),
               "feature": np.arange(d, dtype=np.int64), "token": np.arange(tok, dtype=np.int64),
               "query": np.arange(tok, dtype=np.int64), "key": np.arange(tok, dtype=np.int64)}
@@ -94,7 +104,9 @@ def create_store(stage_path: Path, layout: FeatureLayout) -> zarr.Group:
 def _layout_attrs(layout: FeatureLayout) -> dict:
     return {"timesteps": list(layout.timesteps), "layers": list(layout.layers), "sites": list(layout.sites),
             "n": len(layout.samples), "width": layout.width, "tokens": layout.tokens, "chunk": layout.chunk,
-            "spatial": layout.spatial, "attn_map": layout.attn_map}
+            "spatial": layout.spatial, "attn_map": layout.attn_map, "pooled": layout.pooled,
+            "hfr_sites": list(layout.hfr_sites), "hfr_cutoff": layout.hfr_cutoff,
+            "hfr_exclude_dc": layout.hfr_exclude_dc}
 
 
 def finished_items(stage_path: Path) -> set[tuple[int, int]]:
@@ -108,10 +120,14 @@ def finished_items(stage_path: Path) -> set[tuple[int, int]]:
 
 
 def write_item(group: zarr.Group, stage_path: Path, layout: FeatureLayout, ti: int, ci: int,
-               pooled: np.ndarray | None, spatial: np.ndarray | None, attn_map: np.ndarray | None) -> int:
+               pooled: np.ndarray | None, spatial: np.ndarray | None, attn_map: np.ndarray | None,
+               hfr: np.ndarray | None = None) -> int:
     """Write one (timestep, chunk) and then its completion record; returns bytes of array data written."""
     rows = layout.chunk_slice(ci)
     written = 0
+    if hfr is not None:
+        group["hfr"][ti, :, :, rows] = hfr
+        written += hfr.nbytes
     if pooled is not None:
         group["pooled"][ti, :, :, rows, :] = pooled
         written += pooled.nbytes
@@ -134,3 +150,21 @@ def write_item(group: zarr.Group, stage_path: Path, layout: FeatureLayout, ti: i
 def open_features(stage_path: Path) -> zarr.Group:
     """Open a finished dump read-only."""
     return zarr.open_group(stage_path / FEATURES_STORE, mode="r")
+
+
+def read_hfr(stage_path: Path) -> tuple[np.ndarray, dict]:
+    """A streamed dump's per-image HFR (timestep, layer, hfr_site, sample) and its layout attrs."""
+    group = open_features(stage_path)
+    if "hfr" not in group:
+        raise KeyError(f"{stage_path / FEATURES_STORE}: no streamed HFR in this dump")
+    return np.asarray(group["hfr"][:], dtype=np.float64), dict(group.attrs["layout"])
+
+
+def has_streamed_hfr(stage_path: Path) -> bool:
+    """Whether a dump streamed per-image HFR (a calibration of the A-SelecT path)."""
+    return bool(open_features(stage_path).attrs["layout"].get("hfr_sites"))
+
+
+def read_samples(stage_path: Path) -> np.ndarray:
+    """Dataset indices of a dump's samples, in dump order."""
+    return np.asarray(open_features(stage_path)["sample"][:], dtype=np.int64)

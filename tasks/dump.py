@@ -16,6 +16,7 @@ from pipelines.config import DumpConfig
 from pipelines.dump import plan_layout, run_dump
 from pipelines.features import FEATURES_VERSION
 from pipelines.ingest import calibration_subset
+from pipelines.streamed import STREAMED_VERSION, HfrStream
 from storage.datasets import read_split
 from storage.stages import StageRef, Workdir, stage_key
 from tasks.backbone import backbone_dir
@@ -26,49 +27,65 @@ NOT_IN_KEY = {"workers", "device"}
 
 
 def plan_dump(workdir: Workdir, cfg: DumpConfig, dataset: StageRef, model: StageRef, name: str = "dump",
-              calibration_images: int | None = None) -> StageRef:
-    """The dump's key: its section (minus placement knobs), the sample subset, the dataset and the backbone."""
+              calibration_images: int | None = None, hfr: HfrStream | None = None,
+              keep_maps: bool = False) -> StageRef:
+    """The dump's key: its section (minus placement knobs), the sample subset, what is streamed, the upstreams."""
     section = {**cfg.model_dump(mode="json", exclude=NOT_IN_KEY), "calibration_images": calibration_images}
-    key = stage_key(name, section, {"ingest": dataset.key, "backbone": model.key}, FEATURES_VERSION)
+    if hfr is not None:  # a streamed calibration: its reduction's knobs decide what is stored
+        section |= {"hfr": hfr.model_dump(mode="json"), "keep_maps": keep_maps}
+    extra = "" if hfr is None else f"streamed-{STREAMED_VERSION}"
+    key = stage_key(name, section, {"ingest": dataset.key, "backbone": model.key}, FEATURES_VERSION, extra)
     return workdir.stage(name, key).ref()
 
 
 @task(name="dump")
 def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
-         calibration_images: int | None = None) -> dict[str, Any]:
-    """Stream features of every (timestep, chunk) to the stage's Zarr store, resuming finished chunks."""
+         calibration_images: int | None = None, hfr: HfrStream | None = None,
+         keep_maps: bool = False) -> dict[str, Any]:
+    """Stream features of every (timestep, chunk) to the stage's Zarr store, resuming finished chunks.
+
+    With `hfr` (the A-SelecT calibration) the forward hooks reduce each map to per-image HFR and only those
+    scalars are stored, plus the maps themselves when `keep_maps` asks for them.
+    """
     logger = get_run_logger()
     stage_dir = stage.dir
     with stage_dir.lock():
         if stage_dir.is_complete():
             return {"summary": stage_dir.read_manifest()["summary"]}
         stage_dir.begin({"config": cfg.model_dump(mode="json"), "calibration_images": calibration_images,
+                         "hfr": hfr.model_dump(mode="json") if hfr else None, "keep_maps": keep_maps,
                          "upstream": {"ingest": dataset.key, "backbone": model.key}})
         labels, train_idx, _ = read_split(dataset.dir.path)
         samples = (calibration_subset(labels, train_idx, calibration_images, cfg.seed)
                    if calibration_images else np.arange(len(labels)))
         model_path = backbone_dir(model)
         model_backbone = load_backbone(model_path)
-        layout = plan_layout(model_backbone, samples, cfg)
+        layout = plan_layout(model_backbone, samples, cfg, hfr=hfr, keep_maps=keep_maps)
         progress = ProgressArtifact(f"{stage.name}-progress",
                                     f"{stage.name}: {len(layout.timesteps)} timesteps x {len(samples)} images")
         result = run_dump(model_path, dataset.dir.path, stage_dir.path, layout, cfg,
                           progress=lambda done, total: progress.update(done / total), backbone=model_backbone)
         progress.update(1.0, force=True)
-        summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} blocks x "
-                   f"{len(layout.sites) + layout.attn_map} sites x {len(samples)} images, "
+        # every image of a dump costs the same bytes per timestep, so this holds for a resumed dump too
+        per_image = result.bytes_written / max(1, result.images_timesteps) * len(layout.timesteps)
+        what = (f"HFR of {len(layout.hfr_sites)} site(s) streamed" + (", maps kept" if keep_maps else "")
+                if layout.hfr_sites else f"{len(layout.sites) + layout.attn_map} sites")
+        summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} blocks x {what} x {len(samples)} "
+                   f"images, {per_image / 1024:.1f} KiB/image, "
                    f"{result.rate:.0f} image-timesteps/s"
                    + (f", resumed ({result.items_reused}/{result.items_total} items reused)"
                       if result.items_reused else ""))
         stage_dir.complete(summary, layout={
             "timesteps": list(layout.timesteps), "layers": list(layout.layers), "sites": list(layout.sites),
-            "attn_map": layout.attn_map, "spatial": layout.spatial, "samples": len(samples), "width": layout.width,
+            "attn_map": layout.attn_map, "spatial": layout.spatial, "pooled": layout.pooled,
+            "hfr_sites": list(layout.hfr_sites), "samples": len(samples), "width": layout.width,
             "tokens": layout.tokens, "chunk": layout.chunk,
         }, accounting={
             "items_total": result.items_total, "items_computed": result.items_computed,
             "items_reused": result.items_reused, "forward_passes": result.forward_passes,
             "images_timesteps": result.images_timesteps,
             "images_timesteps_per_second": round(result.rate, 2), "bytes_written": result.bytes_written,
+            "bytes_per_image": round(per_image, 1),
             "dump_seconds": result.seconds, "workers": cfg.workers,
         })
     logger.info("%s %s: %s", stage.name, stage.key, summary)

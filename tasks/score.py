@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,14 +13,15 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from pipelines.config import ScoreConfig
-from pipelines.grid import candidate_pairs, dask_client, score_grid
+from pipelines.grid import candidate_pairs, dask_client, score_grid, streamed_hfr_table
 from pipelines.scoring import SCORING_VERSION, get_scorer
 from storage.datasets import read_masks, read_split
-from storage.features import FEATURES_STORE
+from storage.features import FEATURES_STORE, has_streamed_hfr
 from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
 from tasks.stage import ProgressArtifact
 
 SCORES_JSON = "scores.json"
+PER_IMAGE = "per_image.npz"  # streamed HFR: one value per (row, calibration image)
 
 
 def scorer_params(cfg: ScoreConfig, scorer: str) -> dict[str, Any]:
@@ -62,18 +65,25 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
             labels = all_labels[samples[rows]]
             all_masks = read_masks(dataset.dir.path) if scorer == "probe_seg" else None
             masks = all_masks[samples[rows]] if all_masks is not None else None
-        sites = None if spec.needs != "pooled" else ["block", "attn", "mlp"]
-        pairs = candidate_pairs(store, sites)
-        progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
-        with dask_client(cfg.dask.address, cfg.dask.workers, cfg.dask.threads_per_worker) as client:
-            workers = len(client.scheduler_info()["workers"])
-            table = score_grid(client, store, scorer, pairs, scorer_params(cfg, scorer), labels=labels, masks=masks,
-                               rows=rows, progress=lambda done, total: progress.update(done / total))
-        progress.update(1.0, force=True)
+        if scorer == "hfr" and has_streamed_hfr(features.dir.path):
+            # reduced in the calibration's forward pass: the score is a mean of per-image values, no Dask
+            table, per_image, samples = streamed_hfr_table(features.dir.path, scorer_params(cfg, scorer))
+            write_per_image(stage_dir.path, per_image, samples)
+            workers, how = 0, f"streamed per-image values of {per_image.shape[1]} images"
+        else:
+            sites = None if spec.needs != "pooled" else ["block", "attn", "mlp"]
+            pairs = candidate_pairs(store, sites)
+            progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
+            with dask_client(cfg.dask.address, cfg.dask.workers, cfg.dask.threads_per_worker) as client:
+                workers = len(client.scheduler_info()["workers"])
+                table = score_grid(client, store, scorer, pairs, scorer_params(cfg, scorer), labels=labels,
+                                   masks=masks, rows=rows, progress=lambda done, total: progress.update(done / total))
+            progress.update(1.0, force=True)
+            how = f"{workers} Dask workers"
         write_json_atomic(stage_dir.path / SCORES_JSON, table)
         top = max(table, key=lambda r: r["score"])
         # "highest", not "best": for HFR the raw maximum is not the selection (the select stage decides).
-        summary = (f"{scorer} on {len(table)} pairs with {workers} Dask workers; highest t={top['timestep']} "
+        summary = (f"{scorer} on {len(table)} pairs with {how}; highest t={top['timestep']} "
                    f"l={top['layer']} {top['site']} ({top['score']:.4f})")
         stage_dir.complete(summary, scorer=scorer, pairs=len(table), dask_workers=workers,
                            probe_fits=probe_fits(cfg, scorer, len(table)),
@@ -86,6 +96,22 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
 def read_rows(stage: StageRef) -> list[dict[str, Any]]:
     """A finished score stage's table."""
     return json.loads((stage.dir.path / SCORES_JSON).read_text())
+
+
+def write_per_image(stage_path: Path, values: np.ndarray, samples: np.ndarray) -> None:
+    """Per-image scores (rows, images) aligned with scores.json, for the selection's bootstrap."""
+    tmp = stage_path / f".{PER_IMAGE}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, values=values, samples=samples)
+    os.replace(tmp, stage_path / PER_IMAGE)
+
+
+def read_per_image(stage: StageRef) -> np.ndarray | None:
+    """A score stage's per-image values (rows, images), or None when its scorer has none (probes)."""
+    path = stage.dir.path / PER_IMAGE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return data["values"]
 
 
 def _table_artifact(scorer: str, table: list[dict[str, Any]]) -> None:

@@ -10,8 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipelines.config import SelectConfig
 from pipelines.plots import score_heatmaps
-from pipelines.select import SELECT_VERSION, select
+from pipelines.select import SELECT_VERSION, bootstrap_confidence, select
 from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from tasks.score import read_per_image
 
 SELECTION_JSON = "selection.json"
 
@@ -38,9 +39,20 @@ def _without_table(selection: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in selection.items() if k != "table"}
 
 
+def _confidence(cfg: SelectConfig, table: list[dict[str, Any]], scores: list[StageRef]) -> dict[str, Any] | None:
+    """The bootstrap confidence of an aselect choice, when the score stage kept per-image values (streamed HFR)."""
+    if cfg.policy != "aselect" or not cfg.bootstrap or len(scores) != 1:
+        return None
+    per_image = read_per_image(scores[0])
+    if per_image is None:
+        return None
+    return bootstrap_confidence(cfg.policy, table, per_image, policy_params(cfg), cfg.bootstrap, cfg.bootstrap_seed)
+
+
 @task(name="select")
-def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]]) -> dict[str, Any]:
-    """Apply the selection policy to the score table."""
+def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
+                scores: list[StageRef] | None = None) -> dict[str, Any]:
+    """Apply the selection policy to the score table; aselect also records its bootstrap confidence."""
     logger = get_run_logger()
     stage_dir = stage.dir
     with stage_dir.lock():
@@ -48,11 +60,16 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]])
             selection = json.loads((stage_dir.path / SELECTION_JSON).read_text())
             return {"summary": stage_dir.read_manifest()["summary"], "selection": _without_table(selection)}
         stage_dir.begin({"config": cfg.model_dump(mode="json")})
-        selection = select(cfg.policy, table, **policy_params(cfg)).to_dict()
+        chosen = select(cfg.policy, table, **policy_params(cfg))
+        chosen.confidence = _confidence(cfg, table, scores or [])
+        selection = chosen.to_dict()
         write_json_atomic(stage_dir.path / SELECTION_JSON, selection)
         pictures = [p.name for p in score_heatmaps(selection["table"], stage_dir.path, selection)]
+        confidence = selection["confidence"]
+        sure = (f"; confidence {confidence['value']:.2f} ({confidence['resamples']} bootstrap resamples of "
+                f"{confidence['images']} images)" if confidence else "")
         summary = (f"{cfg.policy}: t={selection['timestep']} block {selection['layer']} {selection['site']} "
-                   f"({selection['reason']})")
+                   f"({selection['reason']}{sure})")
         stage_dir.complete(summary, selection=_without_table(selection), pictures=pictures)
     try:
         create_markdown_artifact(key="selection", description="the selected (timestep, layer, site)",

@@ -20,21 +20,26 @@ from pipelines.config import DumpConfig
 from pipelines.dump import plan_layout, run_dump
 from pipelines.errors import AselectError
 from pipelines.features import AttentionMapProcessor, extract
+from pipelines.streamed import HfrStream
 from storage.features import FEATURES_STORE, finished_items, open_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dump_into(tiny: tuple[str, Path], stage: Path, **overrides: object):
+STREAM = HfrStream(sites=("attn", "attn_map"), cutoff=0.5)
+
+
+def dump_into(tiny: tuple[str, Path], stage: Path, hfr: HfrStream | None = None, keep_maps: bool = False,
+              **overrides: object):
     model_dir, data = tiny
     cfg = DumpConfig(**{"timesteps": [0, 50, 400, 900], "images_per_chunk": 32, **overrides})
-    layout = plan_layout(load_backbone(model_dir), np.arange(120), cfg)
+    layout = plan_layout(load_backbone(model_dir), np.arange(120), cfg, hfr=hfr, keep_maps=keep_maps)
     return run_dump(model_dir, data, stage, layout, cfg), layout
 
 
 def arrays(stage: Path) -> dict[str, np.ndarray]:
     group = open_features(stage)
-    return {name: group[name][:] for name in ("pooled", "spatial", "attn_map") if name in group}
+    return {name: group[name][:] for name in ("pooled", "spatial", "attn_map", "hfr") if name in group}
 
 
 def test_dump_writes_labelled_arrays(tiny, tmp_path: Path) -> None:
@@ -66,12 +71,20 @@ def test_rerun_of_a_finished_dump_computes_nothing(tiny, tmp_path: Path) -> None
     assert all(np.array_equal(before[k], v) for k, v in arrays(tmp_path).items())
 
 
-def test_two_workers_give_bit_identical_features(tiny, tmp_path: Path) -> None:
-    dump_into(tiny, tmp_path / "one")
-    result, _ = dump_into(tiny, tmp_path / "two", workers=2)
+@pytest.mark.parametrize("hfr", [None, STREAM], ids=["pooled", "streamed-hfr"])
+def test_two_workers_give_bit_identical_features(tiny, tmp_path: Path, hfr: HfrStream | None) -> None:
+    dump_into(tiny, tmp_path / "one", hfr=hfr)
+    result, _ = dump_into(tiny, tmp_path / "two", hfr=hfr, workers=2)
     assert result.items_computed == 16
     one, two = arrays(tmp_path / "one"), arrays(tmp_path / "two")
-    assert np.array_equal(one["pooled"], two["pooled"])
+    assert set(one) == set(two) == ({"pooled"} if hfr is None else {"hfr"})
+    assert all(np.array_equal(one[name], two[name]) for name in one)
+
+
+def test_chunk_size_does_not_change_streamed_hfr(tiny, tmp_path: Path) -> None:
+    dump_into(tiny, tmp_path / "c32", hfr=STREAM)
+    dump_into(tiny, tmp_path / "c50", hfr=STREAM, images_per_chunk=50)
+    assert np.array_equal(arrays(tmp_path / "c32")["hfr"], arrays(tmp_path / "c50")["hfr"])
 
 
 KILLABLE = """
@@ -86,18 +99,21 @@ def slow_write(*args, **kwargs):  # slow each item down so the test can kill the
     time.sleep(0.15)
     return written
 dump.write_item = slow_write
-model_dir, data, stage = sys.argv[1:4]
+from pipelines.streamed import HfrStream
+model_dir, data, stage, streamed = sys.argv[1:5]
 cfg = DumpConfig(timesteps=[0, 50, 400, 900], images_per_chunk=32)
-layout = dump.plan_layout(load_backbone(model_dir), np.arange(120), cfg)
+hfr = HfrStream(sites=("attn", "attn_map"), cutoff=0.5) if streamed == "1" else None
+layout = dump.plan_layout(load_backbone(model_dir), np.arange(120), cfg, hfr=hfr)
 dump.run_dump(model_dir, dump.Path(data), dump.Path(stage), layout, cfg)
 """
 
 
-def test_killed_dump_resumes_without_recomputing_finished_chunks(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hfr", [None, STREAM], ids=["pooled", "streamed-hfr"])
+def test_killed_dump_resumes_without_recomputing_finished_chunks(tiny, tmp_path: Path, hfr: HfrStream | None) -> None:
     model_dir, data = tiny
     stage = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, model_dir, str(data), str(stage)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, model_dir, str(data), str(stage), str(int(bool(hfr)))],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(finished_items(stage)) < 5 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -106,11 +122,12 @@ def test_killed_dump_resumes_without_recomputing_finished_chunks(tiny, tmp_path:
     finished_before = finished_items(stage)
     assert 5 <= len(finished_before) < 16, "the dump should have been killed mid-way"
 
-    resumed, _ = dump_into(tiny, stage)
+    resumed, _ = dump_into(tiny, stage, hfr=hfr)
     assert resumed.items_reused == len(finished_before)
     assert resumed.items_computed == 16 - len(finished_before)
-    dump_into(tiny, tmp_path / "clean")
-    assert np.array_equal(arrays(stage)["pooled"], arrays(tmp_path / "clean")["pooled"])
+    dump_into(tiny, tmp_path / "clean", hfr=hfr)
+    got, clean = arrays(stage), arrays(tmp_path / "clean")
+    assert set(got) == set(clean) and all(np.array_equal(got[name], clean[name]) for name in clean)
 
 
 def test_capture_cuts_the_forward_but_matches_a_full_pass(tiny) -> None:

@@ -81,10 +81,19 @@ def test_deleting_a_stage_recomputes_it_and_keeps_the_rest(smoke_workdir: Path) 
 
 
 def test_changing_a_scorer_or_policy_parameter_keeps_dumps_and_pretraining(smoke_workdir: Path) -> None:
+    # HFR is reduced inside the calibration's forward pass, so its knobs re-run calibration (C x T forward
+    # passes), never pretraining
     rescored = stages_by_name(aselect_pipeline(config="smoke", overrides=["score.hfr_cutoff=0.3"],
                                                workdir=str(smoke_workdir)))
-    assert all(rescored[name]["cached"] for name in ("ingest", "backbone", "calibrate"))
-    assert not rescored["score"]["cached"] and not rescored["select"]["cached"]
+    assert all(rescored[name]["cached"] for name in ("ingest", "backbone"))
+    assert not rescored["calibrate"]["cached"] and not rescored["score"]["cached"] and not rescored["select"]["cached"]
+    # a bootstrap knob re-runs only the selection and what follows it
+    resampled = stages_by_name(aselect_pipeline(config="smoke", overrides=["select.bootstrap=50"],
+                                                workdir=str(smoke_workdir)))
+    assert all(resampled[name]["cached"] for name in ("ingest", "backbone", "calibrate", "score"))
+    assert not resampled["select"]["cached"]
+    assert json.loads((Path(resampled["select"]["path"]) / "selection.json").read_text())["confidence"][
+        "resamples"] == 50
     reselected = stages_by_name(aselect_pipeline(config="smoke", overrides=["select.feature_site=mlp"],
                                                  workdir=str(smoke_workdir)))
     assert all(reselected[name]["cached"] for name in ("ingest", "backbone", "calibrate", "score"))
@@ -101,13 +110,22 @@ def test_changing_a_backbone_parameter_keeps_ingest(smoke_workdir: Path) -> None
 
 def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir: Path) -> None:
     calibration = json.loads((first_stage("calibrate") / "manifest.json").read_text())
-    assert calibration["layout"]["timesteps"] == [0, 100, 500, 900] and calibration["layout"]["samples"] == 64
-    assert calibration["layout"]["sites"] == ["attn"] and calibration["layout"]["spatial"]  # token maps for HFR
-    assert calibration["accounting"]["forward_passes"] == 4  # 4 timesteps x 1 chunk
+    # calibrate.timesteps (every 100th) is its own grid, denser than dump.timesteps
+    assert calibration["layout"]["timesteps"] == list(range(0, 1000, 100)) and calibration["layout"]["samples"] == 64
+    # HFR streamed in the forward pass: per-image scalars only, no token maps, no pooled features
+    assert calibration["layout"]["hfr_sites"] == ["attn"] and not calibration["layout"]["spatial"]
+    assert not calibration["layout"]["pooled"] and calibration["layout"]["sites"] == []
+    assert calibration["accounting"]["bytes_per_image"] == 10 * 2 * 1 * 8  # timesteps x blocks x sites x float64
+    assert calibration["accounting"]["forward_passes"] == 10  # 10 timesteps x 1 chunk
+    assert calibration["accounting"]["images_timesteps"] == 64 * 10
     selection = json.loads((first_stage("select") / "selection.json").read_text())
     hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
-    assert len(hfr_rows) == 4 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, block)
+    assert len(hfr_rows) == 10 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, block)
     assert selection["runner_up"]["timestep"] != selection["timestep"] and selection["reason"]
+    confidence = selection["confidence"]
+    assert confidence["resamples"] == 200 and confidence["images"] == 64 and 0.0 <= confidence["value"] <= 1.0
+    assert confidence["selected"] == {"timestep": selection["timestep"], "layer": selection["layer"]}
+    assert confidence["value"] <= min(confidence["timestep"], confidence["block"])
     assert (first_stage("select") / "heatmap-hfr-attn.png").stat().st_size > 1000
     features = json.loads((first_stage("dump") / "manifest.json").read_text())
     assert features["layout"]["timesteps"] == [selection["timestep"]]
@@ -115,6 +133,15 @@ def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir
     assert features["accounting"]["items_total"] == 4  # 1 timestep x ceil(200 / 64) chunks
     metrics = json.loads((first_stage("probe") / "metrics.json").read_text())
     assert metrics["metric"] == "top1" and 0.0 <= metrics["value"] <= 1.0
+
+
+def test_a_selected_timestep_outside_the_dump_grid_is_dumped_for_every_image(smoke_workdir: Path) -> None:
+    result = aselect_pipeline(config="smoke", overrides=["calibrate.timesteps=[250, 650]"], workdir=str(smoke_workdir))
+    stages = stages_by_name(result)
+    assert result["selection"]["timestep"] in (250, 650)  # neither is in dump.timesteps [0, 100, 500, 900]
+    features = json.loads((Path(stages["dump"]["path"]) / "manifest.json").read_text())
+    assert features["layout"]["timesteps"] == [result["selection"]["timestep"]]
+    assert features["accounting"]["images_timesteps"] == 200 and result["metrics"]["metric"] == "top1"
 
 
 def test_exhaustive_path_reuses_ingest_and_backbone_and_picks_the_probe_best(smoke_workdir: Path) -> None:
@@ -227,8 +254,9 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
         assert row["cost_ratio"]["forward_passes"] == pytest.approx(
             oracle["forward_passes"] / row["forward_passes"], abs=0.01)
-    # forward passes are images x timesteps: 200 images, 4 timesteps, 64 calibration images
-    assert oracle["forward_passes"] == 200 * 4 and rows["aselect"]["forward_passes"] == 64 * 4 + 200
+    # forward passes are images x timesteps: 200 images, 64 calibration images, and the oracle searches the
+    # same 10 candidate timesteps as A-SelecT (calibrate.timesteps), not the 4 of dump.timesteps
+    assert oracle["forward_passes"] == 200 * 10 and rows["aselect"]["forward_passes"] == 64 * 10 + 200
     assert (rows["fixed"]["timestep"], rows["fixed"]["layer"], rows["fixed"]["site"]) == (100, 1, "block")
     assert rows["fixed"]["forward_passes"] == 200 and rows["fewshot"]["site"] in ("block", "attn", "mlp")
     assert "spearman_hfr_vs_probe" in rows["aselect-attn_map"] and "spearman_hfr_vs_probe" not in rows["fixed"]
@@ -236,10 +264,18 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     goals = config["goals"]
     assert goals["regret"]["met"] == (rows["aselect"]["regret_points"] <= 1.0)
     assert goals["cost"]["measured"] == rows["aselect"]["cost_ratio"]["compute_seconds"]
+    assert goals["cost_forward_passes"]["measured"] == rows["aselect"]["cost_ratio"]["forward_passes"]
     # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (C*T + N)
-    assert config["grid"] == {"timesteps": 4, "images": 200, "calibration_images": 64}
+    assert config["grid"] == {"timesteps": 10, "oracle_timesteps": 10, "images": 200, "calibration_images": 64}
     assert goals["cost"]["forward_pass_ceiling"] == rows["aselect"]["cost_ratio"]["forward_passes"] == round(
-        4 * 200 / (64 * 4 + 200), 2)
+        10 * 200 / (64 * 10 + 200), 2)
+    # confidence vs C, bootstrapped from the default selector's 64 calibration images
+    curve = config["confidence_curve"]
+    assert [p["images"] for p in curve] == [16, 32, 64]
+    assert curve[-1]["confidence"] == rows["aselect"]["confidence"] and curve[-1]["agrees"]
+    assert curve[-1]["selected"] == {"timestep": rows["aselect"]["timestep"], "layer": rows["aselect"]["layer"]}
+    assert goals["confidence"]["measured"] == curve[-1]["confidence"]
+    assert rows["fewshot"]["confidence"] is None and rows["oracle"]["confidence"] is None
 
     scaling = config["scaling"]
     assert [p["images"] for p in scaling["points"]] == [100, 200]

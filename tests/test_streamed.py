@@ -1,0 +1,203 @@
+"""A-SelecT in one streamed pass: HFR reduced in the forward hooks, the dense candidate grid, bootstrap confidence."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipelines.backbone import Backbone, build_dit, load_backbone, make_scheduler
+from pipelines.config import CalibrateConfig, DumpConfig, load_config
+from pipelines.dump import plan_layout, run_dump
+from pipelines.errors import AselectError
+from pipelines.features import SITES, extract
+from pipelines.grid import streamed_hfr_table
+from pipelines.scoring import hfr_of_attention, hfr_of_tokens
+from pipelines.select import bootstrap_confidence, select
+from pipelines.streamed import HfrStream, hfr_per_image
+from storage.datasets import DATASET_STORE
+from storage.features import open_features
+
+
+def reference_hfr(features: np.ndarray, site: str, cutoff: float, exclude_dc: bool) -> float:
+    """The stored-map path: pipelines.scoring's numpy HFR of the maps."""
+    fn = hfr_of_attention if site == "attn_map" else hfr_of_tokens
+    return fn(features, cutoff, exclude_dc)
+
+
+# ---------------------------------------------------------------------------------------------
+#                         Streamed HFR equals the stored-map reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variant", "size"), [("DiT-XS/2", 8), ("DiT-T/2", 16)], ids=["smoke", "digits"])
+@pytest.mark.parametrize(("cutoff", "exclude_dc"), [(0.5, True), (0.3, False), (1.0, True)])
+def test_streamed_hfr_equals_the_stored_map_reference(variant: str, size: int, cutoff: float,
+                                                      exclude_dc: bool) -> None:
+    torch.manual_seed(1)
+    model = build_dit(variant, image_size=size, channels=1, num_classes=10).eval()
+    for p in model.parameters():  # away from DiT's zero init, so every block and site carries its own maps
+        p.data.add_(0.05 * torch.randn_like(p))
+    backbone = Backbone(model, make_scheduler(1000, "linear"), None, "memory")
+    x0 = torch.rand(5, 1, size, size) * 2 - 1
+    reducer = {"hfr": partial(hfr_per_image, cutoff=cutoff, exclude_dc=exclude_dc)}
+    layers = list(range(backbone.num_layers))
+    for t in (0, 300, 900):
+        feats = extract(backbone, x0, range(5), t, layers, SITES, seed=0, reduce_sites=SITES, reducers=reducer)
+        for layer in layers:
+            for site in SITES:
+                streamed = feats[(layer, site, "hfr")]
+                assert streamed.shape == (5,) and streamed.dtype == torch.float64
+                expected = reference_hfr(feats[(layer, site)].numpy(), site, cutoff, exclude_dc)
+                assert streamed.mean().item() == pytest.approx(expected, rel=1e-6, abs=1e-12), (t, layer, site)
+                # per image, too: the mean over images is the mean of per-image values
+                first = reference_hfr(feats[(layer, site)][:1].numpy(), site, cutoff, exclude_dc)
+                assert streamed[0].item() == pytest.approx(first, rel=1e-6, abs=1e-12)
+
+
+def test_streamed_hfr_keeps_the_flat_map_and_dc_rules() -> None:
+    flat = torch.ones(2, 16, 3)  # constant maps: no non-DC power -> 0, as in scoring.py
+    assert hfr_per_image(flat, "attn").tolist() == [0.0, 0.0]
+    checker = torch.tensor([[(-1.0) ** (i + j) for j in range(4)] for i in range(4)]).reshape(1, 16, 1)
+    assert hfr_per_image(checker, "block").item() == pytest.approx(1.0)  # all power at Nyquist
+    assert hfr_per_image(checker + 1.0, "block", exclude_dc=False).item() == pytest.approx(0.5)
+    with pytest.raises(AselectError, match="square grid"):
+        hfr_per_image(torch.zeros(1, 15, 4), "attn")
+
+
+# ---------------------------------------------------------------------------------------------
+#                           The calibration dump stores scalars, not maps
+# ---------------------------------------------------------------------------------------------
+
+
+def calibrate(tiny: tuple[str, Path], stage: Path, keep_maps: bool = False, sites=("attn", "attn_map")):
+    model_dir, data = tiny
+    cfg = DumpConfig(timesteps=[0, 200, 600, 900], images_per_chunk=32)
+    stream = HfrStream(sites=tuple(sites), cutoff=0.5)
+    layout = plan_layout(load_backbone(model_dir), np.arange(120), cfg, hfr=stream, keep_maps=keep_maps)
+    return run_dump(model_dir, data, stage, layout, cfg), layout
+
+
+def test_calibration_streams_per_image_hfr_and_stores_no_maps(tiny, tmp_path: Path) -> None:
+    result, layout = calibrate(tiny, tmp_path)
+    group = open_features(tmp_path)
+    assert sorted(k for k in ("pooled", "spatial", "attn_map", "hfr") if k in group) == ["hfr"]
+    hfr = group["hfr"]
+    assert hfr.shape == (4, 2, 2, 120) and hfr.dtype == np.float64  # (timestep, layer, hfr_site, sample)
+    assert hfr.metadata.dimension_names == ("timestep", "layer", "hfr_site", "sample")
+    assert list(group["hfr_site"][:]) == ["attn", "attn_map"]
+    # 8 bytes per (image, timestep, block, site): nothing else is written per image
+    assert result.bytes_written == 120 * 4 * 2 * 2 * 8
+
+    # each stored value is the numpy reference HFR of that image's maps, recomputed bit-identically
+    model_dir, data = tiny
+    backbone = load_backbone(model_dir)
+
+
+    pixels = torch.from_numpy(zarr.open_group(data / DATASET_STORE, mode="r")["images"][:3])
+    x0 = (pixels.float() / 127.5 - 1.0)
+    feats = extract(backbone, x0, [0, 1, 2], 600, [0, 1], ["attn", "attn_map"], seed=0)
+    for li in (0, 1):
+        for si, site in enumerate(("attn", "attn_map")):
+            for i in range(3):
+                expected = reference_hfr(feats[(li, site)][i:i + 1].numpy(), site, 0.5, True)
+                assert hfr[2, li, si, i] == pytest.approx(expected, rel=1e-6)
+
+    rows, per_image, samples = streamed_hfr_table(tmp_path, {"cutoff": 0.5, "exclude_dc": True})
+    assert len(rows) == 4 * 2 * 2 and per_image.shape == (16, 120) and list(samples) == list(range(120))
+    for row, values in zip(rows, per_image, strict=True):
+        assert row["scorer"] == "hfr" and row["score"] == pytest.approx(values.mean())
+    with pytest.raises(AselectError, match="streamed with"):
+        streamed_hfr_table(tmp_path, {"cutoff": 0.3, "exclude_dc": True})
+
+
+def test_keep_maps_also_stores_the_maps(tiny, tmp_path: Path) -> None:
+    result, layout = calibrate(tiny, tmp_path, keep_maps=True)
+    group = open_features(tmp_path)
+    assert {"hfr", "spatial", "attn_map"} <= set(group) and "pooled" not in group
+    assert group["spatial"].shape == (4, 2, 1, 120, 16, 32)  # the token site HFR read
+    streamed_only, _ = calibrate(tiny, tmp_path / "streamed")
+    assert result.bytes_written > 50 * streamed_only.bytes_written
+    np.testing.assert_array_equal(group["hfr"][:], open_features(tmp_path / "streamed")["hfr"][:])
+
+
+# ---------------------------------------------------------------------------------------------
+#                                     The candidate grid
+# ---------------------------------------------------------------------------------------------
+
+
+def test_calibrate_timesteps_take_a_list_or_a_range() -> None:
+    dump = DumpConfig()
+    assert CalibrateConfig().candidate_timesteps(dump) == sorted(dump.timesteps)
+    dense = CalibrateConfig.model_validate({"timesteps": {"start": 0, "stop": 1000, "step": 20}})
+    assert dense.candidate_timesteps(dump) == list(range(0, 1000, 20)) and len(dense.candidate_timesteps(dump)) == 50
+    assert CalibrateConfig(timesteps=[300, 5, 40]).candidate_timesteps(dump) == [5, 40, 300]
+    cfg = load_config("smoke", ["calibrate.timesteps={start: 0, stop: 1000, step: 100}"])
+    assert cfg.calibrate.candidate_timesteps(cfg.dump) == list(range(0, 1000, 100))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("calibrate.timesteps={start: 500, stop: 100, step: 10}", "start 500 must be below stop 100"),
+    ("calibrate.timesteps={start: 0, stop: 2000, step: 100}", "calibrate.timesteps [1000, 1100, 1200, 1300, 1400"),
+    ("calibrate.timesteps={start: 0, stop: 100, step: 0}",
+     "calibrate.timesteps: step: Input should be greater than or equal to 1 (got 0)"),
+    ("calibrate.timesteps=[5, 5]", "calibrate.timesteps: timesteps has duplicates"),
+    ("calibrate.timesteps={start: 0, stop: 100}", "calibrate.timesteps: step: Field required"),
+    ("calibrate.timesteps=[]", "calibrate.timesteps: must not be empty"),
+])
+def test_bad_calibrate_timesteps_are_one_line_errors(override: str, message: str) -> None:
+    with pytest.raises(AselectError, match=None) as caught:
+        load_config("smoke", [override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Bootstrap confidence
+# ---------------------------------------------------------------------------------------------
+
+
+def hfr_table(curve: dict[int, float], layers=(0, 1, 2)) -> list[dict]:
+    return [{"timestep": t, "layer": layer, "site": "attn", "scorer": "hfr", "score": value + 0.01 * layer}
+            for t, value in curve.items() for layer in layers]
+
+
+def per_image_values(table: list[dict], noise: float, images: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.asarray([[row["score"]] * images for row in table]) + noise * rng.standard_normal((len(table), images))
+
+
+PARAMS = {"hfr_site": "attn", "layers": [1, 2], "feature_site": "block", "feature_layer": "argmax"}
+
+
+def test_a_clear_peak_is_chosen_with_full_confidence() -> None:
+    table = hfr_table({0: 0.30, 100: 0.50, 500: 0.20})
+    conf = bootstrap_confidence("aselect", table, per_image_values(table, 0.01, 64), PARAMS, resamples=100)
+    assert conf["value"] == conf["timestep"] == conf["block"] == 1.0
+    assert conf["selected"] == {"timestep": 100, "layer": 2} and conf["images"] == 64 and conf["resamples"] == 100
+
+
+def test_a_flat_curve_gives_low_confidence_and_more_images_raise_it() -> None:
+    table = hfr_table({0: 0.300, 100: 0.310, 500: 0.295})
+    values = per_image_values(table, 0.1, 2048, seed=3)
+    small = bootstrap_confidence("aselect", table, values, PARAMS, resamples=200, images=16)
+    large = bootstrap_confidence("aselect", table, values, PARAMS, resamples=200)
+    assert small["timestep"] < 0.8 and small["images"] == 16
+    assert large["timestep"] > 0.9 > small["timestep"]
+    again = bootstrap_confidence("aselect", table, values, PARAMS, resamples=200, images=16)
+    assert again == small  # seeded: the same resamples every time
+    # the selected pair is what the policy picks on the (first `images`) means
+    means = [{**row, "score": float(v[:16].mean())} for row, v in zip(table, values, strict=True)]
+    chosen = select("aselect", means, **PARAMS)
+    assert small["selected"] == {"timestep": chosen.timestep, "layer": chosen.layer}
+
+
+def test_bootstrap_refuses_mismatched_values() -> None:
+    table = hfr_table({0: 0.3, 100: 0.5})
+    with pytest.raises(AselectError, match="do not match 6 table rows"):
+        bootstrap_confidence("aselect", table, np.zeros((5, 10)), PARAMS)
+    with pytest.raises(AselectError, match="images must be in 1..10"):
+        bootstrap_confidence("aselect", table, np.zeros((6, 10)), PARAMS, images=11)
