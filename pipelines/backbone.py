@@ -109,6 +109,42 @@ def build_dit(variant: str, image_size: int, channels: int, num_classes: int) ->
     return model
 
 
+SD_VAE_BLOCKS = (128, 256, 512, 512)  # Stable Diffusion's AutoencoderKL: 8x down, 4 latent channels
+
+
+def random_latent_backbone(variant: str = "DiT-XL/2", image_size: int = 256, channels: int = 3,
+                           vae_blocks: tuple[int, ...] = SD_VAE_BLOCKS, num_classes: int = 1000,
+                           seed: int = 0) -> Backbone:
+    """A random-weight latent DiT with the shapes of a real checkpoint; nothing is downloaded.
+
+    `DiT-XL/2` at 256 px is facebook/DiT-XL-2-256's shape: an SD-shaped AutoencoderKL (8x down, 4 latent
+    channels) and a 28 x 1152 transformer with patch 2 on 32x32 latents (16x16 tokens), learned sigma
+    (out_channels 8). Scale checks (bench/) use it; smaller `vae_blocks` and variants make test-sized ones.
+    """
+    torch.manual_seed(seed)
+    groups = min(32, min(vae_blocks))
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+                        block_out_channels=tuple(vae_blocks), layers_per_block=2, norm_num_groups=groups,
+                        sample_size=image_size, scaling_factor=0.18215)
+    latent = image_size // 2 ** (len(vae_blocks) - 1)
+    kwargs = VARIANTS[variant]
+    transformer = DiTTransformer2DModel(**kwargs, in_channels=4, out_channels=8, sample_size=latent,
+                                        num_embeds_ada_norm=num_classes)
+    return Backbone(transformer=transformer.eval(), scheduler=make_scheduler(1000, "linear"), vae=vae.eval(),
+                    source=f"random {variant} latent {image_size}px")
+
+
+def save_backbone(backbone: Backbone, directory: Path) -> Path:
+    """Write a backbone as a diffusers DiTPipeline directory (transformer/, vae/, scheduler/, model_index.json)."""
+    from diffusers import DiTPipeline
+
+    DiTPipeline(transformer=backbone.transformer, vae=backbone.vae, scheduler=backbone.scheduler).save_pretrained(
+        directory)
+    return directory
+
+
 def make_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
     """The DDPM noise schedule q(x_t | x_0) for pixel-space training (epsilon prediction, clipped x_0)."""
     return DDPMScheduler(
