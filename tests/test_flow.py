@@ -272,9 +272,10 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     # confidence vs C, bootstrapped from the default selector's 64 calibration images
     curve = config["confidence_curve"]
     assert [p["images"] for p in curve] == [16, 32, 64]
-    assert curve[-1]["confidence"] == rows["aselect"]["confidence"] and curve[-1]["agrees"]
+    assert curve[-1]["confidence"] == rows["aselect"]["confidence"] and curve[-1]["agrees"] == 1.0
+    assert [p["subsets"] for p in curve] == [8, 8, 1] and all(0.0 <= p["timestep"] <= 1.0 for p in curve)
     assert curve[-1]["selected"] == {"timestep": rows["aselect"]["timestep"], "layer": rows["aselect"]["layer"]}
-    assert goals["confidence"]["measured"] == curve[-1]["confidence"]
+    assert goals["confidence"]["measured"] == curve[-1]["timestep"]
     assert rows["fewshot"]["confidence"] is None and rows["oracle"]["confidence"] is None
 
     scaling = config["scaling"]

@@ -11,6 +11,7 @@ import torch
 import zarr
 
 from pipelines.backbone import Backbone, build_dit, load_backbone, make_scheduler
+from pipelines.benchmark import smallest_confident
 from pipelines.config import CalibrateConfig, DumpConfig, load_config
 from pipelines.dump import plan_layout, run_dump
 from pipelines.errors import AselectError
@@ -201,3 +202,14 @@ def test_bootstrap_refuses_mismatched_values() -> None:
         bootstrap_confidence("aselect", table, np.zeros((5, 10)), PARAMS)
     with pytest.raises(AselectError, match="images must be in 1..10"):
         bootstrap_confidence("aselect", table, np.zeros((6, 10)), PARAMS, images=11)
+
+
+def test_smallest_confident_c_is_where_the_curve_stays_above_the_threshold() -> None:
+    def curve(shares: dict[int, float]) -> list[dict]:
+        return [{"images": c, "timestep": v, "confidence": v / 2} for c, v in shares.items()]
+
+    # 24 reaches 0.9 once, but 32 falls back: the curve only stays above from 48 on
+    assert smallest_confident(curve({16: 0.6, 24: 0.93, 32: 0.8, 48: 0.95, 64: 0.91})) == 48
+    assert smallest_confident(curve({16: 0.6, 32: 0.95, 64: 0.85})) is None  # the largest C falls short
+    assert smallest_confident(curve({16: 0.95, 32: 0.97})) == 16
+    assert smallest_confident(curve({16: 0.95, 32: 0.97}), share="confidence") is None  # the pair's share
