@@ -29,36 +29,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import natural_dataset  # noqa: E402
 from pipelines.backbone import SD_VAE_BLOCKS, random_latent_backbone  # noqa: E402
 from pipelines.config import DumpConfig  # noqa: E402
-from pipelines.dump import plan_layout, resolve_device, run_dump  # noqa: E402
-from pipelines.ingest import Dataset  # noqa: E402
+from pipelines.dump import plan_layout, resolve_autocast, resolve_device, run_dump  # noqa: E402
 from pipelines.streamed import HfrStream  # noqa: E402
-from storage.datasets import write_dataset  # noqa: E402
 from storage.stages import dir_size  # noqa: E402
-
-SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "motorcycle_left",
-           "retina")
-
-
-def natural_images(count: int, size: int) -> np.ndarray:
-    """`count` RGB uint8 images (N, 3, size, size): scikit-image's sample pictures, centre-cropped and resized."""
-    from PIL import Image
-    from skimage import data
-
-    out = []
-    for i in range(count):
-        picture = np.asarray(getattr(data, SAMPLES[i % len(SAMPLES)])())
-        if picture.ndim == 2:
-            picture = np.stack([picture] * 3, axis=-1)
-        h, w = picture.shape[:2]
-        side = min(h, w)
-        crop = picture[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2, :3]
-        image = Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC)
-        if i >= len(SAMPLES):  # more images than samples: mirror, so every image differs
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(np.asarray(image).transpose(2, 0, 1))
-    return np.stack(out).astype(np.uint8)
 
 
 def main() -> None:
@@ -75,16 +51,12 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    autocast = ("bf16" if device.type == "cuda" else "none") if args.autocast == "auto" else args.autocast
     blocks = SD_VAE_BLOCKS if args.vae == "sd" else tuple(c // 4 for c in SD_VAE_BLOCKS)
     backbone = random_latent_backbone(args.variant, args.image_size, vae_blocks=blocks)
-    images = natural_images(args.images, args.image_size)
-    n = len(images)
-    dataset = Dataset(images=images, labels=np.zeros(n, dtype=np.int64), class_names=["image"],
-                      train_idx=np.arange(n), test_idx=np.arange(0))
+    n = args.images
     token_sites = [s for s in args.sites if s != "attn_map"]
     base = DumpConfig(timesteps=args.timesteps, sites=args.sites, images_per_chunk=n, device=device.type,
-                      autocast=autocast)
+                      autocast=args.autocast)
     modes = {
         # the former calibration: the maps HFR reads, stored (token maps float16 + pooled; attention maps float16)
         "stored": (base.model_copy(update={"spatial": bool(token_sites)}), None),
@@ -93,8 +65,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "data").mkdir()
-        write_dataset(dataset, root / "data")
+        natural_dataset(n, args.image_size, root / "data")
         for mode, (cfg, hfr) in modes.items():
             stage = root / mode
             layout = plan_layout(backbone, np.arange(n), cfg, hfr=hfr)
@@ -117,7 +88,7 @@ def main() -> None:
         "blocks": int(config.num_layers), "width": int(config.num_attention_heads * config.attention_head_dim),
         "image_size": args.image_size, "vae": args.vae, "images": n, "timesteps": args.timesteps,
         "sites": args.sites, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(), "autocast": autocast, **results,
+        "torch_threads": torch.get_num_threads(), "autocast": str(resolve_autocast(args.autocast, device)), **results,
         "bytes_ratio_stored_vs_streamed": round(results["stored"]["bytes_per_image"]
                                                 / results["streamed"]["bytes_per_image"], 1),
         "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,

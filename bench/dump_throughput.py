@@ -1,10 +1,19 @@
-"""Dump throughput: forward-with-hooks alone vs the full Zarr dump, and peak RSS for N vs 4N images.
+"""Dump throughput: the bare forward pass, the forward pass with hooks, and the full Zarr dump, in one run.
 
-    .venv/bin/python bench/dump_throughput.py [--images N] [--timesteps 0,100,...]
+    .venv/bin/python bench/dump_throughput.py [--images N] [--timesteps 0,100,...] [--chunk 64]
+    .venv/bin/python bench/dump_throughput.py --variant DiT-XL/2 --latent [--images 16 --timesteps 100,500 --chunk 8]
 
-Prints both rates (images x timesteps per second), their ratio (goal >= 0.90), and the peak RSS of a dump
-of N and of 4N images, each in a fresh process (goal: nearly flat, i.e. streamed, not accumulated).
-Uses a random DiT-T/2 on 16x16 digits (the digits config's shapes); throughput does not depend on training.
+Default: a random DiT-T/2 on 1,797 digits at 16x16 (the digits config's shapes), 10 timesteps, sites block/attn/mlp
+on every block; it also measures the peak RSS of a dump of N/4 and N images, each in a fresh process (goal: flat).
+`--variant DiT-XL/2 --latent`: a random DiT-XL/2-shaped latent DiT (28 x 1152, patch 2, 32x32 latents of 256 px
+RGB through an SD-shaped AutoencoderKL; built locally, nothing downloaded) on natural images.
+
+Rates are image-timesteps per second:
+- `bare`: the transformer alone on x_t, no hooks (autocast as the dump resolves it),
+- `hooks`: `pipelines.features.extract` with hooks on every block and site, pooling and the copy to the host,
+- `dump`: `pipelines.dump.run_dump` end to end (VAE encoding, noise, forward, pooling, copies, Zarr, records).
+The last line is one JSON object (ratios dump/bare and dump/hooks, device, peak memory, the dump's seconds per
+phase: compute thread read/encode/noise/forward/pool/copy/wait, writer thread sync/write/record).
 """
 
 from __future__ import annotations
@@ -23,110 +32,208 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import zarr  # noqa: E402
 
-from pipelines.backbone import build_dit, encode_images, load_backbone, make_scheduler  # noqa: E402
+from bench.common import natural_dataset  # noqa: E402
+from pipelines.backbone import (  # noqa: E402
+    Backbone,
+    build_dit,
+    encode_images,
+    load_backbone,
+    make_scheduler,
+    random_latent_backbone,
+)
 from pipelines.config import DumpConfig, IngestConfig  # noqa: E402
-from pipelines.dump import plan_layout, run_dump  # noqa: E402
-from pipelines.features import extract  # noqa: E402
+from pipelines.dump import PhaseTimes, plan_layout, resolve_autocast, resolve_device, run_dump  # noqa: E402
+from pipelines.features import add_noise, extract  # noqa: E402
 from pipelines.ingest import load_dataset  # noqa: E402
-from storage.datasets import write_dataset  # noqa: E402
+from storage.datasets import DATASET_STORE, write_dataset  # noqa: E402
+
+SITES = ["block", "attn", "mlp"]
 
 
-def prepare(root: Path, images: int) -> tuple[str, Path]:
-    """A random DiT-T/2 in aselect's layout and `images` digits at 16x16 in a dataset store."""
+def digits_data(root: Path, images: int) -> Path:
+    """`images` digits at 16x16 (tiled past 1,797) in a dataset store."""
+    (root / "data").mkdir(parents=True)
+    dataset = load_dataset(IngestConfig(source="digits", image_size=16))
+    reps = -(-images // len(dataset.labels))
+    dataset.images = np.tile(dataset.images, (reps, 1, 1, 1))[:images]
+    dataset.labels = np.tile(dataset.labels, reps)[:images]
+    dataset.train_idx, dataset.test_idx = np.arange(images), np.arange(0)
+    write_dataset(dataset, root / "data")
+    return root / "data"
+
+
+def digits_model(root: Path) -> str:
+    """A random DiT-T/2 in aselect's layout (throughput does not depend on training)."""
     torch.manual_seed(0)
     build_dit("DiT-T/2", image_size=16, channels=1, num_classes=10).save_pretrained(root / "model" / "transformer")
     make_scheduler(1000, "linear").save_pretrained(root / "model" / "scheduler")
-    (root / "data").mkdir()
-    dataset = load_dataset(IngestConfig(source="digits", image_size=16))
-    if images > len(dataset.labels):  # tile the 1,797 digits for larger runs
-        reps = -(-images // len(dataset.labels))
-        dataset.images = np.tile(dataset.images, (reps, 1, 1, 1))[:images]
-        dataset.labels = np.tile(dataset.labels, reps)[:images]
-    else:
-        dataset.images, dataset.labels = dataset.images[:images], dataset.labels[:images]
-    dataset.train_idx, dataset.test_idx = np.arange(images), np.arange(0)
-    write_dataset(dataset, root / "data")
-    return str(root / "model"), root / "data"
+    return str(root / "model")
 
 
-def forward_only(model_dir: str, data: Path, cfg: DumpConfig, images: int) -> float:
-    """(a) the same forwards and pooling as the dump, with hooks, writing nothing: image-timesteps/s."""
-    import zarr
+def _chunks(backbone: Backbone, data: Path, cfg: DumpConfig, images: int, device: torch.device):
+    """Encoded chunks (x0 on the device, image ids), encoded once outside the timings."""
+    pixels = zarr.open_group(data / DATASET_STORE, mode="r")["images"]
+    for start in range(0, images, cfg.images_per_chunk):
+        ids = list(range(start, min(start + cfg.images_per_chunk, images)))
+        yield encode_images(backbone, torch.from_numpy(pixels[ids[0]:ids[-1] + 1]).to(device)), ids
 
-    backbone = load_backbone(model_dir)
-    layout = plan_layout(backbone, np.arange(images), cfg)
-    pixels = zarr.open_group(data / "data.zarr", mode="r")["images"]
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def bare_rate(backbone: Backbone, chunks: list, cfg: DumpConfig, device: torch.device) -> float:
+    """The transformer alone on x_t, no hooks: image-timesteps/s."""
+    autocast = resolve_autocast(cfg.autocast, device)
+    amp = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
+    _sync(device)
     started = time.perf_counter()
-    for ci in range(layout.num_chunks):
-        rows = layout.chunk_slice(ci)
-        x0 = encode_images(backbone, torch.from_numpy(pixels[rows]))
-        for t in layout.timesteps:
-            feats = extract(backbone, x0, list(range(rows.start, rows.stop)), t, layout.layers, cfg.sites, cfg.seed)
-            torch.stack([torch.stack([feats[(layer, s)] for s in layout.sites]) for layer in layout.layers]).mean(3)
-    return images * len(layout.timesteps) / (time.perf_counter() - started)
+    count = 0
+    for x0, ids in chunks:
+        labels = torch.full((len(ids),), backbone.null_class, device=device)
+        for t in cfg.timesteps:
+            x_t = add_noise(backbone, x0, ids, t, cfg.seed)
+            with amp:
+                backbone.transformer(x_t, timestep=torch.full((len(ids),), t, device=device), class_labels=labels)
+            count += len(ids)
+    _sync(device)
+    return count / (time.perf_counter() - started)
 
 
-def full_dump(model_dir: str, data: Path, cfg: DumpConfig, images: int, stage: Path) -> dict:
-    """(b) the full dump into a fresh stage directory."""
-    layout = plan_layout(load_backbone(model_dir), np.arange(images), cfg)
-    result = run_dump(model_dir, data, stage, layout, cfg)
-    return {"rate": result.rate, "bytes": result.bytes_written, "seconds": result.seconds}
+def hooks_rate(backbone: Backbone, chunks: list, cfg: DumpConfig, device: torch.device) -> float:
+    """Forward with hooks on every block and site, pooling, and the copy to the host: image-timesteps/s."""
+    layers = list(range(backbone.num_layers))
+    autocast = resolve_autocast(cfg.autocast, device)
+    started = time.perf_counter()
+    count = 0
+    for x0, ids in chunks:
+        for t in cfg.timesteps:
+            feats = extract(backbone, x0, ids, t, layers, SITES, cfg.seed, autocast=autocast)
+            torch.stack([torch.stack([feats[(layer, s)] for s in SITES]) for layer in layers]).mean(3).cpu()
+            count += len(ids)
+    return count / (time.perf_counter() - started)
+
+
+def dump_once(model_dir: str, backbone: Backbone | None, data: Path, cfg: DumpConfig, images: int,
+              stage: Path) -> dict:
+    """The full dump into a fresh stage directory."""
+    backbone = backbone if backbone is not None else load_backbone(model_dir)
+    layout = plan_layout(backbone, np.arange(images), cfg)
+    result = run_dump(model_dir, data, stage, layout, cfg, backbone=backbone)
+    return {"rate": result.rate, "bytes": result.bytes_written, "seconds": result.seconds, "phases": result.phases}
 
 
 def child(args: argparse.Namespace) -> None:
     """Run only the dump in this fresh process (data prepared by the parent) and print its peak RSS."""
     cfg = DumpConfig(timesteps=args.timesteps, images_per_chunk=args.chunk)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports: torch, diffusers, zarr
-    out = full_dump(args.model, Path(args.data), cfg, args.images, Path(args.stage))
+    out = dump_once(args.model, None, Path(args.data), cfg, args.images, Path(args.stage))
     out["rss_before_dump_mib"] = before
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1797)
-    parser.add_argument("--timesteps", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[0, 10, 25, 50, 100, 200, 300, 500, 700, 900])
-    parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-
-    cfg = DumpConfig(timesteps=args.timesteps, images_per_chunk=args.chunk)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir, data = prepare(Path(tmp), args.images)
-        forward_only(model_dir, data, cfg, min(args.images, 128))  # warm-up
-        rate_a = forward_only(model_dir, data, cfg, args.images)
-        dumped = full_dump(model_dir, data, cfg, args.images, Path(tmp) / "stage")
-    print(f"images {args.images}, timesteps {len(args.timesteps)}, chunk {args.chunk}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"(a) forward + hooks, no storage : {rate_a:8.1f} image-timesteps/s")
-    print(f"(b) full dump to Zarr           : {dumped['rate']:8.1f} image-timesteps/s "
-          f"({dumped['bytes'] / 2**20:.1f} MiB in {dumped['seconds']:.1f} s)")
-    print(f"ratio (b)/(a)                   : {dumped['rate'] / rate_a:8.3f}   (goal >= 0.90)")
-
+def peak_rss(args: argparse.Namespace) -> dict[int, dict]:
+    """Peak RSS of a dump of N/4 and N images, each in a fresh process."""
     rss = {}
     for n in (args.images // 4, args.images):
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir, data = prepare(Path(tmp), n)
+            model_dir, data = digits_model(Path(tmp)), digits_data(Path(tmp), n)
             cmd = [sys.executable, __file__, "--child", "--images", str(n), "--chunk", str(args.chunk),
                    "--timesteps", ",".join(map(str, args.timesteps)), "--model", model_dir, "--data", str(data),
                    "--stage", str(Path(tmp) / "stage")]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rss[n] = json.loads(done.stdout.splitlines()[-1])
-    small, large = rss[args.images // 4], rss[args.images]
-    print(f"peak RSS, N={args.images // 4:<5}            : {small['peak_rss_mib']:8.1f} MiB "
-          f"(after imports, before the dump: {small['rss_before_dump_mib']:.1f} MiB)")
-    print(f"peak RSS, 4N={args.images:<5}           : {large['peak_rss_mib']:8.1f} MiB "
-          f"(after imports, before the dump: {large['rss_before_dump_mib']:.1f} MiB)")
-    print(f"ratio 4N/N                      : {large['peak_rss_mib'] / small['peak_rss_mib']:8.3f}   "
-          "(goal: nearly flat, ~1.0)")
+    return rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default=None, help="a registered DiT size, e.g. DiT-XL/2 (default: digits)")
+    parser.add_argument("--latent", action="store_true", help="with --variant: a latent DiT behind an SD-shaped VAE")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--timesteps", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--autocast", choices=["auto", "none", "bf16", "fp16"], default="auto")
+    parser.add_argument("--no-rss", action="store_true", help="skip the N/4 vs N peak-RSS measurement")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    scale = args.variant is not None
+    if scale and not args.latent:
+        parser.error("--variant needs --latent (the scale check builds a latent DiT like DiT-XL/2's checkpoint)")
+    args.images = args.images or (16 if scale else 1797)
+    args.timesteps = args.timesteps or ([100, 500] if scale else [0, 10, 25, 50, 100, 200, 300, 500, 700, 900])
+    args.chunk = args.chunk or (8 if scale else 64)
+    if args.child:
+        return child(args)
+
+    device = resolve_device(args.device)
+    cfg = DumpConfig(timesteps=args.timesteps, images_per_chunk=args.chunk, sites=SITES, device=device.type,
+                     autocast=args.autocast)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if scale:
+            backbone = random_latent_backbone(args.variant, args.image_size)
+            model_dir, data = "in memory", natural_dataset(args.images, args.image_size, root / "data")
+        else:
+            model_dir, data = digits_model(root), digits_data(root, args.images)
+            backbone = load_backbone(model_dir)
+        backbone.transformer.to(device).eval()
+        if backbone.vae is not None:
+            backbone.vae.to(device).eval()
+        chunks = list(_chunks(backbone, data, cfg, args.images, device))
+        warm = DumpConfig(timesteps=args.timesteps[:1], images_per_chunk=args.chunk, sites=SITES,
+                          autocast=args.autocast)
+        bare_rate(backbone, chunks[:1], warm, device), hooks_rate(backbone, chunks[:1], warm, device)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rate_bare = bare_rate(backbone, chunks, cfg, device)
+        rate_hooks = hooks_rate(backbone, chunks, cfg, device)
+        del chunks
+        dumped = dump_once(model_dir, backbone, data, cfg, args.images, root / "stage")
+    what = (f"random {args.variant} latent, {args.image_size} px" if scale else "random DiT-T/2, digits 16x16")
+    print(f"{what}: images {args.images}, timesteps {len(args.timesteps)}, chunk {args.chunk}, device {device}, "
+          f"autocast {resolve_autocast(args.autocast, device)}, torch threads {torch.get_num_threads()}")
+    print(f"bare forward, no hooks        : {rate_bare:8.1f} image-timesteps/s")
+    print(f"forward + hooks + pool + copy : {rate_hooks:8.1f} image-timesteps/s")
+    print(f"full dump to Zarr             : {dumped['rate']:8.1f} image-timesteps/s "
+          f"({dumped['bytes'] / 2**20:.1f} MiB in {dumped['seconds']:.1f} s)")
+    print(f"ratio dump / bare             : {dumped['rate'] / rate_bare:8.3f}   (goal on CUDA >= 0.80)")
+    print(f"ratio dump / hooks            : {dumped['rate'] / rate_hooks:8.3f}   (goal on the CPU >= 0.90)")
+    phases = PhaseTimes()
+    phases.merge(dumped["phases"])
+    busy = sum(dumped["phases"].values())
+    print(f"dump seconds per phase        : {phases.describe()}; wall {dumped['seconds']:.2f}")
+    summary = {"variant": args.variant or "DiT-T/2 (digits)", "latent": scale, "images": args.images,
+               "timesteps": len(args.timesteps), "chunk": args.chunk, "bare": round(rate_bare, 2),
+               "hooks": round(rate_hooks, 2), "dump": round(dumped["rate"], 2),
+               "ratio_dump_vs_bare": round(dumped["rate"] / rate_bare, 3),
+               "ratio_dump_vs_hooks": round(dumped["rate"] / rate_hooks, 3),
+               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+               "autocast": str(resolve_autocast(args.autocast, device)),
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+               "dump_seconds": dumped["seconds"], "phases": dumped["phases"],
+               "overlapped_seconds": round(busy - dumped["seconds"], 2)}
+    if not scale and not args.no_rss:
+        rss = peak_rss(args)
+        small, large = rss[args.images // 4], rss[args.images]
+        print(f"peak RSS, N={args.images // 4:<6}            : {small['peak_rss_mib']:8.1f} MiB "
+              f"(after imports: {small['rss_before_dump_mib']:.1f} MiB)")
+        print(f"peak RSS, 4N={args.images:<6}           : {large['peak_rss_mib']:8.1f} MiB "
+              f"(after imports: {large['rss_before_dump_mib']:.1f} MiB)")
+        summary["rss_ratio_4n_vs_n"] = round(large["peak_rss_mib"] / small["peak_rss_mib"], 3)
+        print(f"ratio 4N/N                     : {summary['rss_ratio_4n_vs_n']:8.3f}   (goal: flat, ~1.0)")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

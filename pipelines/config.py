@@ -105,7 +105,8 @@ class DumpConfig(Section):
     images_per_chunk: int = Field(64, ge=1)
     workers: int = Field(1, ge=1)  # processes, each owning whole chunks
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    autocast: Literal["none", "bf16", "fp16"] = "none"  # CUDA only
+    # CUDA only: `auto` runs the forward pass in bf16 on CUDA (fp32 on the CPU); `none` keeps fp32 everywhere
+    autocast: Literal["auto", "none", "bf16", "fp16"] = "auto"
     seed: int = 0  # noise seed; each (image, timestep) gets its own stream
 
     @model_validator(mode="after")

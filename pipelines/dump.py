@@ -7,13 +7,16 @@ Finished (timestep, chunk) pairs have completion records and are never recompute
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,10 +29,10 @@ from tqdm.auto import tqdm
 from pipelines.backbone import Backbone, encode_images, load_backbone
 from pipelines.config import DumpConfig
 from pipelines.errors import AselectError
-from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, extract
+from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
 from pipelines.streamed import HfrStream, hfr_per_image
 from storage.datasets import DATASET_STORE
-from storage.features import FeatureLayout, create_store, finished_items, write_item
+from storage.features import FeatureLayout, create_store, finished_items, write_item, write_record
 
 log = logging.getLogger("aselect.dump")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +49,7 @@ class DumpResult:
     images_timesteps: int  # images x timesteps computed in this attempt
     bytes_written: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # PhaseTimes: seconds per phase, summed over items
 
     @property
     def rate(self) -> float:
@@ -56,6 +60,13 @@ class DumpResult:
 # ---------------------------------------------------------------------------------------------
 #                                           Planning
 # ---------------------------------------------------------------------------------------------
+
+
+def resolve_autocast(autocast: str, device: torch.device) -> torch.dtype | None:
+    """`auto` is bf16 on CUDA and full precision on the CPU; bf16/fp16 apply on CUDA only."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if autocast == "auto" else AUTOCAST[autocast]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -130,37 +141,208 @@ def _init_worker(model_dir: str, dataset_path: str, stage_path: str, layout: Fea
     _WORKER = _Worker(backbone, images, group, Path(stage_path), layout, cfg, device)
 
 
-def _run_chunk(ci: int, timestep_indices: list[int]) -> tuple[int, list[int], int]:
-    """Encode one chunk once, then one forward pass per pending timestep; returns bytes written."""
+class PhaseTimes:
+    """Seconds per phase of the dump, summed over items, from the compute thread and the writer thread."""
+
+    COMPUTE = ("read", "encode", "forward", "pool", "copy", "wait")  # wait: the writer queue was full
+    HELPER = ("noise",)  # drawn one timestep ahead on a helper thread
+    WRITER = ("sync", "write", "record")  # sync: device-to-host copy done; write: Zarr codec + files; record: fsync
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = dict.fromkeys(self.COMPUTE + self.HELPER + self.WRITER, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, device: torch.device | None = None) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device is not None and device.type == "cuda":  # time the device's work, not its launch
+                torch.cuda.synchronize(device)
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - started
+
+    def merge(self, other: dict[str, float]) -> None:
+        with self._lock:
+            for name, value in other.items():
+                self.seconds[name] = self.seconds.get(name, 0.0) + value
+
+    def summary(self) -> dict[str, float]:
+        return {name: round(value, 4) for name, value in self.seconds.items()}
+
+    def describe(self) -> str:
+        """One line: seconds per phase, per thread."""
+        groups = (("compute thread", self.COMPUTE), ("noise thread", self.HELPER), ("writer thread", self.WRITER))
+        return "; ".join(f"{label} " + ", ".join(f"{k} {self.seconds[k]:.2f}" for k in keys)
+                         + f" (sum {sum(self.seconds[k] for k in keys):.2f})" for label, keys in groups)
+
+
+class _Writer:
+    """Writes finished items on a background thread while the compute thread runs the next forward pass.
+
+    At most `depth` items wait in memory (a full queue blocks the compute thread: memory stays flat). A failed
+    write re-raises in the compute thread at its next `submit` or `collect`; items the writer finished are
+    reported in submission order, so progress never counts an item whose completion record is not on disk.
+    """
+
+    def __init__(self, times: PhaseTimes, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aselect-dump-writer")
+        self._slots = threading.BoundedSemaphore(depth)
+        self._queue: collections.deque[tuple[Future, tuple]] = collections.deque()
+        self._times = times
+        self._failed = False  # after a failed write, queued items are not written (the disk is the problem)
+
+    def _guarded(self, fn: Callable[..., int], *args: object) -> int:
+        if self._failed:
+            raise RuntimeError("not written: an earlier write failed")
+        try:
+            return fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def submit(self, meta: tuple, fn: Callable[..., int], *args: object) -> None:
+        with self._times.phase("wait"):
+            self._slots.acquire()
+        future = self._pool.submit(self._guarded, fn, *args)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._queue.append((future, meta))
+
+    def collect(self, block: bool = False) -> list[tuple[tuple, int]]:
+        """(meta, bytes written) of the items finished so far, oldest first; `block` waits for all of them."""
+        done = []
+        while self._queue and (block or self._queue[0][0].done()):
+            future, meta = self._queue.popleft()
+            done.append((meta, future.result()))  # a failed write raises here
+        return done
+
+    def close(self) -> None:
+        """Let every submitted write finish: items computed before a failure of the compute thread are kept."""
+        self._pool.shutdown(wait=True)
+
+
+def _amp(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _token_mean(features: torch.Tensor, site: str) -> torch.Tensor:
+    """Mean over tokens (B, T, D) -> (B, D), accumulated in float32 whatever the forward's dtype."""
+    return features.mean(dim=1, dtype=torch.float32)
+
+
+def _gather(feats: dict[tuple, torch.Tensor], layers: tuple[int, ...], sites: tuple[str, ...] | list[str],
+            reduction: str | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One (L, S, ...) tensor of per-(block, site) outputs, filled in place (no stacked temporaries)."""
+    key = (lambda layer, site: (layer, site, reduction)) if reduction else (lambda layer, site: (layer, site))
+    first = feats[key(layers[0], sites[0])]
+    out = torch.empty((len(layers), len(sites), *first.shape), dtype=dtype or first.dtype, device=first.device)
+    for li, layer in enumerate(layers):
+        for si, site in enumerate(sites):
+            out[li, si].copy_(feats[key(layer, site)])
+    return out
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a device-to-host copy into page-locked memory (a no-op on the CPU); the writer waits for it."""
+    if tensor.device.type != "cuda":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return out.copy_(tensor, non_blocking=True)
+
+
+def _write(w: _Worker, ti: int, ci: int, arrays: dict[str, torch.Tensor | None], ready: torch.cuda.Event | None,
+           times: PhaseTimes) -> int:
+    """Runs on the writer thread: wait for the copies, write the arrays, then the completion record."""
+    if ready is not None:
+        with times.phase("sync"):
+            ready.synchronize()
+    numpy = {name: None if value is None else value.numpy() for name, value in arrays.items()}
+    with times.phase("write"):
+        written = write_item(w.group, w.stage_path, w.layout, ti, ci, numpy["pooled"], numpy["spatial"],
+                             numpy["attn_map"], numpy["hfr"], record=False)
+    with times.phase("record"):
+        write_record(w.stage_path, ti, ci, written)
+    return written
+
+
+def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer, times: PhaseTimes) -> None:
+    """Encode one chunk once, then one forward pass per pending timestep, each item handed to the writer.
+
+    The noise of the next timestep is drawn on a helper thread while the current forward pass runs.
+    """
     w = _WORKER
     assert w is not None, "worker not initialised"
-    rows = w.layout.chunk_slice(ci)
-    sample_ids = list(w.layout.samples[rows])
-    pixels = torch.from_numpy(w.images.get_orthogonal_selection((np.asarray(sample_ids),)))
-    x0 = encode_images(w.backbone, pixels.to(w.device))
-    written = 0
-    layout = w.layout
-    layers, sites = layout.layers, [*layout.sites] + ([ATTN_MAP] if layout.attn_map else [])
-    reducers = {"hfr": partial(hfr_per_image, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc)}
-    for ti in timestep_indices:
-        feats = extract(w.backbone, x0, sample_ids, layout.timesteps[ti], layers, sites, w.cfg.seed,
-                        autocast=AUTOCAST[w.cfg.autocast] if w.device.type == "cuda" else None,
-                        reduce_sites=layout.hfr_sites, reducers=reducers if layout.hfr_sites else None)
-        pooled = spatial = attn = hfr = None
-        if layout.sites:
-            tokens = torch.stack([torch.stack([feats[(layer, s)] for s in layout.sites]) for layer in layers])
-            # tokens: (L, S, B, T, D) -> pooled (L, S, B, D)
-            if layout.pooled:
-                pooled = tokens.mean(dim=3).cpu().numpy()
-            if layout.spatial:
-                spatial = tokens.to(torch.float16).cpu().numpy()
-        if layout.attn_map:
-            attn = torch.stack([feats[(layer, ATTN_MAP)] for layer in layers]).to(torch.float16).cpu().numpy()
-        if layout.hfr_sites:  # (L, S_hfr, B) per-image scalars
-            hfr = torch.stack([torch.stack([feats[(layer, s, "hfr")] for s in layout.hfr_sites])
-                               for layer in layers]).cpu().numpy()
-        written += write_item(w.group, w.stage_path, layout, ti, ci, pooled, spatial, attn, hfr)
-    return ci, timestep_indices, written
+    layout, device = w.layout, w.device
+    rows = layout.chunk_slice(ci)
+    sample_ids = list(layout.samples[rows])
+    # 1. read and encode the chunk once (pixels, or VAE latents)
+    autocast = resolve_autocast(w.cfg.autocast, device)
+    with times.phase("read"):
+        pixels = torch.from_numpy(w.images.get_orthogonal_selection((np.asarray(sample_ids),)))
+    with times.phase("encode", device), _amp(device, autocast):  # the VAE too runs in the forward's precision
+        x0 = encode_images(w.backbone, pixels.to(device))
+    layers = layout.layers
+    # Maps leave the forward pass only when they are stored; pooling and HFR are reductions in the hooks, so a
+    # block's maps are dropped as soon as the next block runs (memory: one block's maps, not all of them).
+    kept = [*(layout.sites if layout.spatial else ())] + ([ATTN_MAP] if layout.attn_map else [])
+    reductions = {}
+    if layout.hfr_sites:
+        hfr = partial(hfr_per_image, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc)
+        reductions["hfr"] = Reduction(layout.hfr_sites, hfr)
+    if layout.pooled and layout.sites:
+        reductions["mean"] = Reduction(layout.sites, _token_mean)
+    pin = device.type == "cuda"
+
+    def noise_for(ti: int) -> torch.Tensor:
+        started = time.perf_counter()
+        noise = draw_noise(x0.shape[1:], sample_ids, layout.timesteps[ti], w.cfg.seed, pin=pin)
+        times.merge({"noise": time.perf_counter() - started})
+        return noise
+
+    with ThreadPoolExecutor(1, thread_name_prefix="aselect-noise") as helper:
+        upcoming = helper.submit(noise_for, timestep_indices[0]) if timestep_indices else None
+        for k, ti in enumerate(timestep_indices):
+            noise = upcoming.result()
+            upcoming = helper.submit(noise_for, timestep_indices[k + 1]) if k + 1 < len(timestep_indices) else None
+            # 2. one forward pass: hooks capture the sites and stream the reductions
+            with times.phase("forward", device):
+                feats = extract(w.backbone, x0, sample_ids, layout.timesteps[ti], layers, kept, w.cfg.seed,
+                                autocast=autocast, reductions=reductions, noise=noise)
+            # 3. gather per (block, site) on the device: pooled (L, S, B, D), float16 maps, per-image HFR (L, S, B)
+            arrays: dict[str, torch.Tensor | None] = dict.fromkeys(("pooled", "spatial", "attn_map", "hfr"))
+            with times.phase("pool", device):
+                if layout.pooled and layout.sites:
+                    arrays["pooled"] = _gather(feats, layers, layout.sites, "mean")
+                if layout.spatial:
+                    arrays["spatial"] = _gather(feats, layers, layout.sites, None, torch.float16)
+                if layout.attn_map:
+                    arrays["attn_map"] = _gather(feats, layers, [ATTN_MAP], None, torch.float16)[:, 0]
+                if layout.hfr_sites:
+                    arrays["hfr"] = _gather(feats, layers, layout.hfr_sites, "hfr")
+                del feats
+            # 4. start the copies to the host; the writer thread waits for them, encodes and writes
+            with times.phase("copy"):
+                arrays = {name: None if value is None else _host(value) for name, value in arrays.items()}
+                ready = None
+                if pin:
+                    ready = torch.cuda.Event()
+                    ready.record()
+            writer.submit((ci, [ti]), _write, w, ti, ci, arrays, ready, times)
+            yield from writer.collect()
+
+
+def _run_chunk_in_worker(ci: int, timestep_indices: list[int]) -> tuple[int, list[int], int, dict[str, float]]:
+    """A worker process's unit of work: one chunk, written before it returns; (ci, tis, bytes, phase seconds)."""
+    times = PhaseTimes()
+    writer = _Writer(times)
+    try:
+        for _ in _run_chunk(ci, timestep_indices, writer, times):
+            pass
+        written = sum(nbytes for _, nbytes in writer.collect(block=True))
+    finally:
+        writer.close()
+    return ci, timestep_indices, written, times.seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +373,7 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
     init_args = (model_dir, str(dataset_path), str(stage_path), layout, cfg, threads)
     bar = tqdm(total=total, initial=reused, desc="dump", unit="item", disable=None)
     finished, written, image_steps = reused, 0, 0
+    times = PhaseTimes()
 
     def account(ci: int, tis: list[int], nbytes: int) -> None:
         nonlocal finished, written, image_steps
@@ -203,7 +386,10 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
             progress(finished, total)
 
     try:
-        _compute(pending, cfg, init_args, backbone, account)
+        _compute(pending, cfg, init_args, backbone, account, times)
+    except torch.cuda.OutOfMemoryError:
+        raise AselectError(f"dump.images_per_chunk: {cfg.images_per_chunk} images do not fit in the GPU's memory "
+                           f"(CUDA out of memory); lower it and rerun: finished chunks are kept") from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise AselectError(f"{stage_path}: disk full while writing features ({exc.strerror}); finished chunks "
@@ -212,26 +398,35 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
     finally:
         bar.close()
     computed = total - reused
+    seconds = round(time.perf_counter() - started, 3)
+    if computed:
+        log.info("dump: %.1f s; %s", seconds, times.describe())
     return DumpResult(items_total=total, items_computed=computed, items_reused=reused, forward_passes=computed,
-                      images_timesteps=image_steps, bytes_written=written,
-                      seconds=round(time.perf_counter() - started, 3))
+                      images_timesteps=image_steps, bytes_written=written, seconds=seconds, phases=times.summary())
 
 
 def _compute(pending: dict[int, list[int]], cfg: DumpConfig, init_args: tuple, backbone: Backbone | None,
-             account: Callable[..., None]) -> None:
+             account: Callable[..., None], times: PhaseTimes) -> None:
     """Run the pending chunks in this process (workers=1) or in spawned worker processes."""
     if cfg.workers == 1:
         saved_threads = torch.get_num_threads()
         _init_worker(*init_args, backbone=backbone)
+        writer = _Writer(times)  # one writer across chunks: chunk k+1 computes while chunk k is written
         try:
             for ci, tis in pending.items():
-                account(*_run_chunk(ci, tis))
+                for meta, nbytes in _run_chunk(ci, tis, writer, times):
+                    account(*meta, nbytes)
+            for meta, nbytes in writer.collect(block=True):
+                account(*meta, nbytes)
         finally:
+            writer.close()
             torch.set_num_threads(saved_threads)
     elif pending:
         # spawn: a forked child would inherit torch's thread pools and any Prefect/Dask threads
         with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=init_args) as pool:
-            futures = [pool.submit(_run_chunk, ci, tis) for ci, tis in pending.items()]
+            futures = [pool.submit(_run_chunk_in_worker, ci, tis) for ci, tis in pending.items()]
             for future in as_completed(futures):
-                account(*future.result())
+                ci, tis, nbytes, seconds = future.result()
+                account(ci, tis, nbytes)
+                times.merge(seconds)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,13 +37,26 @@ def noise_seed(seed: int, image_index: int, timestep: int) -> int:
     return int(np.random.SeedSequence([seed, int(image_index), int(timestep)]).generate_state(1)[0])
 
 
+def draw_noise(shape: Sequence[int], image_indices: Sequence[int], timestep: int, seed: int,
+               pin: bool = False) -> torch.Tensor:
+    """Standard normal noise (B, *shape) on the CPU, one generator per (image, timestep).
+
+    Drawn on the CPU so that CPU and CUDA runs noise identically; `pin` puts it in page-locked memory, so the
+    copy to the GPU is one asynchronous transfer per batch.
+    """
+    noise = torch.empty((len(image_indices), *shape), pin_memory=pin)
+    for row, i in enumerate(image_indices):
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(seed, i, timestep)),
+                    out=noise[row])
+    return noise
+
+
 def add_noise(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
-              seed: int) -> torch.Tensor:
-    """DDPM q(x_t | x_0) with noise drawn from one generator per image."""
-    noise = torch.stack([
-        torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(noise_seed(seed, i, timestep)))
-        for i in image_indices
-    ]).to(device=x0.device, dtype=x0.dtype)
+              seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDPM q(x_t | x_0) with noise drawn from one generator per image (or `draw_noise`'s, drawn ahead)."""
+    if noise is None:
+        noise = draw_noise(x0.shape[1:], image_indices, timestep, seed)
+    noise = noise.to(device=x0.device, dtype=x0.dtype, non_blocking=True)
     t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
     return backbone.scheduler.add_noise(x0, noise, t)
 
@@ -80,7 +94,14 @@ class AttentionMapProcessor(AttnProcessor):
         return out / attn.rescale_output_factor
 
 
-Reducer = Callable[[torch.Tensor, str], torch.Tensor]  # (features of one site, site name) -> per-image (B,)
+Reducer = Callable[[torch.Tensor, str], torch.Tensor]  # (features of one site, site name) -> per-image values
+
+
+class Reduction(NamedTuple):
+    """A reduction computed in the forward hooks: `fn` applied to the maps of each of `sites`."""
+
+    sites: Sequence[str]
+    fn: Reducer
 
 
 @dataclass
@@ -88,24 +109,23 @@ class FeatureCapture:
     """Forward hooks on the chosen blocks.
 
     `outputs[(layer, site)]` holds the last forward's features of `sites`; `reduced[(layer, site, name)]` holds
-    each reducer's per-image values of `reduce_sites`, computed in the hook as soon as the block produced the
-    map, so maps that are only reduced are never kept.
+    each reduction's values of its sites, computed in the hook as soon as the block produced the map, so maps
+    that are only reduced are never kept.
     """
 
     backbone: Backbone
     layers: Sequence[int]
     sites: Sequence[str]
-    reduce_sites: Sequence[str] = ()
-    reducers: Mapping[str, Reducer] = field(default_factory=dict)
+    reductions: Mapping[str, Reduction] = field(default_factory=dict)
     outputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     reduced: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
 
     def _put(self, layer: int, site: str, value: torch.Tensor) -> None:
         if site in self.sites:
             self.outputs[(layer, site)] = value
-        if site in self.reduce_sites:
-            with torch.autocast(value.device.type, enabled=False):  # reductions keep their own precision
-                for name, reduce in self.reducers.items():
+        with torch.autocast(value.device.type, enabled=False):  # reductions keep their own precision
+            for name, (sites, reduce) in self.reductions.items():
+                if site in sites:
                     self.reduced[(layer, site, name)] = reduce(value, site)
 
     @contextlib.contextmanager
@@ -113,7 +133,7 @@ class FeatureCapture:
         blocks = self.backbone.transformer.transformer_blocks
         handles, saved_processors, maps = [], {}, {}
         last = max(self.layers)
-        wanted = set(self.sites) | set(self.reduce_sites)
+        wanted = set(self.sites).union(*(r.sites for r in self.reductions.values()))
 
         def keep(layer: int, site: str):
             def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
@@ -152,20 +172,21 @@ class FeatureCapture:
 @torch.no_grad()
 def extract(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
             layers: Sequence[int], sites: Sequence[str], seed: int,
-            autocast: torch.dtype | None = None, reduce_sites: Sequence[str] = (),
-            reducers: Mapping[str, Reducer] | None = None) -> dict[tuple, torch.Tensor]:
+            autocast: torch.dtype | None = None, reductions: Mapping[str, Reduction] | None = None,
+            noise: torch.Tensor | None = None) -> dict[tuple, torch.Tensor]:
     """Features of x_t for one timestep: one forward pass (cut after the deepest requested block).
 
-    Returns `{(layer, site): features}` (float32) for `sites`, and `{(layer, site, name): per-image values}` for
-    each reducer applied to `reduce_sites` in the forward hooks.
+    Returns `{(layer, site): features}` (float32) for `sites`, and `{(layer, site, name): values}` for each
+    reduction computed in the forward hooks on its sites. `noise` is `draw_noise`'s for these images and
+    timestep when the caller drew it ahead.
     """
     # 1. noise the clean inputs with per-image seeds
-    x_t = add_noise(backbone, x0, image_indices, timestep, seed)
+    x_t = add_noise(backbone, x0, image_indices, timestep, seed, noise)
     # 2. condition on the null class: features without label information
     labels = torch.full((len(x0),), backbone.null_class, dtype=torch.long, device=x0.device)
     t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
     # 3. run the DiT with hooks (reducers run inside them); stop after the deepest block we need
-    capture = FeatureCapture(backbone, sorted(set(layers)), list(sites), list(reduce_sites), dict(reducers or {}))
+    capture = FeatureCapture(backbone, sorted(set(layers)), list(sites), dict(reductions or {}))
     device_type = x0.device.type
     amp = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with capture.attached(), amp:

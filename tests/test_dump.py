@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +17,10 @@ import torch
 import xarray as xr
 import zarr
 
+import pipelines.dump as dump_module
 from pipelines.backbone import load_backbone
 from pipelines.config import DumpConfig
-from pipelines.dump import plan_layout, run_dump
+from pipelines.dump import plan_layout, resolve_autocast, run_dump
 from pipelines.errors import AselectError
 from pipelines.features import AttentionMapProcessor, extract
 from pipelines.streamed import HfrStream
@@ -81,10 +84,12 @@ def test_two_workers_give_bit_identical_features(tiny, tmp_path: Path, hfr: HfrS
     assert all(np.array_equal(one[name], two[name]) for name in one)
 
 
-def test_chunk_size_does_not_change_streamed_hfr(tiny, tmp_path: Path) -> None:
-    dump_into(tiny, tmp_path / "c32", hfr=STREAM)
-    dump_into(tiny, tmp_path / "c50", hfr=STREAM, images_per_chunk=50)
-    assert np.array_equal(arrays(tmp_path / "c32")["hfr"], arrays(tmp_path / "c50")["hfr"])
+@pytest.mark.parametrize("hfr", [None, STREAM], ids=["pooled", "streamed-hfr"])
+def test_chunk_size_does_not_change_features(tiny, tmp_path: Path, hfr: HfrStream | None) -> None:
+    dump_into(tiny, tmp_path / "c32", hfr=hfr)
+    dump_into(tiny, tmp_path / "c50", hfr=hfr, images_per_chunk=50)
+    small, large = arrays(tmp_path / "c32"), arrays(tmp_path / "c50")
+    assert set(small) == set(large) and all(np.array_equal(small[name], large[name]) for name in small)
 
 
 KILLABLE = """
@@ -200,3 +205,104 @@ def test_disk_full_fails_in_one_line_and_resumes_after_space_is_freed(tiny, tmp_
             np.testing.assert_array_equal(got[name], want[name])
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------
+#                     The writer thread: overlap, bounded memory, errors, CUDA knobs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_next_forward_pass_runs_while_the_previous_item_is_written(tiny, tmp_path: Path, monkeypatch) -> None:
+    """Item k's write waits until the forward pass of item k+1 has started: only overlap lets it finish."""
+    forwards: list[int] = []
+    next_forward = threading.Event()
+    real_extract, real_write = dump_module.extract, dump_module.write_item
+
+    def extract_and_count(*args, **kwargs):
+        forwards.append(args[3])
+        if len(forwards) >= 2:
+            next_forward.set()
+        return real_extract(*args, **kwargs)
+
+    def write_after_next_forward(group, stage_path, layout, ti, ci, *rest, **kwargs):
+        if (ti, ci) == (0, 0):
+            assert next_forward.wait(timeout=30), "the compute thread waited for the write: no overlap"
+        return real_write(group, stage_path, layout, ti, ci, *rest, **kwargs)
+
+    monkeypatch.setattr(dump_module, "extract", extract_and_count)
+    monkeypatch.setattr(dump_module, "write_item", write_after_next_forward)
+    result, _ = dump_into(tiny, tmp_path)
+    assert result.items_computed == 16 and len(forwards) == 16
+    assert set(result.phases) >= {"forward", "write", "record", "noise", "wait"} and result.phases["write"] > 0
+
+
+def test_a_stalled_writer_stops_the_compute_thread_after_two_items(tiny, tmp_path: Path, monkeypatch) -> None:
+    """Memory stays flat: with the writer stuck, at most `depth` items wait and one more is computed."""
+    forwards: list[int] = []
+    release = threading.Event()
+    real_extract, real_write = dump_module.extract, dump_module.write_item
+
+    def extract_and_count(*args, **kwargs):
+        forwards.append(args[3])
+        return real_extract(*args, **kwargs)
+
+    def stuck_write(*args, **kwargs):
+        release.wait(timeout=60)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(dump_module, "extract", extract_and_count)
+    monkeypatch.setattr(dump_module, "write_item", stuck_write)
+    worker = threading.Thread(target=dump_into, args=(tiny, tmp_path))
+    worker.start()
+    time.sleep(3.0)  # far longer than 16 forward passes of the tiny DiT take
+    stalled_at = len(forwards)
+    release.set()
+    worker.join(timeout=120)
+    assert stalled_at <= 4, f"{stalled_at} forward passes ran while the writer was stuck"
+    assert len(forwards) == 16 and len(finished_items(tmp_path)) == 16
+
+
+def test_a_failed_write_stops_the_dump_and_keeps_what_was_recorded(tiny, tmp_path: Path, monkeypatch) -> None:
+    real_write = dump_module.write_item
+    calls = []
+
+    def fail_on_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.EIO, "input/output error")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(dump_module, "write_item", fail_on_the_fifth)
+    with pytest.raises(OSError, match="input/output error"):
+        dump_into(tiny, tmp_path)
+    assert len(finished_items(tmp_path)) == 4  # the items before the failure, recorded; none after it
+    monkeypatch.setattr(dump_module, "write_item", real_write)
+    resumed, _ = dump_into(tiny, tmp_path)
+    assert resumed.items_reused == 4 and resumed.items_computed == 12
+
+
+def test_cuda_out_of_memory_names_the_key_and_keeps_finished_items(tiny, tmp_path: Path, monkeypatch) -> None:
+    real_extract = dump_module.extract
+    calls = []
+
+    def out_of_memory_on_the_sixth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(dump_module, "extract", out_of_memory_on_the_sixth)
+    with pytest.raises(AselectError) as caught:
+        dump_into(tiny, tmp_path)
+    message = str(caught.value)
+    assert message.startswith("dump.images_per_chunk: 32 images do not fit") and "\n" not in message
+    assert len(finished_items(tmp_path)) == 5  # every item computed before the failure was written
+
+
+def test_autocast_auto_is_bf16_on_cuda_and_full_precision_on_the_cpu() -> None:
+    assert DumpConfig().autocast == "auto"
+    assert resolve_autocast("auto", torch.device("cpu")) is None
+    assert resolve_autocast("bf16", torch.device("cpu")) is None  # CUDA only
+    assert resolve_autocast("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_autocast("fp16", torch.device("cuda")) is torch.float16
+    assert resolve_autocast("none", torch.device("cuda")) is None

@@ -15,7 +15,7 @@ from pipelines.benchmark import smallest_confident
 from pipelines.config import CalibrateConfig, DumpConfig, load_config
 from pipelines.dump import plan_layout, run_dump
 from pipelines.errors import AselectError
-from pipelines.features import SITES, extract
+from pipelines.features import SITES, Reduction, extract
 from pipelines.grid import streamed_hfr_table
 from pipelines.scoring import hfr_of_attention, hfr_of_tokens
 from pipelines.select import bootstrap_confidence, select
@@ -45,10 +45,10 @@ def test_streamed_hfr_equals_the_stored_map_reference(variant: str, size: int, c
         p.data.add_(0.05 * torch.randn_like(p))
     backbone = Backbone(model, make_scheduler(1000, "linear"), None, "memory")
     x0 = torch.rand(5, 1, size, size) * 2 - 1
-    reducer = {"hfr": partial(hfr_per_image, cutoff=cutoff, exclude_dc=exclude_dc)}
+    reduction = {"hfr": Reduction(SITES, partial(hfr_per_image, cutoff=cutoff, exclude_dc=exclude_dc))}
     layers = list(range(backbone.num_layers))
     for t in (0, 300, 900):
-        feats = extract(backbone, x0, range(5), t, layers, SITES, seed=0, reduce_sites=SITES, reducers=reducer)
+        feats = extract(backbone, x0, range(5), t, layers, SITES, seed=0, reductions=reduction)
         for layer in layers:
             for site in SITES:
                 streamed = feats[(layer, site, "hfr")]
