@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # Before Prefect is imported: route aselect's own loggers through Prefect and keep runs private.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aselect")
@@ -144,6 +150,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every complete stage (or one) against the sizes and sha256 it recorded when it finished."""
+    work = Workdir(args.workdir)
+    if not work.root.is_dir():
+        raise AselectError(f"{work.root}: no such workdir")
+    name, _, key_prefix = (args.stage or "").partition("/")
+    infos = [i for i in work.stages(name or None) if i.key.startswith(key_prefix) and i.status == "complete"]
+    if args.stage and not infos:
+        raise AselectError(f"{args.stage}: no complete stage of that name in {work.root}")
+    report = []
+    for info in infos:
+        bad = work.stage(info.name, info.key).damage(full=True)
+        report.append({"stage": info.name, "key": info.key, "damaged": bad})
+        if not args.json:
+            print(f"{info.name:<10} {info.key}  " + ("ok" if not bad else f"DAMAGED: {', '.join(bad[:5])}"
+                                                     + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")))
+    damaged = [r for r in report if r["damaged"]]
+    if args.json:
+        print(json.dumps({"workdir": str(work.root), "stages": report}))
+    else:
+        print(f"{len(report)} complete stages checked, {len(damaged)} damaged"
+              + ("; the next `aselect run` recomputes what is damaged" if damaged else ""))
+    return 1 if damaged else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aselect", description="Automatic timestep and feature selection "
                                      "for Diffusion Transformer representations (A-SelecT).")
@@ -174,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--workdir", default="aselect-work", help="workdir (default: ./aselect-work)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=cmd_inspect)
+
+    verify = sub.add_parser("verify", help="check finished stages' files against their recorded sha256 "
+                            "(exit 1 if any is damaged)")
+    verify.add_argument("stage", nargs="?", help="a stage name, or name/key-prefix (default: every stage)")
+    verify.add_argument("--workdir", default="aselect-work", help="workdir (default: ./aselect-work)")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -201,16 +239,91 @@ def flush_prefect_services(stop_server: bool, timeout: float = 10.0) -> None:
         SubprocessASGIServer().stop()  # atexit's stop is then a no-op
 
 
+# ---------------------------------------------------------------------------------------------
+#                          Interrupts, and the temporary Prefect server
+# ---------------------------------------------------------------------------------------------
+
+
+class ServerWatch:
+    """Shields the temporary Prefect server from Ctrl-C, and fails the run fast when that server dies.
+
+    Prefect starts its temporary server (no PREFECT_API_URL) as a child in our process group, so a Ctrl-C at the
+    terminal killed it first and Prefect then retried its crash reports against it for minutes. Started in its own
+    process group, it outlives our clean-up and is stopped last. A thread watches it: if it exits mid-run, the main
+    thread is interrupted and the run ends with one line.
+    """
+
+    GRACE = 10.0  # seconds the interrupted run has to end cleanly before it is ended
+
+    def __init__(self) -> None:
+        self.died: int | None = None  # the server's exit code, when it died under us
+        self._stop = threading.Event()
+
+    def install(self) -> None:
+        from prefect.server.api import server as prefect_server
+
+        original = prefect_server.SubprocessASGIServer._run_uvicorn_command
+        if getattr(original, "aselect_shielded", False):
+            return
+
+        def in_own_process_group(server: Any) -> Any:
+            with mock.patch.object(prefect_server.subprocess, "Popen",
+                                   functools.partial(subprocess.Popen, process_group=0)):
+                return original(server)
+
+        in_own_process_group.aselect_shielded = True  # type: ignore[attr-defined]
+        prefect_server.SubprocessASGIServer._run_uvicorn_command = in_own_process_group
+        threading.Thread(target=self._watch, name="aselect-server-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            if "prefect.server.api.server" not in sys.modules:
+                continue
+            from prefect.server.api.server import SubprocessASGIServer
+
+            server = SubprocessASGIServer()
+            process = server.server_process
+            if server.running and process is not None and process.poll() is not None:
+                self.died = process.returncode
+                _thread.interrupt_main()
+                if not self._stop.wait(self.GRACE):  # Prefect is retrying a dead server: do not limp on
+                    print(self.message(), file=sys.stderr, flush=True)
+                    if os.getpgrp() == os.getpid():  # our own group only: dump and Dask workers die with us
+                        os.killpg(os.getpgrp(), signal.SIGTERM)  # (ours raises in the main thread: harmless)
+                    os._exit(2)
+                return
+
+    def message(self) -> str:
+        return (f"aselect: error: the temporary Prefect server exited mid-run (code {self.died}); finished "
+                f"stages and chunks are kept, rerun to resume")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes the same path as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A server that was up before us (a caller's test harness) is not ours to stop.
     stop_server = not temporary_server_running()
+    watch = ServerWatch()
+    if stop_server and not os.environ.get("PREFECT_API_URL") and args.command in ("run", "bench"):
+        watch.install()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         return args.func(args)
     except AselectError as exc:
         flush_prefect_services(stop_server)
         print(f"aselect: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `aselect inspect | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
@@ -220,8 +333,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("aselect: interrupted; finished stages and chunks are kept, rerun to resume", file=sys.stderr)
+        watch.stop()
+        flush_prefect_services(stop_server, timeout=3.0)
+        if watch.died is not None:
+            print(watch.message(), file=sys.stderr)
+            return 2
+        print("aselect: interrupted: rerun to resume (finished stages and chunks are kept)", file=sys.stderr)
         return 130
+    finally:
+        watch.stop()
 
 
 if __name__ == "__main__":

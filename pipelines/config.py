@@ -84,6 +84,8 @@ class BackboneConfig(Section):
 
 
 DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 300, 500, 700, 900)
+# A pretrained tiny DiT attends over every token pair: past a 32x32 grid a CPU step takes minutes.
+MAX_PRETRAIN_TOKENS = 1024
 
 
 def _check_timesteps(name: str, values: list[int]) -> None:
@@ -295,14 +297,28 @@ class RunConfig(Section):
                 shown = too_late if len(too_late) <= 5 else [*too_late[:5], "..."]
                 raise ValueError(f"{name} {shown} must be < backbone.num_train_timesteps "
                                  f"({self.backbone.num_train_timesteps})")
-        if self.backbone.kind == "pretrain" and self.dump.blocks:
-            from pipelines.backbone import VARIANTS
-
-            depth = VARIANTS[self.backbone.variant]["num_layers"]
-            if max(self.dump.blocks) >= depth:
-                raise ValueError(f"dump.blocks {self.dump.blocks}: {self.backbone.variant} has {depth} blocks "
-                                 f"(0..{depth - 1})")
+        if self.backbone.kind == "pretrain":
+            self._fits_variant()
         return self
+
+    def _fits_variant(self) -> None:
+        """Block indices within the pretrained variant's depth, and a token grid it can train on."""
+        from pipelines.backbone import VARIANTS
+
+        variant = self.backbone.variant
+        depth, patch = VARIANTS[variant]["num_layers"], VARIANTS[variant]["patch_size"]
+        feature_layer = None if self.select.feature_layer == "argmax" else self.select.feature_layer
+        for name, value in (("dump.blocks", self.dump.blocks), ("select.layers", self.select.layers),
+                            ("select.layer", self.select.layer), ("select.feature_layer", feature_layer),
+                            ("bench.fixed_layer", self.bench.fixed_layer)):
+            values = value if isinstance(value, list) else [] if value is None else [value]
+            if any(v >= depth or v < 0 for v in values):
+                raise ValueError(f"{name} {value}: {variant} has {depth} blocks (0..{depth - 1})")
+        tokens = (self.ingest.image_size // patch) ** 2
+        if tokens > MAX_PRETRAIN_TOKENS:
+            raise ValueError(f"ingest.image_size {self.ingest.image_size} makes {tokens} tokens per image with "
+                             f"{variant} (patch {patch}); pretraining here supports up to {MAX_PRETRAIN_TOKENS} "
+                             f"(image_size <= {int(MAX_PRETRAIN_TOKENS ** 0.5) * patch})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +352,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise AselectError(f"--set {assignment!r}: {key} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise AselectError(f"--set {assignment!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})"
+                           ) from None
 
 
 def format_validation_error(origin: str, error: ValidationError) -> str:
@@ -363,6 +383,10 @@ def load_config(name_or_path: str | Path = "digits", overrides: list[str] | tupl
     path = resolve_config_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise AselectError(f"{path}: not a text file (expected a YAML config)") from None
+    except OSError as exc:
+        raise AselectError(f"{path}: cannot read config ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -30,9 +30,10 @@ from pipelines.backbone import Backbone, encode_images, load_backbone
 from pipelines.config import DumpConfig
 from pipelines.errors import AselectError
 from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
+from pipelines.scoring import radial_frequency
 from pipelines.streamed import HfrStream, hfr_per_image
 from storage.datasets import DATASET_STORE
-from storage.features import FeatureLayout, create_store, finished_items, write_item, write_record
+from storage.features import FeatureLayout, create_store, item_damage, write_item, write_record
 
 log = logging.getLogger("aselect.dump")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,6 +100,10 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     if hfr is None:
         return FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites), spatial=cfg.spatial,
                              attn_map=ATTN_MAP in cfg.sites)
+    highest = float(radial_frequency(side, side).max())
+    if hfr.cutoff >= highest:  # HFR would be 0 for every map: a "selection" by tie-break
+        raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: no frequency of the {side}x{side} token grid is above "
+                           f"it (the highest is {highest:.3f}); lower it")
     token_sites = tuple(s for s in TOKEN_SITES if s in hfr.sites)
     return FeatureLayout(**common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
                          attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False,
@@ -243,6 +248,19 @@ def _gather(feats: dict[tuple, torch.Tensor], layers: tuple[int, ...], sites: tu
     return out
 
 
+def _check_finite(arrays: dict[str, torch.Tensor | None], backbone: Backbone, timestep: int,
+                  layers: tuple[int, ...]) -> None:
+    """Refuse NaN or infinite features where they are produced: one line naming the backbone, timestep and block."""
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        finite = torch.isfinite(value.reshape(len(layers), -1)).all(dim=1)  # per block (the leading axis)
+        if not bool(finite.all()):
+            block = layers[int((~finite).nonzero()[0, 0])]
+            raise AselectError(f"{backbone.source}: non-finite features ({name}) at t={timestep}, block {block}: "
+                               f"the backbone's weights or the inputs hold NaN or inf")
+
+
 def _host(tensor: torch.Tensor) -> torch.Tensor:
     """Start a device-to-host copy into page-locked memory (a no-op on the CPU); the writer waits for it."""
     if tensor.device.type != "cuda":
@@ -259,17 +277,19 @@ def _write(w: _Worker, ti: int, ci: int, arrays: dict[str, torch.Tensor | None],
             ready.synchronize()
     numpy = {name: None if value is None else value.numpy() for name, value in arrays.items()}
     with times.phase("write"):
-        written = write_item(w.group, w.stage_path, w.layout, ti, ci, numpy["pooled"], numpy["spatial"],
-                             numpy["attn_map"], numpy["hfr"], record=False)
-    with times.phase("record"):
-        write_record(w.stage_path, ti, ci, written)
+        written, files = write_item(w.group, w.stage_path, w.layout, ti, ci, numpy["pooled"], numpy["spatial"],
+                                    numpy["attn_map"], numpy["hfr"], record=False)
+    with times.phase("record"):  # checksums of the chunk files just written, then fsync
+        write_record(w.stage_path, ti, ci, written, files)
     return written
 
 
-def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer, times: PhaseTimes) -> None:
+def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
+               times: PhaseTimes) -> Iterator[tuple[tuple, int]]:
     """Encode one chunk once, then one forward pass per pending timestep, each item handed to the writer.
 
-    The noise of the next timestep is drawn on a helper thread while the current forward pass runs.
+    Yields (meta, bytes) of the items the writer has finished so far. The noise of the next timestep is drawn
+    on a helper thread while the current forward pass runs.
     """
     w = _WORKER
     assert w is not None, "worker not initialised"
@@ -321,6 +341,7 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer, times: Pha
                 if layout.hfr_sites:
                     arrays["hfr"] = _gather(feats, layers, layout.hfr_sites, "hfr")
                 del feats
+                _check_finite(arrays, w.backbone, layout.timesteps[ti], layers)
             # 4. start the copies to the host; the writer thread waits for them, encodes and writes
             with times.phase("copy"):
                 arrays = {name: None if value is None else _host(value) for name, value in arrays.items()}
@@ -359,7 +380,11 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
     """
     started = time.perf_counter()
     create_store(stage_path, layout)
-    done = finished_items(stage_path)
+    damage = item_damage(stage_path)
+    for (ti, ci), bad in sorted(damage.items()):
+        if bad:  # recomputed below, bit-identically
+            log.warning("%s: item t%d-c%d is damaged (%s): computing it again", stage_path, ti, ci, ", ".join(bad))
+    done = {item for item, bad in damage.items() if not bad}
     pending: dict[int, list[int]] = {}
     for ti, ci in layout.work_items():
         if (ti, ci) not in done:

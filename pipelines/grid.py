@@ -26,6 +26,7 @@ from pipelines.scoring import get_scorer, score_pair
 from storage.features import read_hfr, read_samples
 
 log = logging.getLogger("aselect.score")
+CONNECT_SECONDS = 10  # an address nobody answers at fails in one line, not after retries
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,12 @@ class Pair:
 def dask_client(address: str | None, workers: int, threads_per_worker: int) -> Iterator[Client]:
     """A client on an existing scheduler (`address`) or on a fresh local cluster of worker processes."""
     if address:
-        with Client(address, timeout="30s") as client:
+        try:
+            client = Client(address, timeout=f"{CONNECT_SECONDS}s")
+        except (OSError, TimeoutError) as exc:
+            raise AselectError(f"score.dask.address {address}: no Dask scheduler answered within {CONNECT_SECONDS} s "
+                               f"({type(exc).__name__})") from None
+        with client:
             yield client
         return
     with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,

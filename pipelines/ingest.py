@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ def source_fingerprint(cfg: IngestConfig) -> str:
     _scan_folder(root, cfg.skip_bad)  # layout problems fail here, before any stage key is built
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root)):
-        rel = path.relative_to(root).as_posix().encode()
+        rel = os.fsencode(path.relative_to(root).as_posix())  # the bytes on disk, UTF-8 or not
         # length prefixes keep (path, bytes) pairs unambiguous
         digest.update(len(rel).to_bytes(8, "little") + rel)
         try:

@@ -94,6 +94,19 @@ def scores_of(rows: list[dict], scorer: str) -> dict[Pair, float]:
     return scores
 
 
+def require_signal(policy: str, rows: list[dict], scorer: str, values: dict) -> None:
+    """A policy never tie-breaks its way to a "choice": all scores non-finite, or all equal, is an error."""
+    total = sum(1 for r in rows if r["scorer"] == scorer)
+    if total and not values:
+        raise AselectError(f"policy '{policy}': all {total} '{scorer}' scores are non-finite (NaN or inf): "
+                           f"nothing to select from; check the backbone and the features")
+    if len(values) > 1:
+        lo, hi = min(values.values()), max(values.values())
+        if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+            raise AselectError(f"policy '{policy}': every '{scorer}' score is {hi:.6g}: the scores carry no signal "
+                               f"to select from (a constant backbone, or a cutoff above every frequency?)")
+
+
 def ranked(scores: dict[Pair, float], higher_is_better: bool = True) -> list[Pair]:
     """Pairs best first; ties in tie-break order."""
     sign = -1.0 if higher_is_better else 1.0
@@ -117,6 +130,7 @@ def _best_by(policy: str, rows: list[dict], scorer: str) -> Selection:
     """The pair with the best `scorer` score, and the second best as runner-up."""
     direction = get_scorer(scorer).higher_is_better
     scores = scores_of(rows, scorer)
+    require_signal(policy, rows, scorer, scores)
     if not scores:
         have = ", ".join(sorted({r["scorer"] for r in rows}))
         raise AselectError(f"policy '{policy}' needs '{scorer}' scores; the table has: {have}")
@@ -181,6 +195,7 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
              feature_site: str = "block", feature_layer: int | str = "argmax") -> Selection:
     """A-SelecT: t* = argmax over t of HFR (of `hfr_site`) averaged over `layers`; features at (t*, layer, site)."""
     hfr = {(t, layer): s for (t, layer, site), s in scores_of(rows, "hfr").items() if site == hfr_site}
+    require_signal("aselect", [r for r in rows if r["site"] == hfr_site], "hfr", hfr)
     if not hfr:
         sites = sorted({r["site"] for r in rows if r["scorer"] == "hfr"})
         raise AselectError(f"policy 'aselect' needs 'hfr' scores of site '{hfr_site}'; "
@@ -199,12 +214,14 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
         curve[t] = sum(hfr[(t, layer)] for layer in band) / len(band)
     order = sorted(curve, key=lambda t: (-curve[t], t))
 
+    if feature_layer != "argmax" and (isinstance(feature_layer, bool) or not isinstance(feature_layer, int)
+                                      or feature_layer not in present):
+        raise AselectError(f"select.feature_layer {feature_layer!r}: must be 'argmax' or one of the calibrated "
+                           f"blocks {present}")
+
     def layer_at(t: int) -> int:
         if feature_layer == "argmax":  # the band's block with the highest HFR at t (ties: lowest block)
             return min(band, key=lambda layer: (-hfr[(t, layer)], layer))
-        if isinstance(feature_layer, bool) or not isinstance(feature_layer, int) or feature_layer < 0:
-            raise AselectError(f"policy 'aselect': feature_layer must be 'argmax' or a block index, "
-                               f"got {feature_layer!r}")
         return feature_layer
 
     best = order[0]

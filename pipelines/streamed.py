@@ -52,7 +52,9 @@ def _per_map(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tenso
         num = torch.einsum("bhwc,hw->bc", power, high)
         den = ac if exclude_dc else total
         valid = (ac > FLAT_POWER * total) & (den > 0)  # flat (or all-zero) maps score 0, as in scoring.py
-        out[start:start + step] = torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)), 0.0)
+        ratio = torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)), 0.0)
+        # a non-finite map has no HFR: NaN, never the 0 of a flat map (the dump refuses NaN features)
+        out[start:start + step] = torch.where(torch.isfinite(total), ratio, torch.nan)
     return out
 
 

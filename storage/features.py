@@ -14,6 +14,7 @@ only the `done/` records say what is finished. Each work item writes whole Zarr 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipelines.faults import failpoint
+from storage.stages import RECORDS_DIR, damaged_files, file_digest, read_record
 
 FEATURES_STORE = "features.zarr"
-DONE_DIR = "done"
+DONE_DIR = RECORDS_DIR
 # Float features compress poorly (mantissas look random): measured with bench/feature_codecs.py on a trained DiT's
 # features, blosc lz4 + bit-shuffle stores pooled float32 at 1.18x and float16 maps at 1.10x, and encodes faster
 # than Zarr's default zstd (1.08x / 1.10x); no codec writes fastest but stores 10-18% more. One chunk per
@@ -119,44 +121,71 @@ def _layout_attrs(layout: FeatureLayout) -> dict:
             "hfr_exclude_dc": layout.hfr_exclude_dc}
 
 
-def finished_items(stage_path: Path) -> set[tuple[int, int]]:
-    """(timestep index, chunk index) pairs whose completion record exists."""
+def _records(stage_path: Path) -> dict[tuple[int, int], Path]:
     done = stage_path / DONE_DIR
-    items = set()
+    found = {}
     for marker in done.glob("t*-c*") if done.is_dir() else []:
         t, _, c = marker.name.partition("-")
-        items.add((int(t[1:]), int(c[1:])))
-    return items
+        found[(int(t[1:]), int(c[1:]))] = marker
+    return found
+
+
+def item_damage(stage_path: Path, full: bool = False) -> dict[tuple[int, int], list[str]]:
+    """For every completion record, the chunk files it vouches for that are missing or changed (size; also
+    sha256 with `full`); an intact item maps to []."""
+    damage = {}
+    for item, marker in _records(stage_path).items():
+        record = read_record(marker)
+        damage[item] = damaged_files(stage_path, record.get("files", {}), full) if record else ["its record"]
+    return damage
+
+
+def finished_items(stage_path: Path, full: bool = False) -> set[tuple[int, int]]:
+    """(timestep index, chunk index) pairs whose completion record exists and whose chunk files are intact.
+
+    An item whose chunks are missing or changed is not finished: it is computed again, never read back as
+    Zarr's fill value.
+    """
+    return {item for item, bad in item_damage(stage_path, full).items() if not bad}
 
 
 def write_item(group: zarr.Group, stage_path: Path, layout: FeatureLayout, ti: int, ci: int,
                pooled: np.ndarray | None, spatial: np.ndarray | None, attn_map: np.ndarray | None,
-               hfr: np.ndarray | None = None, record: bool = True) -> int:
+               hfr: np.ndarray | None = None, record: bool = True) -> tuple[int, list[str]]:
     """Write one (timestep, chunk) and then (unless `record=False`: the caller calls `write_record` after)
-    its completion record; returns bytes of array data written."""
+    its completion record; returns bytes of array data written and the chunk files (paths under the stage)."""
     rows = layout.chunk_slice(ci)
-    written = 0
+    written, files = 0, []
     for name, value, dtype in (("hfr", hfr, np.float64), ("pooled", pooled, np.float32),
                                ("spatial", spatial, np.float16), ("attn_map", attn_map, np.float16)):
         if value is not None:
             value = np.asarray(value, dtype=dtype)
             # axes (timestep, layer[, site], sample, ...): timestep ti, every layer (and site), this chunk's rows
             axes = 1 if name == "attn_map" else 2
-            group[name].with_config(WRITE_EMPTY)[(ti, *[slice(None)] * axes, rows)] = value
+            array = group[name]
+            array.with_config(WRITE_EMPTY)[(ti, *[slice(None)] * axes, rows)] = value
             written += value.nbytes
+            chunk = (ti, *[0] * axes, ci, *[0] * (value.ndim - axes - 1))  # the item is exactly one chunk
+            files.append(f"{FEATURES_STORE}/{name}/{array.metadata.encode_chunk_key(chunk)}")
     if record:
-        write_record(stage_path, ti, ci, written)
-    return written
+        write_record(stage_path, ti, ci, written, files)
+    return written, files
 
 
-def write_record(stage_path: Path, ti: int, ci: int, written: int) -> None:
-    """The completion record of one (timestep, chunk), after its data (the failpoints bracket it for crash tests)."""
+def write_record(stage_path: Path, ti: int, ci: int, written: int, files: list[str]) -> None:
+    """The completion record of one (timestep, chunk), after its data: bytes, and [size, sha256] of its chunks.
+
+    (The failpoints bracket it for crash tests.)
+    """
     failpoint("chunk")
+    record = {"bytes": written, "files": {rel: file_digest(stage_path / rel) for rel in files}}
     marker = _marker(stage_path, ti, ci)
-    with open(marker, "w") as fh:  # the data is written before the record that says so
-        fh.write(f"{written}\n")
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    with open(tmp, "w") as fh:  # the data is written before the record that says so
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, marker)  # readers see no record or a whole one
     failpoint("chunk")
 
 

@@ -11,8 +11,10 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -22,8 +24,11 @@ from typing import Any, Literal
 from pipelines.errors import AselectError
 from pipelines.faults import failpoint
 
+log = logging.getLogger("aselect.stage")
+
 MANIFEST = "manifest.json"
-Status = Literal["complete", "partial", "missing"]
+RECORDS_DIR = "done"  # per-item completion records of stages that resume item by item (the dumps)
+Status = Literal["complete", "partial", "missing", "damaged"]  # damaged: complete, but files missing or changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,11 +81,47 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def file_digest(path: Path) -> list:
+    """[size, sha256] of a file: what a manifest or completion record says was finished."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return [path.stat().st_size, digest.hexdigest()]
+
+
+def read_record(marker: Path) -> dict:
+    """A completion record (`done/...`): {"bytes", "files": {path under the stage: [size, sha256]}}; {} if
+    unreadable."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {"bytes": record}  # records before checksums held a number
+
+
+def damaged_files(stage_path: Path, files: Mapping[str, list], full: bool = False) -> list[str]:
+    """The listed files that are missing or changed: size by default, size and sha256 with `full`."""
+    bad = []
+    for rel, (size, sha) in files.items():
+        path = stage_path / rel
+        try:
+            if path.stat().st_size != size or (full and file_digest(path)[1] != sha):
+                bad.append(rel)
+        except OSError:
+            bad.append(rel)
+    return bad
+
+
 def dir_size(path: Path) -> int:
-    """Bytes under a directory (0 if it does not exist)."""
-    if not path.exists():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes under a directory (0 if it does not exist); files that vanish while it counts (a checkpoint
+    renamed by a running stage) are skipped."""
+    total = 0
+    for p in path.rglob("*") if path.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                total += p.stat().st_size
+    return total
 
 
 @dataclass(frozen=True)
@@ -100,11 +141,14 @@ class StageDir:
 
     def read_manifest(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.manifest_path.read_text())
+            manifest = json.loads(self.manifest_path.read_text())
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except (json.JSONDecodeError, OSError):
+        except (ValueError, OSError):  # not JSON, not UTF-8, unreadable
             return {"status": "partial", "summary": "unreadable manifest"}
+        if not isinstance(manifest, dict):
+            return {"status": "partial", "summary": f"unreadable manifest (a JSON {type(manifest).__name__})"}
+        return manifest
 
     def status(self) -> Status:
         manifest = self.read_manifest()
@@ -128,7 +172,11 @@ class StageDir:
         })
 
     def complete(self, summary: str, **details: Any) -> dict[str, Any]:
-        """Mark the stage complete: written last, so a crash before this line leaves it partial."""
+        """Mark the stage complete: written last, so a crash before this line leaves it partial.
+
+        The manifest lists [size, sha256] of every file the stage holds, except the chunk files its completion
+        records already vouch for, so later runs can tell a damaged stage from a finished one.
+        """
         failpoint(self.name)  # crash tests: killed here, the stage must stay partial
         manifest = self.read_manifest() or {"stage": self.name, "key": self.key, "started": time.time()}
         finished = time.time()
@@ -136,10 +184,45 @@ class StageDir:
         manifest.update({
             "status": "complete", "finished": finished, "summary": summary,
             "seconds": round(finished - float(manifest.get("started", finished)), 3),
-            "bytes": dir_size(self.path),
+            "bytes": dir_size(self.path), "files": self._digests(),
         })
         write_json_atomic(self.manifest_path, manifest)
         return manifest
+
+    def _records(self) -> dict[str, dict]:
+        records = self.path / RECORDS_DIR
+        return {m.name: read_record(m) for m in sorted(records.glob("[!.]*"))} if records.is_dir() else {}
+
+    def _digests(self) -> dict[str, list]:
+        covered = {rel for record in self._records().values() for rel in record.get("files", {})}
+        digests = {}
+        for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.path).as_posix()
+            hidden = any(part.startswith(".") for part in rel.split("/"))  # temporaries of atomic writes
+            if rel != MANIFEST and not rel.startswith(f"{RECORDS_DIR}/") and rel not in covered and not hidden:
+                digests[rel] = file_digest(path)
+        return digests
+
+    def damage(self, full: bool = False) -> list[str]:
+        """Files of a complete stage that are missing or changed since it finished (sizes; sha256 too with
+        `full`), its own and those its completion records vouch for. [] when intact (or not complete)."""
+        manifest = self.read_manifest() or {}
+        if manifest.get("status") != "complete":
+            return []
+        bad = damaged_files(self.path, manifest.get("files", {}), full)
+        for name, record in self._records().items():
+            bad += damaged_files(self.path, record.get("files", {}), full) if record else [f"{RECORDS_DIR}/{name}"]
+        return bad
+
+    def reopen(self) -> None:
+        """A damaged complete stage becomes computable again: a stage with completion records keeps its intact
+        items (the rest are recomputed), any other starts over."""
+        if (self.path / RECORDS_DIR).is_dir():
+            manifest = self.read_manifest() or {}
+            manifest["status"] = "partial"
+            write_json_atomic(self.manifest_path, manifest)
+        else:
+            self.reset()
 
     def reset(self) -> None:
         """Remove a partial stage's files (used by stages that cannot resume)."""
@@ -156,7 +239,20 @@ class StageDir:
         except OSError as exc:
             raise AselectError(f"{lock_path.parent}: cannot write to workdir ({exc.strerror or exc})") from None
         with fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another run holds it: say who, then wait
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                log.info("%s %s: waiting for the run that holds its lock (%s)", self.name, self.key, holder)
+                started = time.monotonic()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                log.info("%s %s: lock acquired after %.0f s", self.name, self.key, time.monotonic() - started)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+            fh.flush()
             try:
                 yield
             finally:
@@ -236,9 +332,12 @@ class Workdir:
                 continue
             stage = StageDir(path, path.parent.name, path.name)
             manifest = stage.read_manifest() or {}
+            status = stage.status()
+            if status == "complete" and stage.damage():
+                status = "damaged"
             stamp = manifest.get("finished") or manifest.get("started")
             infos.append(StageInfo(
-                name=stage.name, key=stage.key, status=stage.status(), bytes=dir_size(path),
+                name=stage.name, key=stage.key, status=status, bytes=dir_size(path),
                 age_seconds=round(time.time() - float(stamp), 1) if stamp else None,
                 summary=str(manifest.get("summary", "")), path=str(path),
             ))

@@ -29,9 +29,12 @@ def plan_backbone(workdir: Workdir, cfg: BackboneConfig, dataset: StageRef) -> S
 
 
 def backbone_dir(stage: StageRef) -> str:
-    """Where downstream stages load the backbone from: the trained model, or the loaded source."""
+    """Where downstream stages load the backbone from: the trained model (a path inside the stage, so a moved
+    or copied workdir reads its own), or the loaded source as configured."""
     manifest = stage.dir.read_manifest() or {}
-    return str(manifest.get("model_path", stage.dir.path / MODEL_DIR))
+    if manifest.get("kind") == "pretrain":
+        return str(stage.dir.path / MODEL_DIR)
+    return str(manifest.get("model_path", stage.dir.path / MODEL_DIR))  # loaded (or recorded before "kind")
 
 
 @task(name="backbone")
@@ -47,7 +50,7 @@ def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[st
         stage_dir.begin({"config": cfg.model_dump(mode="json"), "upstream": {"ingest": dataset.key}})
         if cfg.kind == "load":
             model = bb.load_backbone(cfg.path)
-            details: dict[str, Any] = {"model_path": cfg.path, "model": bb.describe(model)}
+            details: dict[str, Any] = {"kind": "load", "model_path": cfg.path, "model": bb.describe(model)}
             summary = f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}"
         else:
             data = read_dataset(dataset.dir.path)
@@ -63,7 +66,8 @@ def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[st
                                        cfg.pretrain.seed)
             bb.save_grid(samples, stage_dir.path / SAMPLES_PNG, nrow=n_per_class)
             last_loss = result.loss_curve[-1][1] if result.loss_curve else float("nan")
-            details = {"model_path": str(stage_dir.path / MODEL_DIR), "model": bb.describe(model),
+            described = {**bb.describe(model), "source": MODEL_DIR}  # inside the stage: the workdir can move
+            details = {"kind": "pretrain", "model_path": MODEL_DIR, "model": described,
                        "loss_curve": result.loss_curve, "resumed_from": result.resumed_from,
                        "train_seconds": round(result.seconds, 2), "samples": SAMPLES_PNG}
             summary = (f"pretrained {cfg.variant} ({bb.describe(model)['short']}) for {result.steps} steps, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.context import TaskRunContext
 
 from storage.stages import StageRef, Workdir
+
+log = logging.getLogger("aselect.stage")
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -38,8 +41,17 @@ class StageReport:
 
 def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any) -> StageReport:
     """Run a stage task through Prefect's cache, refreshing it when the stage's data is gone."""
-    # A cached result only points at data on disk: if that data was deleted (or never finished),
-    # the cache record is stale, so the task must run again and overwrite it.
+    # A cached result only points at data on disk: if that data was deleted, damaged (a file missing or
+    # resized since the stage finished) or never finished, the cache record is stale, so the task must run
+    # again and overwrite it. A dump recomputes only its damaged items; other stages start over.
+    if stage.dir.is_complete():
+        with stage.dir.lock():  # not while another run is finishing or repairing it
+            damaged = stage.dir.damage()
+            if damaged:
+                shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+                log.warning("%s %s: %s missing or changed since the stage finished: computing it again",
+                            stage.name, stage.key, shown)
+                stage.dir.reopen()
     fresh_on_disk = stage.dir.is_complete()
     configured = stage_task.with_options(
         name=stage.name,

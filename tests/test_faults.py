@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,75 @@ def test_two_concurrent_runs_compute_each_stage_once(prefect_api_url: str, refer
         assert manifest["attempts"] == 1, f"{name} was computed {manifest['attempts']} times"
         assert manifest["pid"] in (first.pid, second.pid)
         assert_same_stage(path, ref_dir / name)
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids whose environment holds `marker` (a run's private PREFECT_HOME): its server, workers, itself."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """SIGINT to the whole process group mid-pretraining, with Prefect's temporary server (no PREFECT_API_URL):
+    the run exits 130 in seconds with one line, stops its server, and a rerun resumes from the checkpoint."""
+    home, workdir, hits = tmp_path / "prefect-home", tmp_path / "work", tmp_path / "hits.log"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
+    argv = [sys.executable, "-m", "flows.cli", "run", "smoke", "--workdir", str(workdir),
+            "--set", "backbone.pretrain.steps=400", "--set", "backbone.pretrain.checkpoint_every=20"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if hits.exists() and hits.read_text().split().count("pretrain") >= 40:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal sends
+    interrupted = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - interrupted
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err[-3000:]
+    assert lines[-1].startswith("aselect: interrupted: rerun to resume"), lines[-3:]
+    assert took < 30, f"the interrupted run took {took:.0f} s to exit"
+    time.sleep(1.0)
+    assert _processes_with(str(home)) == [], "the temporary server or a worker outlived the run"
+    backbone = next(workdir.glob("backbone/*"))
+    assert json.loads((backbone / "manifest.json").read_text())["status"] == "partial"
+
+    env.pop("ASELECT_FAILPOINT_LOG")
+    done = subprocess.run(argv + ["--json"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = {s["name"]: s for s in json.loads(done.stdout)["stages"]}
+    assert "resumed from step" in stages["backbone"]["summary"]
+
+
+def test_a_run_whose_temporary_server_dies_fails_fast_in_one_line(tmp_path: Path) -> None:
+    home, workdir, hits = tmp_path / "prefect-home", tmp_path / "work", tmp_path / "hits.log"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "smoke", "--workdir", str(workdir),
+                             "--set", "backbone.pretrain.steps=400"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if hits.exists() and hits.read_text().split().count("pretrain") >= 40:
+            break
+        time.sleep(0.2)
+    servers = [pid for pid in _processes_with(str(home)) if pid != proc.pid
+               and b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert proc.poll() is None and len(servers) == 1, servers
+    os.kill(servers[0], signal.SIGKILL)
+    died = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2, err[-3000:]
+    assert lines[-1].startswith("aselect: error: the temporary Prefect server exited mid-run (code -9)"), lines[-3:]
+    assert time.monotonic() - died < 30

@@ -16,6 +16,8 @@ import zarr
 from flows.benchmark import BENCH_WORK
 from flows.pipeline import aselect_exhaustive, aselect_pipeline
 from pipelines.benchmark import README_END, README_START, readme_section
+from storage.features import open_features
+from storage.stages import Workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +100,40 @@ def test_changing_a_scorer_or_policy_parameter_keeps_dumps_and_pretraining(smoke
                                                  workdir=str(smoke_workdir)))
     assert all(reselected[name]["cached"] for name in ("ingest", "backbone", "calibrate", "score"))
     assert not reselected["select"]["cached"] and not reselected["probe"]["cached"]
+
+
+def test_a_damaged_stage_is_found_and_recomputed_not_served(smoke_workdir: Path) -> None:
+    calibration, probe = first_stage("calibrate"), first_stage("probe")
+    hfr = open_features(calibration)["hfr"][:]
+    chunk = next(iter(json.loads((calibration / "done" / "t003-c00000").read_text())["files"]))
+    (calibration / chunk).unlink()  # a calibration chunk removed after the stage finished
+    (probe / "metrics.json").write_text("{}")  # a probe result truncated
+    rerun = stages_by_name(aselect_pipeline(config="smoke", workdir=str(smoke_workdir)))
+    assert rerun["ingest"]["cached"] and rerun["backbone"]["cached"]
+    assert not rerun["calibrate"]["cached"] and "resumed (9/10 items reused)" in rerun["calibrate"]["summary"]
+    assert not rerun["probe"]["cached"] and json.loads((probe / "metrics.json").read_text())["metric"] == "top1"
+    assert np.array_equal(open_features(calibration)["hfr"][:], hfr)  # the item recomputed bit-identically
+    assert all(Workdir(smoke_workdir).stage(s["name"], s["key"]).damage(full=True) == [] for s in rerun.values())
+
+
+def test_a_copied_workdir_reads_only_itself(smoke_workdir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_workdir, copy, ignore=shutil.ignore_patterns(".locks", "bench"))
+    manifests = "".join(p.read_text() for p in copy.glob("*/*/manifest.json"))
+    assert str(smoke_workdir) not in manifests  # workdir-relative paths only
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    # a new calibration loads the backbone: from the moved workdir, the original's model being gone
+    original_model = first_stage("backbone") / "model"
+    hidden = original_model.with_name("model.hidden")
+    original_model.rename(hidden)
+    try:
+        result = stages_by_name(aselect_pipeline(config="smoke", overrides=["calibrate.images=32"],
+                                                 workdir=str(moved)))
+    finally:
+        hidden.rename(original_model)
+    assert result["backbone"]["cached"] and not result["calibrate"]["cached"]
+    assert Path(result["calibrate"]["path"]).is_relative_to(moved)
 
 
 def test_changing_a_backbone_parameter_keeps_ingest(smoke_workdir: Path) -> None:

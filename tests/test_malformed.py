@@ -128,6 +128,23 @@ def workdir_is_a_file(tmp: Path) -> dict[str, str]:
     return {"workdir": str(path)}
 
 
+def binary_config(tmp: Path) -> dict[str, str]:
+    path = tmp / "weights.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
+    return {"config": str(path)}
+
+
+def nan_weights(tmp: Path) -> dict[str, str]:
+    """A loadable DiT whose weights are NaN: features must be refused where they are produced."""
+    model = tmp / "nan-dit"
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    for param in dit.parameters():
+        param.data.fill_(float("nan"))
+    dit.save_pretrained(model)
+    return {"model": str(model)}
+
+
 FOLDER = ("--set", "ingest.source=imagefolder", "--set", "ingest.root={root}")
 LOAD = ("--set", "backbone.kind=load", "--set", "backbone.path={model}")
 
@@ -166,6 +183,19 @@ CASES = [
     Case("truncated safetensors", LOAD, "{model}: cannot load weights (", truncated_weights),
     # storage
     Case("workdir is a file", ("--workdir", "{workdir}"), "{workdir}: workdir path is a file", workdir_is_a_file),
+    # never silently wrong (issue 15): undecodable input, impossible settings, non-finite numbers, unreachable
+    Case("config file is not text", (), "{config}: not a text file", binary_config, config="{config}"),
+    Case("--set value is not YAML", ("--set", "dump.timesteps=[0, 1"),
+         "--set 'dump.timesteps=[0, 1': the value is not valid YAML"),
+    Case("image size beyond the pretrained grid", ("--set", "ingest.image_size=512"),
+         "ingest.image_size 512 makes 65536 tokens per image with DiT-XS/2 (patch 2)"),
+    Case("feature block out of range", ("--set", "select.feature_layer=7"),
+         "select.feature_layer 7: DiT-XS/2 has 2 blocks (0..1)"),
+    Case("HFR cutoff above the token grid", ("--set", "score.hfr_cutoff=1.45"),
+         "score.hfr_cutoff 1.45: no frequency of the 4x4 token grid is above it (the highest is 1.414)"),
+    Case("NaN weights", LOAD, "{model}: non-finite features (hfr) at t=0, block 0", nan_weights),
+    Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "score.dask.address=tcp://127.0.0.1:9"),
+         "score.dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 10 s"),
 ]
 
 
