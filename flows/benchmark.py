@@ -22,26 +22,32 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
+from pipelines.backbone import VARIANTS, build_dit, make_scheduler
 from pipelines.benchmark import (
     BENCH_VERSION,
     Selector,
+    best_pair_at,
     confidence_curve,
     config_report,
     flag_regressions,
     hfr_probe_spearman,
     oracle_timesteps,
+    pixel_baseline,
     selector_row,
     selectors,
+    split_regret,
     to_markdown,
 )
 from pipelines.config import RunConfig
 from pipelines.grid import dask_client
 from pipelines.plots import cost_vs_regret, metric_vs_timestep
+from storage.datasets import read_dataset
 from storage.stages import StageRef, Workdir, write_json_atomic
 from tasks.benchmark import scaling as scaling_task
+from tasks.probe import plan_probe, probe
 from tasks.score import read_per_image, read_rows
 from tasks.select import policy_params
-from tasks.stage import StageReport
+from tasks.stage import StageReport, run_stage
 
 DEFAULT_CONFIGS = ("digits", "mnist5k", "shapes")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
@@ -99,9 +105,58 @@ def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Pat
             "oracle_timesteps": len(oracle_timesteps(cfg)), "images": int(counts["images"]),
             "calibration_images": calibration_images}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
+    _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)
+    baselines = _baselines(name, cfg, fresh, dataset, summaries["oracle"]["selection"])
     if not keep_work:
         shutil.rmtree(fresh.root, ignore_errors=True)
-    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid, curve)
+    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid, curve, baselines)
+
+
+def _split_regrets(cfg: RunConfig, work: Workdir, dataset: StageRef, rows: list[dict[str, Any]],
+                   oracle: dict[str, Any], oracle_rows: list[dict[str, Any]]) -> None:
+    """Each selector's regret as timestep regret + feature regret: the best pair at its timestep (by the oracle's
+    probe score) is probed on the oracle's dump, which holds every pair of the candidate grid."""
+    grid = next(s for s in oracle["stages"] if s["name"] == "dump")
+    features = StageRef(grid["name"], grid["key"], grid["path"])
+    oracle_value = float(oracle["metrics"]["value"])
+    probed: dict[tuple, float] = {}
+    for row in rows:
+        pair = best_pair_at(oracle_rows, row["timestep"])
+        if pair is not None and pair == (row["timestep"], row["layer"], row["site"]):
+            probed[pair] = row["value"]
+        if pair is not None and pair not in probed:
+            selection = dict(zip(("timestep", "layer", "site"), pair, strict=True))
+            stage = plan_probe(work, cfg.probe, features, selection)
+            report = run_stage(probe, stage, work, cfg=cfg.probe, features=features, dataset=dataset,
+                               selection=selection)
+            probed[pair] = float(report.result["metrics"]["value"])
+        split_regret(row, oracle_value, probed.get(pair) if pair else None)
+
+
+def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef,
+               oracle_pair: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The probe on raw pixels, and on a random-weight DiT of the same shape at the oracle's pair."""
+    data = read_dataset(dataset.dir.path)
+    patch = VARIANTS[cfg.backbone.variant]["patch_size"] if cfg.backbone.kind == "pretrain" else 1
+    pixels = pixel_baseline(data.images, data.labels, data.train_idx, data.test_idx, data.masks, patch,
+                            cfg.probe.cs, cfg.probe.val_fraction, cfg.probe.seed)
+    out = {"pixels": {"label": "raw pixels (no DiT)", **pixels}}
+    if cfg.backbone.kind != "pretrain":
+        return out
+    random_dir = work.root / "random-dit"
+    torch.manual_seed(cfg.backbone.pretrain.seed)
+    build_dit(cfg.backbone.variant, cfg.ingest.image_size, cfg.ingest.channels, len(data.class_names)) \
+        .save_pretrained(random_dir / "transformer")
+    make_scheduler(cfg.backbone.num_train_timesteps, cfg.backbone.beta_schedule).save_pretrained(
+        random_dir / "scheduler")
+    t, layer, site = oracle_pair["timestep"], oracle_pair["layer"], oracle_pair["site"]
+    summary = aselect_pipeline(config=name, workdir=str(work.root), overrides=[
+        "backbone.kind=load", f"backbone.path={random_dir}", "select.policy=fixed", f"select.timestep={t}",
+        f"select.layer={layer}", f"select.site={site}"])
+    out["random_dit"] = {"label": f"random-weight {cfg.backbone.variant} (DiT init, untrained), at the oracle's "
+                                  f"pair t={t} block {layer} {site}",
+                         "metric": summary["metrics"]["metric"], "value": round(float(summary["metrics"]["value"]), 4)}
+    return out
 
 
 def _confidence_curve(cfg: RunConfig, chosen: list[Selector], summaries: dict[str, Any],

@@ -150,6 +150,45 @@ def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: floa
             "cached_stages": cost["cached_stages"]}
 
 
+def pixel_baseline(images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
+                   masks: np.ndarray | None, patch: int, cs: Sequence[float], val_fraction: float,
+                   seed: int) -> dict[str, Any]:
+    """The downstream probe on raw pixels, no DiT: flattened images (classification), or each patch x patch
+    block of pixels as a token on the DiT's own grid (segmentation). What DiT features must beat."""
+    from pipelines.probe import classification_probe, segmentation_probe
+
+    x = images.astype(np.float32) / 255.0  # (N, C, H, W)
+    if masks is None:
+        flat = x.reshape(len(x), -1)
+        result = classification_probe(flat[train_idx], labels[train_idx], flat[test_idx], labels[test_idx],
+                                      Cs=cs, val_fraction=val_fraction, seed=seed)
+    else:
+        n, c, h, w = x.shape
+        tokens = (x.reshape(n, c, h // patch, patch, w // patch, patch).transpose(0, 2, 4, 1, 3, 5)
+                  .reshape(n, (h // patch) * (w // patch), c * patch * patch))
+        result = segmentation_probe(tokens[train_idx], masks[train_idx], tokens[test_idx], masks[test_idx],
+                                    int(masks.max()) + 1, Cs=cs, val_fraction=val_fraction, seed=seed)
+    return {"metric": result.metric, "value": round(float(result.value), 4)}
+
+
+def best_pair_at(oracle_rows: list[dict[str, Any]], timestep: int) -> tuple[int, int, str] | None:
+    """The pair the oracle's (cross-validated, train-split) probe score ranks best among those at `timestep`."""
+    at = [r for r in oracle_rows if r["timestep"] == timestep and math.isfinite(r["score"])]
+    if not at:
+        return None
+    best = max(at, key=lambda r: (r["score"], -r["layer"]))
+    return best["timestep"], best["layer"], best["site"]
+
+
+def split_regret(row: dict[str, Any], oracle_value: float, best_at_t_value: float | None) -> None:
+    """Regret = timestep regret (oracle - best pair at the selected t) + feature regret (that - the selection)."""
+    if best_at_t_value is None:
+        row["timestep_regret_points"] = row["feature_regret_points"] = None
+        return
+    row["timestep_regret_points"] = round(100 * (oracle_value - best_at_t_value), 2)
+    row["feature_regret_points"] = round(100 * (best_at_t_value - row["value"]), 2)
+
+
 def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
                          oracle_timesteps: int | None = None) -> float:
     """Exhaustive / A-SelecT forward passes: T_o*N / (C*T + N); on one grid (T_o = T) below both T and N / C."""
@@ -159,7 +198,8 @@ def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
 
 def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, Any] | None,
                   pictures: dict[str, str], grid: dict[str, int],
-                  curve: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  curve: list[dict[str, Any]] | None = None,
+                  baselines: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals.
 
     `grid` is {"timesteps", "oracle_timesteps", "images", "calibration_images"}: what bounds the forward-pass
@@ -195,8 +235,11 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
                                                  if p["images"] == grid["calibration_images"]), None),
                                "met": smallest is not None and smallest <= grid["calibration_images"],
                                "smallest_confident_images": smallest}
+    for baseline in (baselines or {}).values():
+        baseline["regret_points"] = round(100 * (oracle["value"] - baseline["value"]), 2)
+        baseline["beaten_by_default"] = default["value"] > baseline["value"]
     return {"config": config, "metric": oracle["metric"], "grid": grid, "selectors": rows, "goals": goals,
-            "scaling": scaling, "pictures": pictures, "confidence_curve": curve or []}
+            "scaling": scaling, "pictures": pictures, "confidence_curve": curve or [], "baselines": baselines or {}}
 
 
 def flag_regressions(configs: list[dict[str, Any]], previous: dict[str, Any] | None) -> list[str]:
@@ -315,14 +358,20 @@ def _verdict(goal: dict[str, Any]) -> str:
     return "met" if goal["met"] else "**not met**"
 
 
+def _split(r: dict[str, Any]) -> str:
+    t, f = r.get("timestep_regret_points"), r.get("feature_regret_points")
+    return "-" if t is None else f"{t:.2f} + {f:.2f}"
+
+
 def selector_table(c: dict[str, Any]) -> list[str]:
-    lines = [f"| selector | pair | {c['metric']} | regret (pts) | confidence | forward passes | probe fits | "
-             f"compute s | wall s | exhaustive / this (forward passes) | exhaustive / this (compute s) | "
-             f"Spearman HFR vs probe |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| selector | pair | {c['metric']} | regret (pts) | = timestep + feature regret | confidence | "
+             f"forward passes | probe fits | compute s | wall s | exhaustive / this (forward passes) | "
+             f"exhaustive / this (compute s) | Spearman HFR vs probe |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in c["selectors"]:
         lines.append(f"| {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | {r['value']:.4f} | "
-                     f"{r['regret_points']:.2f} | {_fmt(r.get('confidence'), 2)} | {r['forward_passes']} | "
+                     f"{r['regret_points']:.2f} | {_split(r)} | {_fmt(r.get('confidence'), 2)} | "
+                     f"{r['forward_passes']} | "
                      f"{r['probe_fits']} | {r['compute_seconds']:.1f} | {r['wall_seconds']:.1f} | "
                      f"{_fmt(r['cost_ratio']['forward_passes'], 2, 'x')} | "
                      f"{_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} | "
@@ -370,6 +419,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"{g.get('oracle_timesteps', g['timesteps'])}; N={g['images']} images, "
                      f"C={g['calibration_images']} calibration images: the forward-pass ratio can be at most "
                      f"T_o*N/(C*T+N) = {c['goals']['cost']['forward_pass_ceiling']}x")
+        for b in c.get("baselines", {}).values():
+            lines.append(f"- baseline {b['label']}: {b['metric']} {b['value']:.4f} (regret {b['regret_points']:.2f}; "
+                         f"the A-SelecT default {'beats' if b['beaten_by_default'] else 'does not beat'} it)")
         if c.get("confidence_curve"):
             lines += ["", "Confidence vs calibration size C (200 bootstrap resamples at each C, one calibration of "
                           "the largest C; measured in this run):", ""] + curve_table(c["confidence_curve"])
@@ -387,16 +439,25 @@ def readme_section(report: dict[str, Any]) -> str:
     lines = [README_START, "", f"Measured {report['generated'][:10]} on {report['machine']['cores']} CPU cores "
              f"({report['machine']['device']}); generated from `bench/results.json` by:", "", "```sh",
              REPRODUCE, "```", "",
-             "| config | selector | pair | metric | regret (pts) | confidence | forward passes | compute s | "
-             "exhaustive / this (forward passes) | exhaustive / this (compute s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| config | selector | pair | metric | regret (pts) | = timestep + feature regret | confidence | "
+             "forward passes | compute s | exhaustive / this (forward passes) | exhaustive / this (compute s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in report["configs"]:
         for r in c["selectors"]:
             lines.append(f"| {c['config']} | {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | "
-                         f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | "
+                         f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | {_split(r)} | "
                          f"{_fmt(r.get('confidence'), 2)} | {r['forward_passes']} | {r['compute_seconds']:.1f} | "
                          f"{_fmt(r['cost_ratio']['forward_passes'], 2, 'x')} | "
                          f"{_fmt(r['cost_ratio']['compute_seconds'], 2, 'x')} |")
+    with_baselines = [c for c in report["configs"] if c.get("baselines")]
+    if with_baselines:
+        lines += ["", "Baselines (no DiT, or a DiT that learned nothing), probed like the selectors' features:", "",
+                  "| config | baseline | metric | regret (pts) | A-SelecT default beats it |",
+                  "| --- | --- | --- | --- | --- |"]
+        for c in with_baselines:
+            for b in c["baselines"].values():
+                lines.append(f"| {c['config']} | {b['label']} | {b['metric']} {b['value']:.4f} | "
+                             f"{b['regret_points']:.2f} | {'yes' if b['beaten_by_default'] else '**no**'} |")
     lines += ["", "Goals (A-SelecT default):", ""]
     for c in report["configs"]:
         parts = [f"{name} {goal['measured']} ({goal['goal']}: {_verdict(goal)})" for name, goal in c["goals"].items()]

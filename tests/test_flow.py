@@ -313,6 +313,17 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     assert curve[-1]["selected"] == {"timestep": rows["aselect"]["timestep"], "layer": rows["aselect"]["layer"]}
     assert goals["confidence"]["measured"] == curve[-1]["timestep"]
     assert rows["fewshot"]["confidence"] is None and rows["oracle"]["confidence"] is None
+    # regret = timestep regret + feature regret, the best pair at each selected t probed on the oracle's dump
+    for row in rows.values():
+        assert row["timestep_regret_points"] + row["feature_regret_points"] == pytest.approx(
+            row["regret_points"], abs=0.02)
+    assert oracle["timestep_regret_points"] == oracle["feature_regret_points"] == 0.0
+    # baselines: raw pixels, and an untrained DiT of the same shape at the oracle's pair
+    baselines = config["baselines"]
+    assert set(baselines) == {"pixels", "random_dit"}
+    assert all(b["metric"] == "top1" and 0.0 < b["value"] <= 1.0 for b in baselines.values())
+    assert baselines["pixels"]["regret_points"] == round(100 * (oracle["value"] - baselines["pixels"]["value"]), 2)
+    assert f"t={oracle['timestep']} block {oracle['layer']} {oracle['site']}" in baselines["random_dit"]["label"]
 
     scaling = config["scaling"]
     assert [p["images"] for p in scaling["points"]] == [100, 200]
