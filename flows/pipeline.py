@@ -121,10 +121,11 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
     segmentation = is_segmentation(dataset)
     timesteps = cfg.calibrate.candidate_timesteps(cfg.dump)
     hfr = None
-    if cfg.select.policy == "fewshot":
+    if cfg.select.policy in ("fewshot", "rankme"):
         sites = [s for s in cfg.dump.sites if s != "attn_map"]
-        calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": sites, "spatial": segmentation})
-        scorer = "probe_seg" if segmentation else "fewshot"
+        spatial = segmentation and cfg.select.policy == "fewshot"  # the few-shot segmentation probe reads maps
+        calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": sites, "spatial": spatial})
+        scorer = "rankme" if cfg.select.policy == "rankme" else "probe_seg" if segmentation else "fewshot"
     else:
         calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites),
                                                 "spatial": False})
@@ -165,7 +166,7 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
         table = reports[-1].result["rows"]
     # 5-6. select, dump the selected pair for every image, probe
     _select_and_probe(cfg, work, reports, cfg.select, scored, table, dataset, model, None)
-    return run_summary(cfg, work, cfg.select.policy, reports)  # aselect, fewshot or fixed
+    return run_summary(cfg, work, cfg.select.policy, reports)  # aselect, fewshot, rankme or fixed
 
 
 @flow(name="aselect-exhaustive")

@@ -78,6 +78,9 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
     if cfg.bench.fewshot:
         out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.images} calibration images",
                             ("select.policy=fewshot",)))
+    if cfg.bench.rankme:
+        out.append(Selector("rankme", f"RankMe (label-free effective rank) on the {cfg.calibrate.images} "
+                                      f"calibration images", ("select.policy=rankme",)))
     layer = depth // 2 if cfg.bench.fixed_layer is None else cfg.bench.fixed_layer
     t, fixed_site = cfg.bench.fixed_timestep, cfg.bench.fixed_site
     out.append(Selector("fixed", f"fixed t={t} block {layer} {fixed_site} (common hand-picked pair)",

@@ -207,7 +207,7 @@ class ScoreConfig(Section):
 class SelectConfig(Section):
     """Stage 5: how scores become one (timestep, layer, site)."""
 
-    policy: Literal["aselect", "oracle", "fixed", "fewshot"] = "aselect"
+    policy: Literal["aselect", "oracle", "fixed", "fewshot", "rankme"] = "aselect"
     hfr_site: Literal["block", "attn", "mlp", "attn_map"] = "attn"  # must be among calibrate.sites
     layers: list[int] | None = None  # blocks HFR is averaged over; default: the middle third
     feature_site: Literal["block", "attn", "mlp"] = "block"
@@ -243,6 +243,7 @@ class BenchConfig(Section):
 
     hfr_variants: list[SiteName] = Field(default_factory=lambda: ["attn_map", "block", "mlp"])  # besides hfr_site
     fewshot: bool = True  # the few-shot probe on the calibration subset as a selector
+    rankme: bool = True  # RankMe (label-free, not spectral) on the calibration subset as a selector
     # "A commonly used pair": t=100 of 1000 and the middle block, the usual hand-picked choice for DiT/DDPM
     # features. None -> the middle block.
     fixed_timestep: int = Field(100, ge=0)

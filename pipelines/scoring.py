@@ -4,6 +4,7 @@ Scorers, by name (see `SCORERS`; add more with `register_scorer`):
 - `hfr`: A-SelecT's High-Frequency Ratio, label-free; on token maps (n, T, D) or attention maps (n, T, T).
 - `probe`: the exhaustive oracle for classification, k-fold linear-probe accuracy on pooled features (n, D).
 - `fewshot`: a cheap labelled proxy, leave-one-out nearest-class-mean accuracy on pooled features (n, D).
+- `rankme`: label-free, RankMe's effective rank of pooled features (n, D) (Garrido et al. 2023).
 - `probe_seg`: the exhaustive oracle for segmentation, mIoU of the per-token probe on spatial tokens (n, T, D).
 
 HFR (a reconstruction, see DESIGN.md): per 2-D map, P = |FFT2|^2, rho = |f| / 0.5 with f in cycles per sample
@@ -274,7 +275,22 @@ def _probe_seg_score(features: np.ndarray, labels: np.ndarray | None = None, mas
     return result.value
 
 
+def _rankme_score(features: np.ndarray, labels: np.ndarray | None = None, masks: np.ndarray | None = None, *,
+                  eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023), label-free: exp of the entropy of the normalised singular values of the
+    (n, D) feature matrix, the effective rank of the representation (higher: more dimensions in use)."""
+    x = features.astype(np.float64)
+    if not np.isfinite(x).all():
+        return float("nan")
+    singular = np.linalg.svd(x, compute_uv=False)
+    if singular.sum() <= 0:
+        return 0.0
+    p = singular / singular.sum() + eps
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 register_scorer(Scorer("hfr", needs_labels=False, needs="spatial_or_attn", fn=_hfr_score))
+register_scorer(Scorer("rankme", needs_labels=False, needs="pooled", fn=_rankme_score))
 register_scorer(Scorer("probe", needs_labels=True, needs="pooled", fn=_probe_score))
 register_scorer(Scorer("fewshot", needs_labels=True, needs="pooled", fn=_fewshot_score))
 register_scorer(Scorer("probe_seg", needs_labels=True, needs="spatial", fn=_probe_seg_score))

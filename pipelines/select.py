@@ -1,7 +1,8 @@
 """Stage 5 (domain): a policy turns a score table into one (timestep, layer, site) and says why.
 
 A score table is a list of rows {"timestep", "layer", "site", "scorer", "score"}, one per scored pair and scorer.
-Policies: `oracle` (best probe score), `fewshot` (best few-shot proxy), `fixed` (the configured pair; an empty
+Policies: `oracle` (best probe score), `fewshot` (best few-shot proxy), `rankme` (highest effective rank of
+pooled features, label-free), `fixed` (the configured pair; an empty
 table is allowed) and `aselect` (A-SelecT: the timestep where HFR, averaged over a band of blocks, peaks).
 Ties go to the lowest timestep, then the lowest layer, then the earliest site in SITE_ORDER.
 """
@@ -237,9 +238,15 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
     return Selection("aselect", best, chosen, feature_site, curve[best], runner, reason, rows)
 
 
+def _rankme(rows: list[dict]) -> Selection:
+    """Label-free, not spectral: the pair whose pooled features have the highest effective rank (RankMe)."""
+    return _best_by("rankme", rows, "rankme")
+
+
 POLICIES: dict[str, Callable[..., Selection]] = {
     "oracle": _oracle,
     "fewshot": _fewshot,
+    "rankme": _rankme,
     "fixed": _fixed,
     "aselect": _aselect,
 }

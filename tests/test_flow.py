@@ -284,7 +284,7 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     report = json.loads(proc.stdout)
     (config,) = report["configs"]
     rows = {r["selector"]: r for r in config["selectors"]}
-    assert list(rows) == ["aselect", "aselect-attn_map", "fewshot", "fixed", "oracle"]
+    assert list(rows) == ["aselect", "aselect-attn_map", "fewshot", "rankme", "fixed", "oracle"]
     oracle = rows["oracle"]
     for row in rows.values():
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)

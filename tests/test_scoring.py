@@ -325,3 +325,15 @@ def test_ties_and_policy_errors():
     with pytest.raises(AselectError) as excinfo:
         select("oracle", [])
     assert "empty" in one_line_error(excinfo)
+
+
+def test_rankme_is_the_effective_rank_of_pooled_features():
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    for rank in (1, 5, 20):
+        features = basis[:, :rank] @ basis[:rank, :] * 3.0  # `rank` equal singular values
+        assert score_pair("rankme", features) == pytest.approx(rank, rel=1e-3)
+    spread = score_pair("rankme", rng.standard_normal((200, 32)))
+    assert 25 < spread < 32  # nearly full rank
+    assert np.isnan(score_pair("rankme", np.full((8, 4), np.nan)))
+    assert score_pair("rankme", np.zeros((8, 4))) == 0.0
