@@ -18,6 +18,7 @@ from pydantic import Field
 from pipelines.config import RunConfig, load_config
 from pipelines.errors import AselectError
 from pipelines.grid import exhaustive_grid
+from pipelines.select import middle_third
 from pipelines.streamed import HfrStream
 from storage.stages import StageRef, Workdir
 from tasks.backbone import backbone, plan_backbone
@@ -109,6 +110,23 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
                              selection=selection))
 
 
+def hfr_band(cfg: RunConfig, model: StageRef) -> list[int]:
+    """The blocks the aselect policy averages HFR over: `select.layers`, else the middle third of the DiT."""
+    depth = int(model.dir.read_manifest()["model"]["num_layers"])
+    return sorted(cfg.select.layers) if cfg.select.layers else middle_third(range(depth))
+
+
+def calibration_blocks(cfg: RunConfig, model: StageRef) -> list[int] | None:
+    """Blocks the A-SelecT calibration reduces (None: every block): by default only those its policy reads, so the
+    forward pass stops after the deepest of them."""
+    if cfg.calibrate.blocks == "all":
+        return None
+    if cfg.calibrate.blocks is not None:
+        return sorted(cfg.calibrate.blocks)
+    fixed = [] if cfg.select.feature_layer == "argmax" else [int(cfg.select.feature_layer)]
+    return sorted({*hfr_band(cfg, model), *fixed})
+
+
 def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageReport], dataset: StageRef,
                          model: StageRef) -> StageRef:
     """Stages 3-4 of the cheap path: every candidate timestep (`calibrate.timesteps`) on the calibration subset.
@@ -128,7 +146,7 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
         scorer = "rankme" if cfg.select.policy == "rankme" else "probe_seg" if segmentation else "fewshot"
     else:
         calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites),
-                                                "spatial": False})
+                                                "spatial": False, "blocks": calibration_blocks(cfg, model)})
         hfr = HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff,
                         exclude_dc=cfg.score.hfr_exclude_dc)
         scorer = "hfr"
@@ -164,8 +182,12 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
     else:
         scored = [_calibrate_and_score(cfg, work, reports, dataset, model)]
         table = reports[-1].result["rows"]
-    # 5-6. select, dump the selected pair for every image, probe
-    _select_and_probe(cfg, work, reports, cfg.select, scored, table, dataset, model, None)
+    # 5-6. select, dump the selected pair for every image, probe. The HFR band is named explicitly: the middle
+    # third of the whole DiT, not of the blocks calibration reduced.
+    select_cfg = cfg.select
+    if select_cfg.policy == "aselect" and select_cfg.layers is None:
+        select_cfg = select_cfg.model_copy(update={"layers": hfr_band(cfg, model)})
+    _select_and_probe(cfg, work, reports, select_cfg, scored, table, dataset, model, None)
     return run_summary(cfg, work, cfg.select.policy, reports)  # aselect, fewshot, rankme or fixed
 
 

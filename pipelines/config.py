@@ -155,6 +155,10 @@ class CalibrateConfig(Section):
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
         default_factory=lambda: ["attn"], min_length=1)
     keep_maps: bool = False  # also store the token / attention maps (float16) the HFR was computed from
+    # Which blocks calibration runs the DiT to and reduces: default (None) the blocks the aselect policy reads
+    # (select.layers, else the middle third, plus an int select.feature_layer), so the forward pass stops after
+    # the deepest of them; `all` for every block (heatmaps over the whole depth); or a list.
+    blocks: list[int] | Literal["all"] | None = None
 
     @field_validator("timesteps", mode="before")
     @classmethod
@@ -173,6 +177,15 @@ class CalibrateConfig(Section):
             if not value:
                 raise ValueError("must not be empty (omit it to use dump.timesteps)")
             _check_timesteps("timesteps", value)
+        return value
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_valid(cls, value: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must not be empty (omit it for the blocks the policy reads, or say all)")
+            _check_timesteps("blocks", value)
         return value
 
     @model_validator(mode="after")
@@ -309,7 +322,9 @@ class RunConfig(Section):
         variant = self.backbone.variant
         depth, patch = VARIANTS[variant]["num_layers"], VARIANTS[variant]["patch_size"]
         feature_layer = None if self.select.feature_layer == "argmax" else self.select.feature_layer
-        for name, value in (("dump.blocks", self.dump.blocks), ("select.layers", self.select.layers),
+        calibrated = self.calibrate.blocks if isinstance(self.calibrate.blocks, list) else None
+        for name, value in (("dump.blocks", self.dump.blocks), ("calibrate.blocks", calibrated),
+                            ("select.layers", self.select.layers),
                             ("select.layer", self.select.layer), ("select.feature_layer", feature_layer),
                             ("bench.fixed_layer", self.bench.fixed_layer)):
             values = value if isinstance(value, list) else [] if value is None else [value]

@@ -100,10 +100,14 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     if hfr is None:
         return FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites), spatial=cfg.spatial,
                              attn_map=ATTN_MAP in cfg.sites)
-    highest = float(radial_frequency(side, side).max())
+    rho = radial_frequency(side, side)
+    highest, lowest = float(rho.max()), float(rho[rho > 0].min())
     if hfr.cutoff >= highest:  # HFR would be 0 for every map: a "selection" by tie-break
         raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: no frequency of the {side}x{side} token grid is above "
                            f"it (the highest is {highest:.3f}); lower it")
+    if hfr.exclude_dc and hfr.cutoff < lowest:  # every non-DC frequency is "high": HFR would be 1 everywhere
+        raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: every non-DC frequency of the {side}x{side} token grid "
+                           f"is above it (the lowest is {lowest:.3f}), so HFR is 1 for every map; raise it")
     token_sites = tuple(s for s in TOKEN_SITES if s in hfr.sites)
     return FeatureLayout(**common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
                          attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False,

@@ -193,6 +193,8 @@ CASES = [
          "select.feature_layer 7: DiT-XS/2 has 2 blocks (0..1)"),
     Case("HFR cutoff above the token grid", ("--set", "score.hfr_cutoff=1.45"),
          "score.hfr_cutoff 1.45: no frequency of the 4x4 token grid is above it (the highest is 1.414)"),
+    Case("HFR cutoff below the token grid", ("--set", "score.hfr_cutoff=0.3"),
+         "score.hfr_cutoff 0.3: every non-DC frequency of the 4x4 token grid is above it (the lowest is 0.500)"),
     Case("NaN weights", LOAD, "{model}: non-finite features (hfr) at t=0, block 0", nan_weights),
     Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "score.dask.address=tcp://127.0.0.1:9"),
          "score.dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 10 s"),

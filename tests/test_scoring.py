@@ -309,7 +309,8 @@ def test_fixed_policy_validates_the_pair():
 def test_ties_and_policy_errors():
     rows = [{"timestep": t, "layer": layer, "site": site, "scorer": "probe", "score": 0.7}
             for t in (50, 10) for layer in (1, 0) for site in ("mlp", "block")]
-    tie = select("oracle", rows)
+    rows.append({"timestep": 90, "layer": 0, "site": "block", "scorer": "probe", "score": 0.5})  # some signal
+    tie = select("oracle", rows)  # an eight-way tie at the top
     assert (tie.timestep, tie.layer, tie.site) == (10, 0, "block")
     assert tie.runner_up["timestep"] == 10 and tie.runner_up["layer"] == 0 and tie.runner_up["site"] == "mlp"
     with pytest.raises(AselectError) as excinfo:
