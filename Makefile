@@ -26,7 +26,7 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Every selector against the exhaustive oracle on the three bundled configs (about an hour on 2 cores,
+# Every selector against the exhaustive oracle on the three bundled configs (about 70 minutes on 2 cores,
 # pretraining included); regenerates bench/results.json and README's results section.
 bench: venv
 	$(BIN)/aselect bench digits mnist5k shapes --readme README.md
