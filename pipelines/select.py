@@ -253,23 +253,18 @@ POLICIES: dict[str, Callable[..., Selection]] = {
 
 
 def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, params: dict[str, Any],
-                         resamples: int = 200, seed: int = 0, images: int | None = None) -> dict[str, Any]:
+                         resamples: int = 200, seed: int = 0) -> dict[str, Any]:
     """How often the policy picks the same (timestep, block) when the calibration images are resampled.
 
     `per_image` (rows, n) holds each table row's per-image values (its score is their mean). Each resample draws
-    n images with replacement and recomputes every row's mean; no new forward passes. `images` uses only the
-    first `images` columns (a smaller calibration set drawn from the same pool), resampled at that size.
-    Returns the shares of resamples that agree with the selection on these images: `timestep`, `block` and
-    `pair` (both; the headline `value`).
+    n images with replacement and recomputes every row's mean; no new forward passes. Returns the shares of
+    resamples that agree with the selection on these images: `timestep`, `block`, and `value` (both).
     """
-    per_image = np.asarray(per_image, dtype=np.float64)
-    if per_image.ndim != 2 or len(per_image) != len(table):
-        raise AselectError(f"bootstrap: per-image values of shape {per_image.shape} do not match "
+    values = np.asarray(per_image, dtype=np.float64)
+    if values.ndim != 2 or len(values) != len(table) or values.shape[1] == 0:
+        raise AselectError(f"bootstrap: per-image values of shape {values.shape} do not match "
                            f"{len(table)} table rows")
-    n = per_image.shape[1] if images is None else int(images)
-    if not 1 <= n <= per_image.shape[1]:
-        raise AselectError(f"bootstrap: images must be in 1..{per_image.shape[1]}, got {images}")
-    values = per_image[:, :n]
+    n = values.shape[1]
 
     def pick(scores: np.ndarray) -> tuple[int, int]:
         rows = [{**row, "score": float(score)} for row, score in zip(table, scores, strict=True)]
@@ -285,7 +280,7 @@ def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, 
         same_l += layer == reference[1]
         same += (t, layer) == reference
     share = (lambda k: round(k / resamples, 4)) if resamples else (lambda k: math.nan)
-    return {"value": share(same), "timestep": share(same_t), "block": share(same_l), "pair": share(same),
+    return {"value": share(same), "timestep": share(same_t), "block": share(same_l),
             "resamples": int(resamples), "images": n, "seed": int(seed),
             "selected": {"timestep": reference[0], "layer": reference[1]}}
 
