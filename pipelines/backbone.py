@@ -1,4 +1,4 @@
-"""DiT backbones: size variants, loading diffusers DiTs, and pretraining a tiny pixel-space one."""
+"""DiT backbones: size variants, loading diffusers DiTs, and pretraining a tiny pixel-space or latent one."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.config import BackboneConfig
+from pipelines.config import BackboneConfig, LatentConfig
 from pipelines.errors import AselectError
 from pipelines.faults import failpoint
 
@@ -145,13 +145,36 @@ def save_backbone(backbone: Backbone, directory: Path) -> Path:
     return directory
 
 
-def make_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
-    """The DDPM noise schedule q(x_t | x_0) for pixel-space training (epsilon prediction, clipped x_0)."""
+def make_scheduler(num_train_timesteps: int, beta_schedule: str, clip_sample: bool = True) -> DDPMScheduler:
+    """The DDPM noise schedule q(x_t | x_0) for training (epsilon prediction; x_0 clipped for pixel space)."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
         prediction_type="epsilon",
-        clip_sample=True,  # pixel space lives in [-1, 1]
+        clip_sample=clip_sample,  # pixel space lives in [-1, 1]; VAE latents do not
+    )
+
+
+def _vae_groups(blocks: list[int] | tuple[int, ...]) -> int:
+    """GroupNorm groups that divide every block width: up to 32, at least 4 channels a group when possible."""
+    width = math.gcd(*blocks)
+    return max(d for d in range(1, 33) if width % d == 0 and width // d >= min(4, width))
+
+
+def build_vae(channels: int, image_size: int, latent: LatentConfig) -> AutoencoderKL:
+    """A randomly initialised Stable-Diffusion-style AutoencoderKL sized by `latent` (2**(n-1) x down)."""
+    n = len(latent.vae_blocks)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=latent.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(latent.vae_blocks),
+        layers_per_block=1,  # SD uses 2; 1 halves the CPU cost and is plenty for 16-64 px images
+        norm_num_groups=_vae_groups(latent.vae_blocks),
+        sample_size=image_size,
+        scaling_factor=1.0,  # replaced by 1 / std of the train latents once trained
     )
 
 
@@ -371,12 +394,20 @@ def describe(backbone: Backbone) -> dict:
     width = int(config.num_attention_heads) * int(config.attention_head_dim)
     grid = int(config.sample_size) // int(config.patch_size)
     params = sum(p.numel() for p in backbone.transformer.parameters())
+    vae, kind = None, backbone.kind
+    if backbone.vae is not None:
+        side, channels = int(config.sample_size), int(backbone.vae.config.latent_channels)
+        vae = {"blocks": list(backbone.vae.config.block_out_channels), "latent_channels": channels,
+               "downsample": backbone.vae_scale_factor, "latent_size": side,
+               "scaling_factor": float(backbone.vae.config.scaling_factor),
+               "parameters": sum(p.numel() for p in backbone.vae.parameters())}
+        kind = f"latent ({backbone.image_size} px -> {channels}x{side}x{side})"
     return {
         "kind": backbone.kind, "source": backbone.source, "num_layers": backbone.num_layers, "width": width,
         "patch_size": int(config.patch_size), "token_grid": grid, "image_size": backbone.image_size,
         "image_channels": backbone.image_channels, "null_class": backbone.null_class, "parameters": params,
-        "num_train_timesteps": int(backbone.scheduler.config.num_train_timesteps),
-        "short": f"{backbone.kind}, {backbone.num_layers} blocks x {width}, {grid}x{grid} tokens, "
+        "num_train_timesteps": int(backbone.scheduler.config.num_train_timesteps), "vae": vae,
+        "short": f"{kind}, {backbone.num_layers} blocks x {width}, {grid}x{grid} tokens, "
                  f"{params / 1e6:.2f}M params",
     }
 
@@ -435,6 +466,17 @@ def encode_images(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class VAEResult:
+    """What the VAE phase of a latent pretraining run did."""
+
+    steps: int
+    reused: bool  # loaded from a run that was killed after its VAE phase, not trained again
+    loss_curve: list[tuple[int, float]]  # (step, mean loss over the preceding window), ~100 points max
+    seconds: float  # of the training, when it ran (a reused VAE keeps the original's)
+    scaling_factor: float  # 1 / std of the train set's latent means
+
+
+@dataclass
 class PretrainResult:
     """What a pretraining run did."""
 
@@ -442,6 +484,7 @@ class PretrainResult:
     resumed_from: int  # step of the checkpoint it resumed from (0 = fresh start)
     loss_curve: list[tuple[int, float]]  # (step, mean loss over the preceding window), ~100 points max
     seconds: float
+    vae: VAEResult | None = None  # latent runs only
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -462,7 +505,14 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: 
         beta_schedule=cfg.beta_schedule,
         data=data.hexdigest()[:16],
         **train,
+        # only when set, so pixel-space fingerprints (and the models they guard) stay as they were
+        **({"latent": cfg.latent.model_dump()} if cfg.latent is not None else {}),
     )
+
+
+def _vae_fingerprint(fingerprint: dict) -> dict:
+    """The part of a latent run's fingerprint that the VAE depends on (not the DiT's settings)."""
+    return {key: fingerprint[key] for key in ("version", "shape", "data", "latent")}
 
 
 def _lr_factor(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -504,12 +554,16 @@ def _save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> None:
         old.unlink(missing_ok=True)
 
 
-def _save_model(out_dir: Path, model: DiTTransformer2DModel, scheduler: DDPMScheduler, done: dict) -> None:
-    """Write out_dir/model (transformer/, scheduler/, done.json) via a temp dir so it appears whole."""
+def _save_model(out_dir: Path, model: DiTTransformer2DModel, scheduler: DDPMScheduler, done: dict,
+                vae: AutoencoderKL | None = None) -> None:
+    """Write out_dir/model (transformer/, scheduler/, done.json; latent: a DiTPipeline dir) via a temp dir."""
     final, tmp = out_dir / "model", out_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "transformer")
-    scheduler.save_pretrained(tmp / "scheduler")
+    if vae is None:
+        model.save_pretrained(tmp / "transformer")
+        scheduler.save_pretrained(tmp / "scheduler")
+    else:  # + vae/ and model_index.json: what real latent DiT checkpoints look like
+        save_backbone(Backbone(transformer=model, scheduler=scheduler, vae=vae, source=str(final)), tmp)
     (tmp / "done.json").write_text(json.dumps(done, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -525,11 +579,13 @@ def _finished(out_dir: Path, fingerprint: dict) -> PretrainResult | None:
         if done.get("fingerprint") != fingerprint:
             logger.warning("%s: trained with a different config or dataset; retraining", model_dir)
             return None
+        vae = done.get("vae")
         return PretrainResult(
             steps=done["steps"],
             resumed_from=done["resumed_from"],
             loss_curve=[(int(s), float(v)) for s, v in done["loss_curve"]],
             seconds=done["seconds"],
+            vae=None if vae is None else _vae_result(vae),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -555,7 +611,7 @@ def pretrain(
     out_dir: Path,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> PretrainResult:
-    """Train a tiny class-conditional pixel-space DiT (DDPM epsilon objective, null-class dropout)."""
+    """Train a tiny class-conditional DiT (DDPM epsilon, null-class dropout), on pixels or VAE latents."""
     images, labels, out_dir = np.asarray(images), np.asarray(labels), Path(out_dir)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
         raise AselectError(
@@ -565,26 +621,46 @@ def pretrain(
         raise AselectError(
             f"pretrain: expected {len(images)} labels in [0, {num_classes}), got shape {labels.shape}"
         )
+    if cfg.latent is not None and images.shape[2] % cfg.latent.downsample:
+        raise AselectError(
+            f"pretrain: image size {images.shape[2]} is not divisible by the downsampling "
+            f"{cfg.latent.downsample} of backbone.latent.vae_blocks {cfg.latent.vae_blocks}"
+        )
     fingerprint = _fingerprint(images, labels, num_classes, cfg)
     if (result := _finished(out_dir, fingerprint)) is not None:
         logger.info("%s: already trained (%d steps); reusing", out_dir / "model", result.steps)
         return result
 
     with _torch_threads(cfg.threads):
-        return _train(images, labels, num_classes, cfg, out_dir, fingerprint, progress)
+        data = _to_unit(torch.from_numpy(np.ascontiguousarray(images)))  # the whole (small) set in [-1, 1]
+        if cfg.latent is None:
+            return _train(data, labels, num_classes, cfg, out_dir, fingerprint, progress)
+        # Latent: the VAE first (saved, so a killed run never trains it again), then the DiT on its latents.
+        # Progress runs over both phases: VAE steps, then DiT steps.
+        grand = cfg.latent.steps + cfg.pretrain.steps
+        vae_progress = None if progress is None else (lambda s, _t, loss: progress(s, grand, loss))
+        vae, vae_result, latents = _vae_phase(data, cfg.latent, out_dir, _vae_fingerprint(fingerprint),
+                                              vae_progress)
+        dit_progress = None if progress is None else (
+            lambda s, _t, loss: progress(cfg.latent.steps + s, grand, loss))
+        return _train(latents, labels, num_classes, cfg, out_dir, fingerprint, dit_progress, vae, vae_result)
 
 
 def _train(
-    images: np.ndarray,
+    data: torch.Tensor,
     labels: np.ndarray,
     num_classes: int,
     cfg: BackboneConfig,
     out_dir: Path,
     fingerprint: dict,
     progress: Callable[[int, int, float], None] | None,
+    vae: AutoencoderKL | None = None,
+    vae_result: VAEResult | None = None,
 ) -> PretrainResult:
+    """Train the DiT on `data` (float (N, C, S, S): [-1, 1] pixels, or the scaled latents of `vae`)."""
     pcfg, total = cfg.pretrain, cfg.pretrain.steps
-    _, channels, size, _ = images.shape
+    _, channels, size, _ = data.shape
+    what = "images" if vae is None else "latents"
 
     # 1. Model, noise schedule, optimiser (init is seeded so a fresh run is reproducible).
     torch.manual_seed(pcfg.seed)
@@ -596,12 +672,11 @@ def _train(
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0
-    scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule)
+    scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, clip_sample=vae is None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps, pcfg.steps))
 
-    # 2. Data: the whole (small) dataset as one float tensor in [-1, 1].
-    data = _to_unit(torch.from_numpy(np.ascontiguousarray(images)))
+    # 2. Labels (the data is already one float tensor), and the null class for label dropout.
     targets = torch.from_numpy(labels.astype(np.int64))
     null = torch.full_like(targets[:1], num_classes)
 
@@ -619,9 +694,10 @@ def _train(
     report_every = max(1, total // 100)  # progress callback: ~every 1%
     log_every = max(1, total // 10)
     logger.info(
-        "pretraining %s on %d images %dx%dx%d, %d classes: steps %d..%d, batch %d, %d threads",
+        "pretraining %s on %d %s %dx%dx%d, %d classes: steps %d..%d, batch %d, %d threads",
         cfg.variant,
         len(data),
+        what,
         channels,
         size,
         size,
@@ -688,13 +764,154 @@ def _train(
         failpoint("pretrain")
     bar.close()
 
-    # 5. Save a load_backbone-compatible directory (layout b); checkpoints are then redundant.
+    # 5. Save a load_backbone-compatible directory (layout b, or a DiTPipeline directory with the VAE);
+    #    checkpoints and the separately saved VAE are then redundant.
     seconds = time.perf_counter() - began
-    result = PretrainResult(steps=total, resumed_from=start, loss_curve=loss_curve, seconds=seconds)
-    _save_model(out_dir, model.eval(), scheduler, dict(fingerprint=fingerprint, **asdict(result)))
+    result = PretrainResult(steps=total, resumed_from=start, loss_curve=loss_curve, seconds=seconds, vae=vae_result)
+    _save_model(out_dir, model.eval(), scheduler, dict(fingerprint=fingerprint, **asdict(result)), vae)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(out_dir / VAE_DIR, ignore_errors=True)
     logger.info("pretrained %s in %.0f s; saved %s", cfg.variant, seconds, out_dir / "model")
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Latent pretraining: the VAE
+# ---------------------------------------------------------------------------------------------
+
+VAE_DIR = "vae"  # out_dir/vae: the trained VAE, kept until the DiT phase has finished
+
+
+def _vae_result(data: dict) -> VAEResult:
+    """A VAEResult from its JSON form."""
+    return VAEResult(steps=int(data["steps"]), reused=bool(data["reused"]),
+                     loss_curve=[(int(s), float(v)) for s, v in data["loss_curve"]],
+                     seconds=float(data["seconds"]), scaling_factor=float(data["scaling_factor"]))
+
+
+@torch.no_grad()
+def _latent_means(vae: AutoencoderKL, data: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The posterior means of `data` ([-1, 1] pixels), unscaled, in fixed batches (so reruns match)."""
+    vae.eval()
+    return torch.cat([vae.encode(data[i : i + batch]).latent_dist.mean for i in range(0, len(data), batch)])
+
+
+def _saved_vae(out_dir: Path, fingerprint: dict) -> tuple[AutoencoderKL, VAEResult] | None:
+    """The VAE a killed run saved before its DiT phase, if it was trained for this fingerprint."""
+    done_file = out_dir / VAE_DIR / "done.json"
+    if not done_file.is_file():
+        return None
+    try:
+        done = json.loads(done_file.read_text())
+        if done.get("fingerprint") != fingerprint:
+            logger.warning("%s: VAE trained with a different config or dataset; retraining", out_dir / VAE_DIR)
+            return None
+        result = _vae_result(done["result"])
+        vae = _load_model(AutoencoderKL, out_dir, VAE_DIR)
+    except (OSError, ValueError, KeyError, TypeError, AselectError) as exc:
+        logger.warning("%s: unusable saved VAE, retraining (%s)", out_dir / VAE_DIR, _short(exc))
+        return None
+    return vae, VAEResult(**{**asdict(result), "reused": True})
+
+
+def _save_vae(out_dir: Path, vae: AutoencoderKL, fingerprint: dict, result: VAEResult) -> None:
+    """Write out_dir/vae (config, weights, done.json) via a temp dir so it appears whole."""
+    final, tmp = out_dir / VAE_DIR, out_dir / f"{VAE_DIR}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "done.json").write_text(json.dumps(dict(fingerprint=fingerprint, result=asdict(result)), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _vae_phase(
+    data: torch.Tensor,
+    latent: LatentConfig,
+    out_dir: Path,
+    fingerprint: dict,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[AutoencoderKL, VAEResult, torch.Tensor]:
+    """The VAE (trained, or reused from a killed run) and the train set's latents, mean * scaling_factor."""
+    # 1. A VAE saved by an earlier run of this config is never trained again.
+    if (saved := _saved_vae(out_dir, fingerprint)) is not None:
+        vae, result = saved
+        logger.info("reusing the VAE trained earlier (%s, %d steps)", out_dir / VAE_DIR, result.steps)
+        means = _latent_means(vae, data)
+    else:
+        # 2. Train it, then scale latents to unit std as Stable Diffusion does (its 0.18215 was found
+        #    the same way), so the DiT's noise schedule sees the signal-to-noise ratios it was designed for.
+        vae, loss_curve, seconds = _train_vae(data, latent, progress)
+        means = _latent_means(vae, data)
+        vae.register_to_config(scaling_factor=1.0 / float(means.std()))
+        result = VAEResult(steps=latent.steps, reused=False, loss_curve=loss_curve, seconds=seconds,
+                           scaling_factor=float(vae.config.scaling_factor))
+        _save_vae(out_dir, vae, fingerprint, result)
+    vae.requires_grad_(False)
+    # 3. The DiT's training set: latent means (deterministic, like encode_images' features), scaled.
+    latents = means * float(vae.config.scaling_factor)
+    logger.info("encoded %d images to latents %s (scaling_factor %.4f, std %.3f)", len(data),
+                "x".join(map(str, latents.shape[1:])), vae.config.scaling_factor, float(latents.std()))
+    return vae, result, latents
+
+
+def _train_vae(
+    data: torch.Tensor, latent: LatentConfig, progress: Callable[[int, int, float], None] | None
+) -> tuple[AutoencoderKL, list[tuple[int, float]], float]:
+    """Train an AutoencoderKL on `data` ([-1, 1] pixels): reconstruction MSE + kl_weight * KL."""
+    total, (_, channels, size, _) = latent.steps, data.shape
+
+    # 1. Model and optimiser (init is seeded so a run is reproducible); warmup, then cosine decay.
+    torch.manual_seed(latent.seed)
+    vae = build_vae(channels, size, latent).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=latent.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total // 20, total))
+    window, report_every, log_every = max(1, total // 100), max(1, total // 100), max(1, total // 10)
+    logger.info("training a VAE (blocks %s, %d latent channels, %dx down) on %d images %dx%dx%d: "
+                "%d steps, batch %d, %d threads", latent.vae_blocks, latent.latent_channels, latent.downsample,
+                len(data), channels, size, size, total, latent.batch_size, torch.get_num_threads())
+
+    # 2. Train. Step s draws its batch and posterior sample from a generator seeded by (seed, s).
+    began, loss_curve, window_losses = time.perf_counter(), [], []
+    bar = tqdm(total=total, desc="vae", unit="step", disable=not sys.stderr.isatty())
+    for step in range(1, total + 1):
+        gen = torch.Generator().manual_seed(_step_seed(latent.seed, step))
+        x = data[torch.randint(len(data), (latent.batch_size,), generator=gen)]
+        torch.manual_seed(_step_seed(latent.seed, step))
+
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = F.mse_loss(recon, x)
+        # Both terms per pixel: kl_weight then weighs KL against summed reconstruction error, as in LDM.
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = mse + latent.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise AselectError(
+                f"pretrain VAE: loss became {loss_value} at step {step}; try a lower backbone.latent.learning_rate"
+            )
+        window_losses.append(loss_value)
+        if step % window == 0 or step == total:
+            loss_curve.append((step, float(np.mean(window_losses))))
+            window_losses = []
+        bar.update(1)
+        if step % report_every == 0 or step == total:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if progress is not None:
+                progress(step, total, loss_value)
+        if step % log_every == 0 or step == total:
+            rate = step / (time.perf_counter() - began)
+            logger.info("VAE step %d/%d: loss %.4f (reconstruction MSE %.4f, KL %.1f) (%.1f steps/s)", step,
+                        total, loss_curve[-1][1], mse.item(), kl.item() * x[0].numel(), rate)
+    bar.close()
+    seconds = time.perf_counter() - began
+    logger.info("trained the VAE in %.0f s", seconds)
+    return vae.eval(), loss_curve, seconds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,13 +27,13 @@ class Section(BaseModel):
 class IngestConfig(Section):
     """Stage 1: where images come from and how they are normalised and split."""
 
-    source: Literal["digits", "mnist5k", "shapes", "imagefolder"] = "digits"
+    source: Literal["digits", "mnist5k", "shapes", "textures", "imagefolder"] = "digits"
     root: Path | None = None  # imagefolder only: root/class_name/*.png|jpg|jpeg
     image_size: int = Field(16, ge=4, le=1024)
     channels: Literal[1, 3] = 1
     limit: int | None = Field(None, ge=4)  # keep at most this many images (stratified)
-    num_images: int = Field(1000, ge=4)  # shapes only: how many images to draw
-    max_shapes: int = Field(3, ge=1, le=10)  # shapes only
+    num_images: int = Field(1000, ge=4)  # shapes and textures only: how many images to draw
+    max_shapes: int = Field(3, ge=1, le=10)  # shapes and textures only: objects per image, 1..max
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     seed: int = 0
     skip_bad: bool = False  # imagefolder: skip unreadable files (counted) instead of failing
@@ -60,6 +60,31 @@ class PretrainConfig(Section):
     guidance_scale: float = Field(2.0, ge=1.0)
 
 
+class LatentConfig(Section):
+    """Latent pretraining: a small AutoencoderKL trained first, then the DiT on its scaled latents."""
+
+    # Encoder/decoder block widths; n blocks downsample by 2**(n-1), as in Stable Diffusion's VAE.
+    vae_blocks: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    latent_channels: int = Field(4, ge=1)
+    steps: int = Field(1500, ge=1)  # VAE training steps
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    kl_weight: float = Field(1e-6, ge=0.0)  # relative to the reconstruction loss summed over pixels, as in LDM
+    seed: int = 0
+
+    @field_validator("vae_blocks")
+    @classmethod
+    def _widths_positive(cls, value: list[int]) -> list[int]:
+        if any(w < 1 for w in value):
+            raise ValueError(f"block widths must be >= 1 (got {value})")
+        return value
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.vae_blocks) - 1)
+
+
 class BackboneConfig(Section):
     """Stage 2: load a diffusers DiT (local dir or hub id) or pretrain a tiny one."""
 
@@ -69,12 +94,15 @@ class BackboneConfig(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    latent: LatentConfig | None = None  # pretrain only: None = a pixel-space DiT; else a latent DiT behind a VAE
     threads: int | None = Field(None, ge=1)  # torch threads; default: all cores
 
     @model_validator(mode="after")
     def _path_only_for_load(self) -> BackboneConfig:
         if self.kind == "load" and not self.path:
             raise ValueError("path is required when kind is 'load'")
+        if self.kind == "load" and self.latent is not None:
+            raise ValueError("latent is only used by kind 'pretrain' (a loaded DiT brings its own VAE)")
         if self.kind == "pretrain":
             from pipelines.backbone import VARIANTS  # late: keeps config import light
 
@@ -330,11 +358,23 @@ class RunConfig(Section):
             values = value if isinstance(value, list) else [] if value is None else [value]
             if any(v >= depth or v < 0 for v in values):
                 raise ValueError(f"{name} {value}: {variant} has {depth} blocks (0..{depth - 1})")
-        tokens = (self.ingest.image_size // patch) ** 2
+        latent, down = self.backbone.latent, 1
+        if latent is not None:  # the DiT's input grid is the VAE's latent grid
+            down = latent.downsample
+            if self.ingest.image_size % down:
+                raise ValueError(f"ingest.image_size {self.ingest.image_size} is not divisible by the downsampling "
+                                 f"{down} of backbone.latent.vae_blocks {latent.vae_blocks} (2**(blocks - 1))")
+            side = self.ingest.image_size // down
+            if side % patch:
+                raise ValueError(f"backbone.latent.vae_blocks {latent.vae_blocks} makes {side}x{side} latents "
+                                 f"from ingest.image_size {self.ingest.image_size}, not a multiple of {variant}'s "
+                                 f"patch size {patch}")
+        tokens = (self.ingest.image_size // down // patch) ** 2
         if tokens > MAX_PRETRAIN_TOKENS:
             raise ValueError(f"ingest.image_size {self.ingest.image_size} makes {tokens} tokens per image with "
-                             f"{variant} (patch {patch}); pretraining here supports up to {MAX_PRETRAIN_TOKENS} "
-                             f"(image_size <= {int(MAX_PRETRAIN_TOKENS ** 0.5) * patch})")
+                             f"{variant} (patch {patch}{f', latent downsampling {down}' if down > 1 else ''}); "
+                             f"pretraining here supports up to {MAX_PRETRAIN_TOKENS} "
+                             f"(image_size <= {int(MAX_PRETRAIN_TOKENS ** 0.5) * patch * down})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SHAPE_KINDS = ["circle", "rectangle", "triangle", "ellipse"]  # mask id = index + 1, label id = index
 MASK_CLASS_NAMES = ["background", *SHAPE_KINDS]
 DIGIT_NAMES = [str(d) for d in range(10)]
+# textures: object classes are skimage.data images; backgrounds are scene crops that are never a class.
+# Each maps to its zoom (source px per output px, whatever image_size): a texture's period stays a few px wide.
+TEXTURES = {"brick": 5.0, "grass": 2.0, "gravel": 3.0, "page": 3.0}
+TEXTURE_KINDS = list(TEXTURES)  # mask id = index + 1, label id = index
+TEXTURE_MASK_NAMES = ["background", *TEXTURE_KINDS]
+TEXTURE_BACKGROUNDS = {"camera": 2.5, "coins": 2.5, "moon": 2.5, "clock": 2.5}
+TEXTURE_SCALES = (0.8, 0.9, 1.0, 1.12, 1.25)  # per-crop jitter of the zoom: scale alone cannot name the class
+TEXTURE_SIDE = 512  # sources are mirror-tiled to at least this square, or more where a crop needs it
+TEXTURE_MEAN, TEXTURE_STD = 128.0, 40.0  # every crop is moved to these: intensity cannot tell classes apart
+TEXTURE_STD_FLOOR = 8.0  # flat background crops (sky, paper) stay flat instead of amplifying noise
 
 Progress = Callable[[int, int], None]
 
@@ -59,6 +69,12 @@ def source_fingerprint(cfg: IngestConfig) -> str:
         import skimage
 
         return f"shapes:skimage={skimage.__version__}"
+    if cfg.source == "textures":
+        import PIL
+        import skimage
+
+        # the bundled images ship with skimage; PIL does the resampling
+        return f"textures:skimage={skimage.__version__},pillow={PIL.__version__}"
     root = Path(cfg.root)
     _scan_folder(root, cfg.skip_bad)  # layout problems fail here, before any stage key is built
     digest = hashlib.sha256()
@@ -92,6 +108,9 @@ def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset
     elif cfg.source == "shapes":
         images, labels, masks = _generate_shapes(cfg, progress)
         names, mask_names = list(SHAPE_KINDS), list(MASK_CLASS_NAMES)
+    elif cfg.source == "textures":
+        images, labels, masks = _generate_textures(cfg, progress)
+        names, mask_names = list(TEXTURE_KINDS), list(TEXTURE_MASK_NAMES)
     else:
         images, labels, names, skipped = _load_imagefolder(cfg, progress)
     images = _to_channels(images, cfg.channels)
@@ -177,6 +196,107 @@ def _generate_shapes(cfg: IngestConfig, progress: Progress | None) -> tuple[np.n
         if progress is not None:
             progress(i + 1, n)
     counts = np.stack([(masks == k + 1).sum(axis=(1, 2)) for k in range(len(SHAPE_KINDS))], axis=1)
+    return images, counts.argmax(axis=1).astype(np.int64), masks
+
+
+def _texture_source(name: str, side: int) -> np.ndarray:
+    """One bundled skimage image as float32 (side, side), mirror-tiled where it is smaller."""
+    import skimage.data
+
+    gray = getattr(skimage.data, name)()
+    if name == "page":
+        gray = gray[45:120]  # four lines of body text, cut in the gaps between lines
+    pad = [(0, max(0, side - n)) for n in gray.shape]
+    # mirroring keeps intensities continuous at the seams, so tiling adds no edges of its own
+    return np.pad(gray, pad, mode="symmetric")[:side, :side].astype(np.float32)
+
+
+def _texture_bank(zooms: dict[str, float], size: int) -> list[list[np.ndarray]]:
+    """Per source, one anti-aliased downscale per TEXTURE_SCALES entry, each at least size x size (float32)."""
+    bank = []
+    for name, zoom in zooms.items():
+        steps = [zoom * s for s in TEXTURE_SCALES]
+        source = _texture_source(name, max(TEXTURE_SIDE, math.ceil(size * max(steps))))
+        img = Image.fromarray(source)  # float32 -> mode F: no rounding before the crops are normalised
+        sides = [max(size, round(len(source) / z)) for z in steps]
+        # PIL's BILINEAR widens its kernel when shrinking, so this is anti-aliased
+        bank.append([np.asarray(img.resize((s, s), Image.Resampling.BILINEAR)) for s in sides])
+    return bank
+
+
+def _texture_crops(bank: list[list[np.ndarray]], source: np.ndarray, size: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(n, size, size) float32 crops of bank[source[i]] at a random scale, position and dihedral pose."""
+    n = len(source)
+    scale = rng.integers(len(TEXTURE_SCALES), size=n)
+    pos = rng.random((n, 2))
+    pose = rng.integers(8, size=n)  # 4 rotations x optional flip
+    out = np.empty((n, size, size), dtype=np.float32)
+    for i in range(n):
+        tex = bank[source[i]][scale[i]]
+        y, x = (pos[i] * (np.asarray(tex.shape) - size + 1)).astype(int)
+        crop = np.rot90(tex[y:y + size, x:x + size], pose[i] % 4)
+        out[i] = crop[:, ::-1] if pose[i] >= 4 else crop
+    mean = out.mean(axis=(1, 2), keepdims=True)
+    std = np.maximum(out.std(axis=(1, 2), keepdims=True), TEXTURE_STD_FLOOR)
+    return (out - mean) * (TEXTURE_STD / std) + TEXTURE_MEAN
+
+
+def _generate_textures(cfg: IngestConfig, progress: Progress | None) -> tuple[np.ndarray, ...]:
+    """Images, labels and masks: textured random shapes, later ones on top, over a cluttered scene crop."""
+    from skimage.draw import random_shapes
+
+    size, n, k_max = cfg.image_size, cfg.num_images, cfg.max_shapes
+    min_size = max(2, size // 2)  # a texture needs a few periods of area to be recognisable
+    max_size = max(min_size, size * 7 // 8)  # background stays the most common mask id over the set
+    rng = np.random.default_rng(cfg.seed)
+    # masks first, one random_shapes call per object as in _generate_shapes; object j + 1 occludes object j,
+    # so one map of the topmost object per pixel (0 = background) is all the compositing needs
+    top = np.zeros((n, size, size), dtype=np.uint8)
+    drawn_per_image = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        drawn, attempts = 0, 0
+        wanted = int(rng.integers(1, k_max + 1))
+        while drawn < wanted and attempts < 10 * wanted:
+            attempts += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "could not fit": we simply retry
+                layer, placed = random_shapes(
+                    (size, size),
+                    max_shapes=1,
+                    min_shapes=1,
+                    min_size=min_size,
+                    max_size=max_size,
+                    shape=SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))],
+                    channel_axis=None,
+                    intensity_range=(0, 200),
+                    rng=rng,
+                )
+            hit = layer != 255  # intensities stop at 200, so 255 is always background
+            if placed and hit.any():
+                drawn += 1
+                top[i][hit] = drawn
+        drawn_per_image[i] = drawn
+        if progress is not None:
+            progress(i + 1, n)
+
+    # then the crops, a batch per object slot, and a photometric jitter per image
+    back_bank = _texture_bank(TEXTURE_BACKGROUNDS, size)
+    fore_bank = _texture_bank(TEXTURES, size)
+    images = _texture_crops(back_bank, rng.integers(len(TEXTURE_BACKGROUNDS), size=n), size, rng)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for j in range(k_max):  # slot by slot: memory stays at one crop per image
+        rows = np.flatnonzero(drawn_per_image > j)
+        kinds = rng.integers(len(TEXTURE_KINDS), size=len(rows))
+        hit = top[rows] == j + 1
+        images[rows] = np.where(hit, _texture_crops(fore_bank, kinds, size, rng), images[rows])
+        masks[rows] = np.where(hit, (kinds + 1).astype(np.uint8)[:, None, None], masks[rows])
+    contrast = rng.uniform(0.8, 1.25, size=(n, 1, 1)).astype(np.float32)
+    brightness = rng.uniform(-16.0, 16.0, size=(n, 1, 1)).astype(np.float32)
+    noise = rng.normal(0.0, 4.0, size=images.shape).astype(np.float32)
+    images = (images - TEXTURE_MEAN) * contrast + TEXTURE_MEAN + brightness + noise
+    images = np.clip(np.rint(images), 0, 255).astype(np.uint8)[:, None]
+    counts = np.stack([(masks == k + 1).sum(axis=(1, 2)) for k in range(len(TEXTURE_KINDS))], axis=1)
     return images, counts.argmax(axis=1).astype(np.int64), masks
 
 

@@ -20,7 +20,9 @@ SAMPLES_PNG = "samples.png"
 def plan_backbone(workdir: Workdir, cfg: BackboneConfig, dataset: StageRef) -> StageRef:
     """The backbone's key: a pretrained model depends on the dataset; a loaded one on its files."""
     if cfg.kind == "pretrain":
-        section = cfg.model_dump(mode="json", exclude={"path", "threads"})
+        # latent is left out while unset, so pixel-space runs keep the keys they had before it existed
+        unused = {"path", "threads"} | ({"latent"} if cfg.latent is None else set())
+        section = cfg.model_dump(mode="json", exclude=unused)
         key = stage_key("backbone", section, {"ingest": dataset.key}, bb.BACKBONE_VERSION)
     else:
         section = cfg.model_dump(mode="json", include={"kind", "path"})
@@ -55,7 +57,9 @@ def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[st
         else:
             data = read_dataset(dataset.dir.path)
             train = data.train_idx
-            progress = ProgressArtifact("pretrain-progress", f"pretrain {cfg.variant} for {cfg.pretrain.steps} steps")
+            vae_steps = f"a VAE for {cfg.latent.steps} steps, then latent " if cfg.latent else ""
+            progress = ProgressArtifact("pretrain-progress",
+                                        f"pretrain {vae_steps}{cfg.variant} for {cfg.pretrain.steps} steps")
             result = bb.pretrain(data.images[train], data.labels[train], len(data.class_names), cfg, stage_dir.path,
                                  progress=lambda step, total, loss: progress.update(step / total))
             progress.update(1.0, force=True)
@@ -70,9 +74,17 @@ def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[st
             details = {"kind": "pretrain", "model_path": MODEL_DIR, "model": described,
                        "loss_curve": result.loss_curve, "resumed_from": result.resumed_from,
                        "train_seconds": round(result.seconds, 2), "samples": SAMPLES_PNG}
+            vae_note = ""
+            if result.vae is not None:  # latent: the VAE phase's own record
+                details["vae"] = {"steps": result.vae.steps, "reused": result.vae.reused,
+                                  "loss_curve": result.vae.loss_curve, "train_seconds": round(result.vae.seconds, 2),
+                                  "scaling_factor": result.vae.scaling_factor}
+                vae_loss = result.vae.loss_curve[-1][1] if result.vae.loss_curve else float("nan")
+                vae_note = (f" after a VAE ({result.vae.steps} steps, final loss {vae_loss:.4f}"
+                            + (", reused" if result.vae.reused else "") + ")")
             summary = (f"pretrained {cfg.variant} ({bb.describe(model)['short']}) for {result.steps} steps, "
-                       f"final loss {last_loss:.4f}" + (f", resumed from step {result.resumed_from}"
-                                                       if result.resumed_from else ""))
+                       f"final loss {last_loss:.4f}" + vae_note + (f", resumed from step {result.resumed_from}"
+                                                                  if result.resumed_from else ""))
         stage_dir.complete(summary, **details)
     logger.info("backbone %s: %s", stage.key, summary)
     return {"summary": summary}

