@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
-from pipelines.backbone import VARIANTS, build_dit, make_scheduler
+from pipelines.backbone import VARIANTS, Backbone, build_dit, load_backbone, make_scheduler, save_backbone
 from pipelines.benchmark import (
     BENCH_VERSION,
     Selector,
@@ -31,8 +31,10 @@ from pipelines.benchmark import (
     config_report,
     flag_regressions,
     hfr_probe_spearman,
+    leave_one_config_out,
     oracle_timesteps,
     pixel_baseline,
+    probe_vs_timestep,
     selector_row,
     selectors,
     split_regret,
@@ -43,6 +45,7 @@ from pipelines.grid import dask_client
 from pipelines.plots import cost_vs_regret, metric_vs_timestep
 from storage.datasets import read_dataset
 from storage.stages import StageRef, Workdir, write_json_atomic
+from tasks.backbone import backbone_dir
 from tasks.benchmark import scaling as scaling_task
 from tasks.probe import plan_probe, probe
 from tasks.score import read_per_image, read_rows
@@ -67,6 +70,7 @@ def _machine() -> dict[str, Any]:
 def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
     """Every selector on one config, in a fresh workdir seeded with the cached dataset and backbone."""
     logger = get_run_logger()
+    began = time.perf_counter()
     cfg = resolve_run_config(name, None, workdir)
     main = Workdir(cfg.workdir)
     main.check_writable()
@@ -106,10 +110,11 @@ def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Pat
             "calibration_images": calibration_images}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)
-    baselines = _baselines(name, cfg, fresh, dataset, summaries["oracle"]["selection"])
+    baselines = _baselines(name, cfg, fresh, dataset, model, summaries["oracle"]["selection"])
     if not keep_work:
         shutil.rmtree(fresh.root, ignore_errors=True)
-    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid, curve, baselines)
+    return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid, curve, baselines,
+                         probe_vs_timestep(oracle_rows), round(time.perf_counter() - began, 1))
 
 
 def _split_regrets(cfg: RunConfig, work: Workdir, dataset: StageRef, rows: list[dict[str, Any]],
@@ -133,11 +138,13 @@ def _split_regrets(cfg: RunConfig, work: Workdir, dataset: StageRef, rows: list[
         split_regret(row, oracle_value, probed.get(pair) if pair else None)
 
 
-def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef,
+def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, model: StageRef,
                oracle_pair: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The probe on raw pixels, and on a random-weight DiT of the same shape at the oracle's pair."""
     data = read_dataset(dataset.dir.path)
     patch = VARIANTS[cfg.backbone.variant]["patch_size"] if cfg.backbone.kind == "pretrain" else 1
+    if cfg.backbone.kind == "pretrain" and cfg.backbone.latent is not None:  # a token covers patch x down pixels
+        patch *= 2 ** (len(cfg.backbone.latent.vae_blocks) - 1)
     pixels = pixel_baseline(data.images, data.labels, data.train_idx, data.test_idx, data.masks, patch,
                             cfg.probe.cs, cfg.probe.val_fraction, cfg.probe.seed)
     out = {"pixels": {"label": "raw pixels (no DiT)", **pixels}}
@@ -145,10 +152,17 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef,
         return out
     random_dir = work.root / "random-dit"
     torch.manual_seed(cfg.backbone.pretrain.seed)
-    build_dit(cfg.backbone.variant, cfg.ingest.image_size, cfg.ingest.channels, len(data.class_names)) \
-        .save_pretrained(random_dir / "transformer")
-    make_scheduler(cfg.backbone.num_train_timesteps, cfg.backbone.beta_schedule).save_pretrained(
-        random_dir / "scheduler")
+    if cfg.backbone.latent is None:
+        build_dit(cfg.backbone.variant, cfg.ingest.image_size, cfg.ingest.channels, len(data.class_names)) \
+            .save_pretrained(random_dir / "transformer")
+        make_scheduler(cfg.backbone.num_train_timesteps, cfg.backbone.beta_schedule).save_pretrained(
+            random_dir / "scheduler")
+    else:  # latent: the trained VAE encodes, an untrained DiT on its latents
+        trained = load_backbone(backbone_dir(model))
+        side, latent_channels = int(trained.transformer.config.sample_size), int(trained.vae.config.latent_channels)
+        untrained = build_dit(cfg.backbone.variant, side, latent_channels, len(data.class_names))
+        save_backbone(Backbone(transformer=untrained, scheduler=trained.scheduler, vae=trained.vae,
+                               source="random-dit"), random_dir)
     t, layer, site = oracle_pair["timestep"], oracle_pair["layer"], oracle_pair["site"]
     summary = aselect_pipeline(config=name, workdir=str(work.root), overrides=[
         "backbone.kind=load", f"backbone.path={random_dir}", "select.policy=fixed", f"select.timestep={t}",
@@ -193,6 +207,7 @@ def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | No
     report = {"bench_version": BENCH_VERSION, "generated": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": _machine(), "command": command or f"aselect bench {' '.join(names)}", "configs": reports,
               "regressions": flag_regressions(reports, previous if isinstance(previous, dict) else None),
+              "leave_one_config_out": leave_one_config_out(reports),
               "pictures": {"cost vs regret": str(picture)}}
     write_json_atomic(results, report)
     markdown = to_markdown(report) + f"\nCost vs regret: `{picture}`\n"

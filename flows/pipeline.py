@@ -148,7 +148,8 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
         calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites),
                                                 "spatial": False, "blocks": calibration_blocks(cfg, model)})
         hfr = HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff,
-                        exclude_dc=cfg.score.hfr_exclude_dc)
+                        exclude_dc=cfg.score.hfr_exclude_dc, signal=cfg.calibrate.signal,
+                        draws=cfg.calibrate.signal_draws())
         scorer = "hfr"
     keep_maps = cfg.calibrate.keep_maps and hfr is not None
     calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",

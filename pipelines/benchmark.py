@@ -46,6 +46,7 @@ class Selector:
     exhaustive: bool = False
     hfr_site: str | None = None  # A-SelecT selectors: the feature HFR is computed on
     curve: bool = False  # its calibration feeds the confidence-vs-C curve
+    label_free: bool = True  # a candidate default: it needs no labels (not the oracle or the few-shot probe)
 
 
 def curve_images(cfg: RunConfig) -> int | None:
@@ -75,9 +76,13 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
             out.append(Selector(f"aselect-{variant}", f"A-SelecT, HFR of {variant}",
                                 ("select.policy=aselect", f"calibrate.sites=[{variant}]",
                                  f"select.hfr_site={variant}"), hfr_site=variant))
+    for signal in cfg.bench.hfr_signals:
+        draws = f", K={cfg.calibrate.draws}" if signal in ("mean", "debiased") else ""
+        out.append(Selector(f"aselect-{signal}", f"A-SelecT with our {signal} HFR of {site}{draws}",
+                            ("select.policy=aselect", f"calibrate.signal={signal}"), hfr_site=site))
     if cfg.bench.fewshot:
         out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.images} calibration images",
-                            ("select.policy=fewshot",)))
+                            ("select.policy=fewshot",), label_free=False))
     if cfg.bench.rankme:
         out.append(Selector("rankme", f"RankMe (label-free effective rank) on the {cfg.calibrate.images} "
                                       f"calibration images", ("select.policy=rankme",)))
@@ -88,7 +93,7 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
                          f"select.site={fixed_site}")))
     grid = ",".join(str(t) for t in oracle_timesteps(cfg))
     out.append(Selector("oracle", "exhaustive grid, best probe score (oracle)", (f"dump.timesteps=[{grid}]",),
-                        exhaustive=True))
+                        exhaustive=True, label_free=False))
     return out
 
 
@@ -145,7 +150,8 @@ def _ratio(a: float, b: float) -> float | None:
 def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
     """What one selector picked, what it scored on the test split and what it cost (pretraining excluded)."""
     sel, met, cost = summary["selection"], summary["metrics"], summary["cost"]
-    return {"selector": selector.name, "label": selector.label, "timestep": sel["timestep"], "layer": sel["layer"],
+    return {"selector": selector.name, "label": selector.label, "label_free": selector.label_free,
+            "timestep": sel["timestep"], "layer": sel["layer"],
             "site": sel["site"], "metric": met["metric"], "value": round(float(met["value"]), 4),
             "confidence": (sel.get("confidence") or {}).get("value"),
             "forward_passes": cost["forward_passes"], "probe_fits": cost["probe_fits"],
@@ -192,6 +198,66 @@ def split_regret(row: dict[str, Any], oracle_value: float, best_at_t_value: floa
     row["feature_regret_points"] = round(100 * (best_at_t_value - row["value"]), 2)
 
 
+def probe_vs_timestep(oracle_rows: list[dict[str, Any]], margin: float = 0.005) -> dict[str, Any] | None:
+    """Where the oracle's best probe score (over blocks and sites) peaks in t, and whether that peak is interior:
+    above both ends of the grid by more than `margin` (a testbed where t matters, unlike a score falling with t)."""
+    best: dict[int, float] = {}
+    for r in oracle_rows:
+        if math.isfinite(r["score"]):
+            best[r["timestep"]] = max(best.get(r["timestep"], -math.inf), r["score"])
+    if len(best) < 3:
+        return None
+    ts = sorted(best)
+    peak = max(ts, key=lambda t: (best[t], -t))
+    interior = ts[0] < peak < ts[-1] and best[peak] - max(best[ts[0]], best[ts[-1]]) > margin
+    return {"best_timestep": peak, "best_score": round(best[peak], 4), "score_at_smallest_t": round(best[ts[0]], 4),
+            "smallest_t": ts[0], "interior_maximum": interior}
+
+
+def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each label-free candidate default chosen on the other configs and scored on the one left out.
+
+    A default is chosen by the lowest worst-case regret over the configs it may see (ties: mean regret, then
+    name). Per held-out config: the choice made without it, its regret there, and whether it beats the raw-pixel
+    probe there. `shipped` is the choice on every config; its in-sample numbers are no evidence, the held-out
+    ones are. Few-shot (labelled) is reported beside for comparison.
+    """
+    if len(configs) < 2:
+        return None
+    regrets = {c["config"]: {r["selector"]: r["regret_points"] for r in c["selectors"]} for c in configs}
+    values = {c["config"]: {r["selector"]: r["value"] for r in c["selectors"]} for c in configs}
+    labelled = {r["selector"] for c in configs for r in c["selectors"]
+                if not r.get("label_free", r["selector"] not in ("oracle", "fewshot"))}
+    names = set.intersection(*(set(v) for v in regrets.values())) - labelled
+    if not names:
+        return None
+
+    def rank(on: list[str]) -> list[str]:
+        return sorted(names, key=lambda n: (max(regrets[c][n] for c in on),
+                                            sum(regrets[c][n] for c in on) / len(on), n))
+
+    everyone = [c["config"] for c in configs]
+    held_out = []
+    for c in configs:
+        name = c["config"]
+        chosen = rank([o for o in everyone if o != name])[0]
+        pixels = (c.get("baselines") or {}).get("pixels")
+        held_out.append({"config": name, "chosen": chosen, "regret_points": regrets[name][chosen],
+                         "value": values[name][chosen],
+                         "beats_pixels": None if pixels is None else values[name][chosen] > pixels["value"]})
+    held = [h["regret_points"] for h in held_out]
+    table = [{"selector": n, "mean": round(sum(regrets[c][n] for c in everyone) / len(everyone), 2),
+              "worst": max(regrets[c][n] for c in everyone), "per_config": {c: regrets[c][n] for c in everyone}}
+             for n in rank(everyone)]
+    out = {"candidates": table, "held_out": held_out, "held_out_mean": round(sum(held) / len(held), 2),
+           "held_out_worst": max(held), "shipped": table[0]["selector"], "goal_points": REGRET_GOAL_POINTS}
+    if all("fewshot" in r for r in regrets.values()):
+        few = [regrets[c]["fewshot"] for c in everyone]
+        out["fewshot"] = {"mean": round(sum(few) / len(few), 2), "worst": max(few),
+                          "beats_held_out_default": max(few) < out["held_out_worst"]}
+    return out
+
+
 def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
                          oracle_timesteps: int | None = None) -> float:
     """Exhaustive / A-SelecT forward passes: T_o*N / (C*T + N); on one grid (T_o = T) below both T and N / C."""
@@ -202,7 +268,8 @@ def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
 def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, Any] | None,
                   pictures: dict[str, str], grid: dict[str, int],
                   curve: list[dict[str, Any]] | None = None,
-                  baselines: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                  baselines: dict[str, dict[str, Any]] | None = None,
+                  t_profile: dict[str, Any] | None = None, seconds: float | None = None) -> dict[str, Any]:
     """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals.
 
     `grid` is {"timesteps", "oracle_timesteps", "images", "calibration_images"}: what bounds the forward-pass
@@ -242,7 +309,8 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
         baseline["regret_points"] = round(100 * (oracle["value"] - baseline["value"]), 2)
         baseline["beaten_by_default"] = default["value"] > baseline["value"]
     return {"config": config, "metric": oracle["metric"], "grid": grid, "selectors": rows, "goals": goals,
-            "scaling": scaling, "pictures": pictures, "confidence_curve": curve or [], "baselines": baselines or {}}
+            "scaling": scaling, "pictures": pictures, "confidence_curve": curve or [], "baselines": baselines or {},
+            "probe_vs_t": t_profile, "seconds": seconds}
 
 
 def flag_regressions(configs: list[dict[str, Any]], previous: dict[str, Any] | None) -> list[str]:
@@ -422,6 +490,11 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"{g.get('oracle_timesteps', g['timesteps'])}; N={g['images']} images, "
                      f"C={g['calibration_images']} calibration images: the forward-pass ratio can be at most "
                      f"T_o*N/(C*T+N) = {c['goals']['cost']['forward_pass_ceiling']}x")
+        if c.get("probe_vs_t"):
+            lines.append(f"- probe score vs t: {_profile(c['probe_vs_t'])}")
+        if c.get("seconds") is not None:
+            lines.append(f"- this config took {c['seconds'] / 60:.1f} min in this run (pretraining included when it "
+                         f"was not cached)")
         for b in c.get("baselines", {}).values():
             lines.append(f"- baseline {b['label']}: {b['metric']} {b['value']:.4f} (regret {b['regret_points']:.2f}; "
                          f"the A-SelecT default {'beats' if b['beaten_by_default'] else 'does not beat'} it)")
@@ -433,8 +506,42 @@ def to_markdown(report: dict[str, Any]) -> str:
         if c["pictures"]:
             lines += ["", "Pictures: " + ", ".join(f"{k} `{v}`" for k, v in c["pictures"].items())]
         lines.append("")
+    if report.get("leave_one_config_out"):
+        lines += loco_table(report["leave_one_config_out"]) + [""]
     lines.append("Regressions against the previous run: " + ("; ".join(report["regressions"]) or "none"))
     return "\n".join(lines) + "\n"
+
+
+def _profile(p: dict[str, Any]) -> str:
+    shape = "an interior maximum" if p["interior_maximum"] else "no interior maximum"
+    return (f"best {p['best_score']:.4f} at t={p['best_timestep']} vs {p['score_at_smallest_t']:.4f} at "
+            f"t={p['smallest_t']}: {shape}")
+
+
+def loco_table(loco: dict[str, Any]) -> list[str]:
+    """Leave-one-config-out: the default each held-out config would have got, and every candidate's regrets."""
+    lines = ["### Choosing the default leave-one-config-out", "",
+             "Each label-free candidate's regret (points) per config; a default is the candidate with the lowest "
+             "worst-case regret on the configs it was chosen on.", "",
+             "| held-out config | default chosen on the others | its regret there (pts) | beats raw pixels there |",
+             "| --- | --- | --- | --- |"]
+    for h in loco["held_out"]:
+        pixels = "-" if h["beats_pixels"] is None else "yes" if h["beats_pixels"] else "**no**"
+        lines.append(f"| {h['config']} | {h['chosen']} | {h['regret_points']:.2f} | {pixels} |")
+    verdict = "met" if loco["held_out_worst"] <= loco["goal_points"] else "**not met**"
+    lines += ["", f"Held out: mean regret {loco['held_out_mean']:.2f}, worst {loco['held_out_worst']:.2f} "
+                  f"(goal <= {loco['goal_points']:g}: {verdict}). Chosen on every config: `{loco['shipped']}`."]
+    if loco.get("fewshot"):
+        f = loco["fewshot"]
+        lines.append(f"Few-shot (labelled, on the calibration images): mean {f['mean']:.2f}, worst {f['worst']:.2f}"
+                     + (" -- better than any label-free default held out." if f["beats_held_out_default"] else "."))
+    configs = list(loco["candidates"][0]["per_config"])
+    lines += ["", "| candidate | " + " | ".join(configs) + " | mean | worst |",
+              "| --- |" + " --- |" * (len(configs) + 2)]
+    for cand in loco["candidates"]:
+        cells = " | ".join(f"{cand['per_config'][c]:.2f}" for c in configs)
+        lines.append(f"| {cand['selector']} | {cells} | {cand['mean']:.2f} | {cand['worst']:.2f} |")
+    return lines
 
 
 def readme_section(report: dict[str, Any]) -> str:
@@ -461,6 +568,14 @@ def readme_section(report: dict[str, Any]) -> str:
             for b in c["baselines"].values():
                 lines.append(f"| {c['config']} | {b['label']} | {b['metric']} {b['value']:.4f} | "
                              f"{b['regret_points']:.2f} | {'yes' if b['beaten_by_default'] else '**no**'} |")
+    if report.get("leave_one_config_out"):
+        lines += [""] + loco_table(report["leave_one_config_out"])
+    profiles = [c for c in report["configs"] if c.get("probe_vs_t")]
+    if profiles:
+        lines += ["", "Where the oracle's probe score peaks in t, and what each config took in this run:", ""]
+        for c in profiles:
+            took = "" if c.get("seconds") is None else f"; {c['seconds'] / 60:.1f} min"
+            lines.append(f"- {c['config']}: {_profile(c['probe_vs_t'])}{took}")
     lines += ["", "Goals (A-SelecT default):", ""]
     for c in report["configs"]:
         parts = [f"{name} {goal['measured']} ({goal['goal']}: {_verdict(goal)})" for name, goal in c["goals"].items()]

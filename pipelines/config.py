@@ -183,6 +183,11 @@ class CalibrateConfig(Section):
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
         default_factory=lambda: ["attn"], min_length=1)
     keep_maps: bool = False  # also store the token / attention maps (float16) the HFR was computed from
+    # The label-free signal (pipelines.streamed.SIGNALS): `plain` is A-SelecT as published; `mean`, `debiased`
+    # (K = `draws` noise draws per image and t, K times the forward passes) and `noise_relative` (2 inputs per
+    # image) are ours and separate the image's structure from the injected noise.
+    signal: Literal["plain", "mean", "debiased", "noise_relative"] = "plain"
+    draws: int = Field(8, ge=2)  # K for `mean` and `debiased`
     # Which blocks calibration runs the DiT to and reduces: default (None) the blocks the aselect policy reads
     # (select.layers, else the middle third, plus an int select.feature_layer), so the forward pass stops after
     # the deepest of them; `all` for every block (heatmaps over the whole depth); or a list.
@@ -220,7 +225,14 @@ class CalibrateConfig(Section):
     def _sites_unique(self) -> CalibrateConfig:
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"sites has duplicates (got {self.sites})")
+        if self.keep_maps and self.signal != "plain":
+            raise ValueError(f"keep_maps stores the maps of one input per image: only with signal 'plain' "
+                             f"(got {self.signal!r})")
         return self
+
+    def signal_draws(self) -> int:
+        """Noise draws per (image, t) the signal takes: `draws` for mean and debiased, else 1."""
+        return self.draws if self.signal in ("mean", "debiased") else 1
 
     def candidate_timesteps(self, dump: DumpConfig) -> list[int]:
         """The timesteps calibration scores, ascending."""
@@ -283,6 +295,9 @@ class BenchConfig(Section):
     """`aselect bench`: which selectors run next to A-SelecT and the oracle, and the scaling measurements."""
 
     hfr_variants: list[SiteName] = Field(default_factory=lambda: ["attn_map", "block", "mlp"])  # besides hfr_site
+    # Label-free signals of ours (calibrate.signal) next to the published plain HFR, each on hfr_site
+    hfr_signals: list[Literal["mean", "debiased", "noise_relative"]] = Field(
+        default_factory=lambda: ["mean", "debiased", "noise_relative"])
     fewshot: bool = True  # the few-shot probe on the calibration subset as a selector
     rankme: bool = True  # RankMe (label-free, not spectral) on the calibration subset as a selector
     # "A commonly used pair": t=100 of 1000 and the middle block, the usual hand-picked choice for DiT/DDPM

@@ -31,7 +31,7 @@ from pipelines.config import DumpConfig
 from pipelines.errors import AselectError
 from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
 from pipelines.scoring import radial_frequency
-from pipelines.streamed import HfrStream, hfr_per_image
+from pipelines.streamed import MULTI_DRAW, HfrStream, hfr_per_image, signal_per_image
 from storage.datasets import DATASET_STORE
 from storage.features import FeatureLayout, create_store, item_damage, write_item, write_record
 
@@ -47,7 +47,7 @@ class DumpResult:
     items_computed: int
     items_reused: int  # finished by an earlier attempt
     forward_passes: int
-    images_timesteps: int  # images x timesteps computed in this attempt
+    images_timesteps: int  # images x timesteps x inputs per image (forward-pass inputs) computed in this attempt
     bytes_written: int
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)  # PhaseTimes: seconds per phase, summed over items
@@ -105,6 +105,9 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     if hfr.cutoff >= highest:  # HFR would be 0 for every map: a "selection" by tie-break
         raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: no frequency of the {side}x{side} token grid is above "
                            f"it (the highest is {highest:.3f}); lower it")
+    if keep_maps and hfr.inputs_per_image > 1:
+        raise AselectError(f"calibrate.keep_maps: signal {hfr.signal!r} runs {hfr.inputs_per_image} inputs per image; "
+                           f"maps are kept only for signal 'plain'")
     if hfr.exclude_dc and hfr.cutoff < lowest:  # every non-DC frequency is "high": HFR would be 1 everywhere
         raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: every non-DC frequency of the {side}x{side} token grid "
                            f"is above it (the lowest is {lowest:.3f}), so HFR is 1 for every map; raise it")
@@ -112,7 +115,7 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     return FeatureLayout(**common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
                          attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False,
                          hfr_sites=tuple(s for s in SITES if s in hfr.sites), hfr_cutoff=hfr.cutoff,
-                         hfr_exclude_dc=hfr.exclude_dc)
+                         hfr_exclude_dc=hfr.exclude_dc, hfr_signal=hfr.signal, inputs_per_image=hfr.inputs_per_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,16 +314,29 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
     # block's maps are dropped as soon as the next block runs (memory: one block's maps, not all of them).
     kept = [*(layout.sites if layout.spatial else ())] + ([ATTN_MAP] if layout.attn_map else [])
     reductions = {}
-    if layout.hfr_sites:
+    k = layout.inputs_per_image
+    if layout.hfr_sites and layout.hfr_signal == "plain":
         hfr = partial(hfr_per_image, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc)
         reductions["hfr"] = Reduction(layout.hfr_sites, hfr)
+    elif layout.hfr_sites:
+        stream = HfrStream(sites=layout.hfr_sites, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc,
+                           signal=layout.hfr_signal, draws=k if layout.hfr_signal in MULTI_DRAW else 1)
+        reductions["hfr"] = Reduction(layout.hfr_sites, partial(signal_per_image, stream=stream))
+    if layout.hfr_signal == "noise_relative":  # each image next to its noise-only twin (x_0 = 0, same noise)
+        x0 = torch.stack([x0, torch.zeros_like(x0)], dim=1).flatten(0, 1)
+    elif k > 1:  # K noised copies of each image, image-major
+        x0 = x0.repeat_interleave(k, dim=0)
+    draws = k if layout.hfr_signal in MULTI_DRAW else 1
     if layout.pooled and layout.sites:
         reductions["mean"] = Reduction(layout.sites, _token_mean)
     pin = device.type == "cuda"
+    inputs = [i for i in sample_ids for _ in range(k)]  # one entry per forward-pass input
 
     def noise_for(ti: int) -> torch.Tensor:
         started = time.perf_counter()
-        noise = draw_noise(x0.shape[1:], sample_ids, layout.timesteps[ti], w.cfg.seed, pin=pin)
+        noise = draw_noise(x0.shape[1:], sample_ids, layout.timesteps[ti], w.cfg.seed, pin=pin, draws=draws)
+        if layout.hfr_signal == "noise_relative":  # the twin gets the image's own noise
+            noise = noise.repeat_interleave(2, dim=0)
         times.merge({"noise": time.perf_counter() - started})
         return noise
 
@@ -331,7 +347,7 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
             upcoming = helper.submit(noise_for, timestep_indices[k + 1]) if k + 1 < len(timestep_indices) else None
             # 2. one forward pass: hooks capture the sites and stream the reductions
             with times.phase("forward", device):
-                feats = extract(w.backbone, x0, sample_ids, layout.timesteps[ti], layers, kept, w.cfg.seed,
+                feats = extract(w.backbone, x0, inputs, layout.timesteps[ti], layers, kept, w.cfg.seed,
                                 autocast=autocast, reductions=reductions, noise=noise)
             # 3. gather per (block, site) on the device: pooled (L, S, B, D), float16 maps, per-image HFR (L, S, B)
             arrays: dict[str, torch.Tensor | None] = dict.fromkeys(("pooled", "spatial", "attn_map", "hfr"))
@@ -409,7 +425,7 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
         finished += len(tis)
         written += nbytes
         rows = layout.chunk_slice(ci)
-        image_steps += (rows.stop - rows.start) * len(tis)
+        image_steps += (rows.stop - rows.start) * len(tis) * layout.inputs_per_image
         bar.update(len(tis))
         if progress is not None:
             progress(finished, total)

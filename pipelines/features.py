@@ -32,21 +32,25 @@ SITES = (*TOKEN_SITES, ATTN_MAP)
 # ---------------------------------------------------------------------------------------------
 
 
-def noise_seed(seed: int, image_index: int, timestep: int) -> int:
-    """A seed per (image, timestep): any chunk can be recomputed bit-identically, in any order."""
-    return int(np.random.SeedSequence([seed, int(image_index), int(timestep)]).generate_state(1)[0])
+def noise_seed(seed: int, image_index: int, timestep: int, draw: int = 0) -> int:
+    """A seed per (image, timestep, draw): any chunk can be recomputed bit-identically, in any order.
+
+    Draw 0 is the one noise every dump uses; draws 1.. are the extra ones a multi-draw calibration signal takes.
+    """
+    entropy = [seed, int(image_index), int(timestep), *([int(draw)] if draw else [])]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def draw_noise(shape: Sequence[int], image_indices: Sequence[int], timestep: int, seed: int,
-               pin: bool = False) -> torch.Tensor:
-    """Standard normal noise (B, *shape) on the CPU, one generator per (image, timestep).
+               pin: bool = False, draws: int = 1) -> torch.Tensor:
+    """Standard normal noise (B * draws, *shape) on the CPU, one generator per (image, timestep, draw).
 
-    Drawn on the CPU so that CPU and CUDA runs noise identically; `pin` puts it in page-locked memory, so the
-    copy to the GPU is one asynchronous transfer per batch.
+    Rows are image-major (image 0's draws first). Drawn on the CPU so that CPU and CUDA runs noise identically;
+    `pin` puts it in page-locked memory, so the copy to the GPU is one asynchronous transfer per batch.
     """
-    noise = torch.empty((len(image_indices), *shape), pin_memory=pin)
-    for row, i in enumerate(image_indices):
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(seed, i, timestep)),
+    noise = torch.empty((len(image_indices) * draws, *shape), pin_memory=pin)
+    for row, (i, k) in enumerate((i, k) for i in image_indices for k in range(draws)):
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(seed, i, timestep, k)),
                     out=noise[row])
     return noise
 

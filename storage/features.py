@@ -57,6 +57,8 @@ class FeatureLayout:
     hfr_sites: tuple[str, ...] = ()  # sites whose per-image HFR is streamed into `hfr`
     hfr_cutoff: float = 0.5
     hfr_exclude_dc: bool = True
+    hfr_signal: str = "plain"  # pipelines.streamed.SIGNALS: how several inputs per image become one value
+    inputs_per_image: int = 1  # forward-pass inputs per (image, t): noise draws, or the image and its twin
 
     @property
     def num_chunks(self) -> int:
@@ -118,7 +120,8 @@ def _layout_attrs(layout: FeatureLayout) -> dict:
             "n": len(layout.samples), "width": layout.width, "tokens": layout.tokens, "chunk": layout.chunk,
             "spatial": layout.spatial, "attn_map": layout.attn_map, "pooled": layout.pooled,
             "hfr_sites": list(layout.hfr_sites), "hfr_cutoff": layout.hfr_cutoff,
-            "hfr_exclude_dc": layout.hfr_exclude_dc}
+            "hfr_exclude_dc": layout.hfr_exclude_dc, "hfr_signal": layout.hfr_signal,
+            "inputs_per_image": layout.inputs_per_image}
 
 
 def _records(stage_path: Path) -> dict[tuple[int, int], Path]:

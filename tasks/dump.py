@@ -67,8 +67,11 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
                           progress=lambda done, total: progress.update(done / total), backbone=model_backbone)
         progress.update(1.0, force=True)
         # every image of a dump costs the same bytes per timestep, so this holds for a resumed dump too
-        per_image = result.bytes_written / max(1, result.images_timesteps) * len(layout.timesteps)
-        what = (f"HFR of {len(layout.hfr_sites)} site(s) streamed" + (", maps kept" if keep_maps else "")
+        per_image = (result.bytes_written / max(1, result.images_timesteps) * len(layout.timesteps)
+                     * layout.inputs_per_image)
+        signal = ("" if layout.hfr_signal == "plain"
+                  else f" ({layout.hfr_signal}, {layout.inputs_per_image} inputs/image)")
+        what = (f"HFR{signal} of {len(layout.hfr_sites)} site(s) streamed" + (", maps kept" if keep_maps else "")
                 if layout.hfr_sites else f"{len(layout.sites) + layout.attn_map} sites")
         summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} blocks x {what} x {len(samples)} "
                    f"images, {per_image / 1024:.1f} KiB/image, "

@@ -296,7 +296,7 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     report = json.loads(proc.stdout)
     (config,) = report["configs"]
     rows = {r["selector"]: r for r in config["selectors"]}
-    assert list(rows) == ["aselect", "aselect-attn_map", "fewshot", "rankme", "fixed", "oracle"]
+    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-debiased", "fewshot", "rankme", "fixed", "oracle"]
     oracle = rows["oracle"]
     for row in rows.values():
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
@@ -305,6 +305,7 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     # forward passes are images x timesteps: 200 images, 64 calibration images, and the oracle searches the
     # same 10 candidate timesteps as A-SelecT (calibrate.timesteps), not the 4 of dump.timesteps
     assert oracle["forward_passes"] == 200 * 10 and rows["aselect"]["forward_passes"] == 64 * 10 + 200
+    assert rows["aselect-debiased"]["forward_passes"] == 8 * 64 * 10 + 200  # K = 8 noise draws per image and t
     assert (rows["fixed"]["timestep"], rows["fixed"]["layer"], rows["fixed"]["site"]) == (100, 1, "block")
     assert rows["fixed"]["forward_passes"] == 200 and rows["fewshot"]["site"] in ("block", "attn", "mlp")
     assert "spearman_hfr_vs_probe" in rows["aselect-attn_map"] and "spearman_hfr_vs_probe" not in rows["fixed"]
@@ -336,6 +337,9 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     assert all(b["metric"] == "top1" and 0.0 < b["value"] <= 1.0 for b in baselines.values())
     assert baselines["pixels"]["regret_points"] == round(100 * (oracle["value"] - baselines["pixels"]["value"]), 2)
     assert f"t={oracle['timestep']} block {oracle['layer']} {oracle['site']}" in baselines["random_dit"]["label"]
+    profile = config["probe_vs_t"]
+    assert profile["best_score"] >= profile["score_at_smallest_t"] and isinstance(profile["interior_maximum"], bool)
+    assert config["seconds"] > 0 and report["leave_one_config_out"] is None  # one config: nothing to hold out
 
     scaling = config["scaling"]
     assert [p["images"] for p in scaling["points"]] == [100, 200]

@@ -15,11 +15,11 @@ from pipelines.benchmark import smallest_confident
 from pipelines.config import CalibrateConfig, DumpConfig, load_config
 from pipelines.dump import plan_layout, run_dump
 from pipelines.errors import AselectError
-from pipelines.features import SITES, Reduction, extract
+from pipelines.features import SITES, Reduction, draw_noise, extract
 from pipelines.grid import streamed_hfr_table
-from pipelines.scoring import hfr_of_attention, hfr_of_tokens
+from pipelines.scoring import hfr_of_attention, hfr_of_tokens, radial_frequency
 from pipelines.select import bootstrap_confidence, select
-from pipelines.streamed import HfrStream, hfr_per_image
+from pipelines.streamed import HfrStream, hfr_per_image, signal_per_image
 from storage.datasets import DATASET_STORE
 from storage.features import open_features
 
@@ -75,10 +75,11 @@ def test_streamed_hfr_keeps_the_flat_map_and_dc_rules() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def calibrate(tiny: tuple[str, Path], stage: Path, keep_maps: bool = False, sites=("attn", "attn_map")):
+def calibrate(tiny: tuple[str, Path], stage: Path, keep_maps: bool = False, sites=("attn", "attn_map"),
+              **signal: object):
     model_dir, data = tiny
     cfg = DumpConfig(timesteps=[0, 200, 600, 900], images_per_chunk=32)
-    stream = HfrStream(sites=tuple(sites), cutoff=0.5)
+    stream = HfrStream(sites=tuple(sites), cutoff=0.5, **signal)
     layout = plan_layout(load_backbone(model_dir), np.arange(120), cfg, hfr=stream, keep_maps=keep_maps)
     return run_dump(model_dir, data, stage, layout, cfg), layout
 
@@ -124,6 +125,100 @@ def test_keep_maps_also_stores_the_maps(tiny, tmp_path: Path) -> None:
     streamed_only, _ = calibrate(tiny, tmp_path / "streamed")
     assert result.bytes_written > 50 * streamed_only.bytes_written
     np.testing.assert_array_equal(group["hfr"][:], open_features(tmp_path / "streamed")["hfr"][:])
+
+
+# ---------------------------------------------------------------------------------------------
+#                           Signals that separate the image from the noise
+# ---------------------------------------------------------------------------------------------
+
+
+def power_weighted_hfr(maps: np.ndarray, cutoff: float = 0.5) -> np.ndarray:
+    """numpy: per image, high-band power over non-DC power, each summed over channels; maps (B, h, w, c)."""
+    power = np.abs(np.fft.fft2(maps.astype(np.float64), axes=(1, 2))) ** 2
+    rho = radial_frequency(*maps.shape[1:3])
+    return (power * (rho > cutoff)[..., None]).sum(axis=(1, 2, 3)) / (power * (rho > 0)[..., None]).sum(axis=(1, 2, 3))
+
+
+def test_signals_of_identical_inputs_reduce_to_plain_hfr() -> None:
+    maps = torch.randn(3, 16, 8, dtype=torch.float64)  # 3 images, 4x4 tokens, 8 channels
+    plain = hfr_per_image(maps, "attn")
+    repeated = maps.repeat_interleave(4, dim=0)
+    mean = signal_per_image(repeated, "attn", HfrStream(sites=("attn",), signal="mean", draws=4))
+    torch.testing.assert_close(mean, plain)  # the mean of 4 equal copies is the copy
+    # no noise between draws: S = P(1), so debiased is the power-weighted HFR of the map itself
+    debiased = signal_per_image(repeated, "attn", HfrStream(sites=("attn",), signal="debiased", draws=4))
+    expected = power_weighted_hfr(maps.reshape(3, 4, 4, 8).numpy())
+    np.testing.assert_allclose(debiased.numpy(), expected, rtol=1e-9)
+    twins = maps.repeat_interleave(2, dim=0)  # an image no different from its noise-only twin adds nothing
+    relative = signal_per_image(twins, "attn", HfrStream(sites=("attn",), signal="noise_relative"))
+    torch.testing.assert_close(relative, torch.ones(3, dtype=torch.float64))
+
+
+def test_debiased_hfr_recovers_the_clean_spectrum_under_noise() -> None:
+    rng = np.random.default_rng(0)
+    b, k, side, c = 6, 16, 8, 64
+    # clean maps: low-frequency structure (a smooth random field per channel), the same in every draw
+    coarse = rng.normal(size=(b, 1, 2, 2, c))
+    clean = np.kron(coarse, np.ones((1, 1, 4, 4, 1)))  # 2x2 blocks upsampled to 8x8
+    noisy = clean + rng.normal(scale=1.5, size=(b, k, side, side, c))  # each draw its own white noise
+    truth = power_weighted_hfr(clean[:, 0])
+    features = torch.from_numpy(noisy.reshape(b * k, side * side, c))
+    values = {signal: signal_per_image(features, "block", HfrStream(sites=("block",), signal=signal, draws=k))
+              .numpy() for signal in ("mean", "debiased")}
+    plain = hfr_per_image(features.view(b, k, side * side, c)[:, 0], "block").numpy()
+    errors = {name: np.abs(v - truth).mean() for name, v in {"plain": plain, **values}.items()}
+    # white noise puts ~3/4 of its power above the cutoff: plain HFR is mostly noise; averaging shrinks the
+    # noise 16x; removing the noise term leaves the clean spectrum up to sampling error
+    assert errors["plain"] > 0.3
+    assert errors["debiased"] < 0.05 < errors["mean"] < errors["plain"]
+
+
+def test_multi_draw_calibration_runs_k_inputs_per_image(tiny, tmp_path: Path) -> None:
+    plain, _ = calibrate(tiny, tmp_path / "plain", sites=("attn",))
+    mean, layout = calibrate(tiny, tmp_path / "mean", sites=("attn",), signal="mean", draws=2)
+    assert layout.inputs_per_image == 2
+    assert mean.images_timesteps == 2 * plain.images_timesteps == 2 * 120 * 4  # forward passes are counted
+    stored = open_features(tmp_path / "mean")["hfr"]
+    assert stored.shape == open_features(tmp_path / "plain")["hfr"].shape  # still one value per image
+
+    # the stored value is the signal of K noised copies, draw 0 being the plain dump's own noise
+    model_dir, data = tiny
+    backbone = load_backbone(model_dir)
+    noise = draw_noise((1, 8, 8), [0, 1, 2], 600, seed=0, draws=2)
+    torch.testing.assert_close(noise[0::2], draw_noise((1, 8, 8), [0, 1, 2], 600, seed=0))
+    x0 = torch.from_numpy(zarr.open_group(data / DATASET_STORE, mode="r")["images"][:3]).float() / 127.5 - 1.0
+    feats = extract(backbone, x0.repeat_interleave(2, dim=0), [0, 0, 1, 1, 2, 2], 600, [0, 1], ["attn"], seed=0,
+                    noise=noise)
+    for li in (0, 1):
+        expected = signal_per_image(feats[(li, "attn")], "attn", HfrStream(sites=("attn",), signal="mean", draws=2))
+        np.testing.assert_allclose(stored[2, li, 0, :3], expected.numpy(), rtol=1e-6)
+
+    again, _ = calibrate(tiny, tmp_path / "again", sites=("attn",), signal="mean", draws=2)
+    np.testing.assert_array_equal(open_features(tmp_path / "again")["hfr"][:], stored[:])
+
+
+def test_noise_relative_pairs_each_image_with_its_noise_only_twin(tiny, tmp_path: Path) -> None:
+    calibrate(tiny, tmp_path, sites=("attn",), signal="noise_relative")
+    stored = open_features(tmp_path)["hfr"]
+    model_dir, data = tiny
+    backbone = load_backbone(model_dir)
+    x0 = torch.from_numpy(zarr.open_group(data / DATASET_STORE, mode="r")["images"][:2]).float() / 127.5 - 1.0
+    noise = draw_noise((1, 8, 8), [0, 1], 200, seed=0)
+    image = extract(backbone, x0, [0, 1], 200, [1], ["attn"], seed=0, noise=noise)[(1, "attn")]
+    alone = extract(backbone, torch.zeros_like(x0), [0, 1], 200, [1], ["attn"], seed=0, noise=noise)[(1, "attn")]
+    expected = hfr_per_image(image, "attn") / hfr_per_image(alone, "attn")
+    np.testing.assert_allclose(stored[1, 1, 0, :2], expected.numpy(), rtol=1e-6)
+
+
+def test_signal_knobs_are_checked() -> None:
+    with pytest.raises(ValueError, match="draws must be >= 2"):
+        HfrStream(sites=("attn",), signal="debiased", draws=1)
+    with pytest.raises(ValueError, match="takes one noise draw"):
+        HfrStream(sites=("attn",), draws=4)
+    with pytest.raises(AselectError, match=r"calibrate: keep_maps .* only with signal 'plain' \(got 'mean'\)"):
+        load_config("smoke", ["calibrate.signal=mean", "calibrate.keep_maps=true"])
+    assert load_config("smoke", ["calibrate.signal=mean"]).calibrate.signal_draws() == 8
+    assert load_config("smoke", ["calibrate.signal=noise_relative"]).calibrate.signal_draws() == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""The benchmark's cross-config verdicts: a default chosen leave-one-config-out, and where the probe peaks in t."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.benchmark import leave_one_config_out, loco_table, probe_vs_timestep
+
+
+def config(name: str, regrets: dict[str, float], pixels: float | None = None) -> dict:
+    """A config report with these regrets (oracle value 0.9) and, optionally, a raw-pixel baseline."""
+    rows = [{"selector": s, "regret_points": r, "value": round(0.9 - r / 100, 4),
+             "label_free": s not in ("oracle", "fewshot")} for s, r in {**regrets, "oracle": 0.0}.items()]
+    return {"config": name, "selectors": rows, "baselines": {} if pixels is None else {"pixels": {"value": pixels}}}
+
+
+def test_each_held_out_config_gets_the_default_chosen_on_the_others() -> None:
+    # "steady" is never great and never awful; "spiky" is best on a and b but collapses on c
+    configs = [config("a", {"spiky": 0.0, "steady": 2.0, "fewshot": 1.0}, pixels=0.85),
+               config("b", {"spiky": 0.5, "steady": 2.0, "fewshot": 1.0}),
+               config("c", {"spiky": 30.0, "steady": 3.0, "fewshot": 1.0}, pixels=0.89)]
+    loco = leave_one_config_out(configs)
+    held = {h["config"]: h for h in loco["held_out"]}
+    # without c in view, spiky looks best (worst case 0.5) and costs 30 points on c; with c in view, steady wins
+    assert held["c"]["chosen"] == "spiky" and held["c"]["regret_points"] == 30.0
+    assert held["a"]["chosen"] == held["b"]["chosen"] == "steady"
+    assert (loco["held_out_mean"], loco["held_out_worst"]) == (round((2 + 2 + 30) / 3, 2), 30.0)
+    assert loco["shipped"] == "steady" and loco["candidates"][0]["worst"] == 3.0  # in sample: no evidence
+    assert [held[c]["beats_pixels"] for c in "abc"] == [True, None, False]
+    # the labelled selectors are never candidate defaults; few-shot is reported beside them
+    assert {c["selector"] for c in loco["candidates"]} == {"spiky", "steady"}
+    assert loco["fewshot"] == {"mean": 1.0, "worst": 1.0, "beats_held_out_default": True}
+    text = "\n".join(loco_table(loco))
+    assert "| c | spiky | 30.00 | **no** |" in text and "worst 30.00" in text and "**not met**" in text
+
+
+def test_leave_one_config_out_needs_two_configs_and_a_shared_candidate() -> None:
+    assert leave_one_config_out([config("a", {"x": 1.0})]) is None
+    assert leave_one_config_out([config("a", {"x": 1.0}), config("b", {"y": 1.0})]) is None
+    ties = leave_one_config_out([config("a", {"y": 1.0, "x": 1.0}), config("b", {"x": 1.0, "y": 1.0})])
+    assert ties["shipped"] == "x"  # equal regrets: by name, so reruns ship the same default
+
+
+def rows(scores: dict[int, list[float]]) -> list[dict]:
+    return [{"timestep": t, "layer": layer, "site": "block", "scorer": "probe", "score": s}
+            for t, per_layer in scores.items() for layer, s in enumerate(per_layer)]
+
+
+@pytest.mark.parametrize(("scores", "peak", "interior"), [
+    ({0: [0.90, 0.80], 100: [0.85, 0.95], 500: [0.60, 0.70]}, 100, True),   # the best block peaks mid-grid
+    ({0: [0.90, 0.95], 100: [0.85, 0.94], 500: [0.60, 0.70]}, 0, False),    # falls with t
+    ({0: [0.90, 0.80], 100: [0.902, 0.80], 500: [0.60, 0.70]}, 100, False),  # a bump below the margin
+    ({0: [0.50], 100: [0.70], 500: [0.90]}, 500, False),                    # rises to the last t
+])
+def test_probe_vs_timestep_finds_an_interior_maximum(scores: dict, peak: int, interior: bool) -> None:
+    profile = probe_vs_timestep(rows(scores))
+    assert (profile["best_timestep"], profile["interior_maximum"]) == (peak, interior)
+    assert profile["score_at_smallest_t"] == max(scores[0])
+    assert probe_vs_timestep(rows({0: [0.5], 100: [0.6]})) is None  # two timesteps have no interior
