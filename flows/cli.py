@@ -22,7 +22,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aselect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from pipelines.errors import AselectError  # noqa: E402
+from storage.errors import AselectError  # noqa: E402
 from storage.stages import Workdir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------

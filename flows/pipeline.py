@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from pipelines.config import RunConfig, load_config
-from pipelines.errors import AselectError
 from pipelines.grid import exhaustive_grid
 from pipelines.select import middle_third
 from pipelines.streamed import HfrStream
+from storage.errors import AselectError
 from storage.stages import StageRef, Workdir
 from tasks.backbone import backbone, plan_backbone
 from tasks.dump import dump, plan_dump

@@ -27,8 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.config import BackboneConfig, LatentConfig
-from pipelines.errors import AselectError
-from pipelines.faults import failpoint
+from storage.errors import AselectError
+from storage.faults import failpoint
 
 BACKBONE_VERSION = 2
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import DumpConfig, RunConfig
-from pipelines.errors import AselectError
+from storage.errors import AselectError
 
 log = logging.getLogger("aselect.bench")
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.errors import AselectError
+from storage.errors import AselectError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -28,12 +28,20 @@ from tqdm.auto import tqdm
 
 from pipelines.backbone import Backbone, encode_images, load_backbone
 from pipelines.config import DumpConfig
-from pipelines.errors import AselectError
 from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
 from pipelines.scoring import radial_frequency
 from pipelines.streamed import MULTI_DRAW, HfrStream, hfr_per_image, signal_per_image
-from storage.datasets import DATASET_STORE
-from storage.features import FeatureLayout, create_store, item_damage, write_item, write_record
+from storage.datasets import open_images
+from storage.errors import AselectError
+from storage.features import (
+    FEATURES_STORE,
+    FeatureLayout,
+    create_store,
+    item_damage,
+    open_store,
+    write_item,
+    write_record,
+)
 
 log = logging.getLogger("aselect.dump")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -148,8 +156,8 @@ def _init_worker(model_dir: str, dataset_path: str, stage_path: str, layout: Fea
     backbone.transformer.to(device).eval()
     if backbone.vae is not None:
         backbone.vae.to(device).eval()
-    images = zarr.open_group(Path(dataset_path) / DATASET_STORE, mode="r")["images"]
-    group = zarr.open_group(Path(stage_path) / "features.zarr", mode="r+")
+    images = open_images(Path(dataset_path))
+    group = open_store(Path(stage_path) / FEATURES_STORE, writable=True)
     _WORKER = _Worker(backbone, images, group, Path(stage_path), layout, cfg, device)
 
 

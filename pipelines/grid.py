@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from distributed import Client, LocalCluster, as_completed
 
 from pipelines.config import DumpConfig
-from pipelines.errors import AselectError
-from pipelines.faults import failpoint
 from pipelines.scoring import get_scorer, score_pair
-from storage.features import read_hfr, read_samples
+from storage.errors import AselectError
+from storage.faults import failpoint
+from storage.features import open_store, read_hfr, read_samples
 
 log = logging.getLogger("aselect.score")
 CONNECT_SECONDS = 10  # an address nobody answers at fails in one line, not after retries
@@ -69,7 +68,7 @@ def dask_client(address: str | None, workers: int, threads_per_worker: int) -> I
 
 def read_pair(store: str, pair: Pair, needs: str, rows: np.ndarray | None = None) -> np.ndarray:
     """Only this pair's slice of the dump: pooled (n, D), spatial (n, T, D) or attn_map (n, T, T)."""
-    group = zarr.open_group(store, mode="r")
+    group = open_store(store)
     sel = slice(None) if rows is None else rows
     if pair.site == "attn_map":
         data = group["attn_map"].get_orthogonal_selection((pair.ti, pair.li, sel))
@@ -113,8 +112,7 @@ def exhaustive_grid(dump: DumpConfig, segmentation: bool) -> tuple[DumpConfig, s
 
 def candidate_pairs(store: str | Path, sites: list[str] | None = None) -> list[Pair]:
     """Every (timestep, layer, site) in a dump, optionally restricted to some sites."""
-    group = zarr.open_group(str(store), mode="r")
-    layout = group.attrs["layout"]
+    layout = open_store(store).attrs["layout"]
     all_sites = list(layout["sites"]) + (["attn_map"] if layout["attn_map"] else [])
     wanted = [s for s in all_sites if sites is None or s in sites]
     return [Pair(ti, li, site, t, layer)

@@ -7,14 +7,14 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.config import IngestConfig
-from pipelines.errors import AselectError
+from storage.datasets import Dataset
+from storage.errors import AselectError
 
 INGEST_VERSION = 1  # bump when the output of a source changes
 
@@ -34,20 +34,6 @@ TEXTURE_MEAN, TEXTURE_STD = 128.0, 40.0  # every crop is moved to these: intensi
 TEXTURE_STD_FLOOR = 8.0  # flat background crops (sky, paper) stay flat instead of amplifying noise
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass
-class Dataset:
-    """Images, labels and a fixed train/test split; masks only for segmentation sources."""
-
-    images: np.ndarray  # uint8 (N, C, H, W)
-    labels: np.ndarray  # int64 (N,)
-    class_names: list[str]
-    train_idx: np.ndarray  # int64, sorted
-    test_idx: np.ndarray  # int64, sorted; disjoint from train_idx, union = all
-    masks: np.ndarray | None = None  # uint8 (N, H, W) per-pixel ids into mask_class_names
-    mask_class_names: list[str] | None = None
-    skipped: list[str] = field(default_factory=list)  # "path: reason" for each file or folder skipped
 
 
 # ---------------------------------------------------------------------------------------------

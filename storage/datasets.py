@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from pipelines.faults import failpoint
-from pipelines.ingest import Dataset
+from storage.faults import failpoint
 
 DATASET_STORE = "data.zarr"
+
+
+@dataclass
+class Dataset:
+    """Images, labels and a fixed train/test split; masks only for segmentation sources."""
+
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    class_names: list[str]
+    train_idx: np.ndarray  # int64, sorted
+    test_idx: np.ndarray  # int64, sorted; disjoint from train_idx, union = all
+    masks: np.ndarray | None = None  # uint8 (N, H, W) per-pixel ids into mask_class_names
+    mask_class_names: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for each file or folder skipped
 
 
 def write_dataset(dataset: Dataset, stage_path: Path) -> Path:
@@ -63,6 +77,16 @@ def read_split(stage_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, train indices and test indices only (no images)."""
     group = zarr.open_group(stage_path / DATASET_STORE, mode="r")
     return group["labels"][:], group["train_idx"][:], group["test_idx"][:]
+
+
+def open_images(stage_path: Path) -> zarr.Array:
+    """The dataset's uint8 images (N, C, H, W), opened lazily: readers take only the rows they need."""
+    return zarr.open_group(stage_path / DATASET_STORE, mode="r")["images"]
+
+
+def read_mask_class_names(stage_path: Path) -> list[str]:
+    """Names of the mask ids (segmentation datasets; empty otherwise)."""
+    return list(zarr.open_group(stage_path / DATASET_STORE, mode="r").attrs["mask_class_names"])
 
 
 def read_masks(stage_path: Path) -> np.ndarray | None:

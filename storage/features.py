@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipelines.faults import failpoint
+from storage.faults import failpoint
 from storage.stages import RECORDS_DIR, damaged_files, file_digest, read_record
 
 FEATURES_STORE = "features.zarr"
@@ -192,9 +192,14 @@ def write_record(stage_path: Path, ti: int, ci: int, written: int, files: list[s
     failpoint("chunk")
 
 
+def open_store(store: str | Path, writable: bool = False) -> zarr.Group:
+    """A dump's Zarr group by the store's own path (what Dask tasks and dump workers are handed)."""
+    return zarr.open_group(str(store), mode="r+" if writable else "r")
+
+
 def open_features(stage_path: Path) -> zarr.Group:
     """Open a finished dump read-only."""
-    return zarr.open_group(stage_path / FEATURES_STORE, mode="r")
+    return open_store(stage_path / FEATURES_STORE)
 
 
 def read_hfr(stage_path: Path) -> tuple[np.ndarray, dict]:

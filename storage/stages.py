@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.errors import AselectError
-from pipelines.faults import failpoint
+from storage.errors import AselectError
+from storage.faults import failpoint
 
 log = logging.getLogger("aselect.stage")
 

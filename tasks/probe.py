@@ -7,13 +7,12 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import zarr
 from prefect import get_run_logger, task
 
 from pipelines.config import ProbeConfig
 from pipelines.probe import PROBE_VERSION, classification_probe, segmentation_probe
-from storage.datasets import DATASET_STORE, read_masks, read_split
-from storage.features import FEATURES_STORE
+from storage.datasets import read_mask_class_names, read_masks, read_split
+from storage.features import open_features
 from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
 
 METRICS_JSON = "metrics.json"
@@ -29,7 +28,7 @@ def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection
 
 def pair_features(features: StageRef, selection: dict[str, Any], spatial: bool) -> tuple[np.ndarray, np.ndarray]:
     """(dataset indices, features) of the selected pair: pooled (n, D) or spatial (n, T, D)."""
-    group = zarr.open_group(features.dir.path / FEATURES_STORE, mode="r")
+    group = open_features(features.dir.path)
     ti = list(group["timestep"][:]).index(selection["timestep"])
     li = list(group["layer"][:]).index(selection["layer"])
     si = list(group["site"][:]).index(selection["site"])
@@ -59,7 +58,7 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
             result = classification_probe(x[train], labels[train_idx], x[test], labels[test_idx], Cs=cfg.cs,
                                           val_fraction=cfg.val_fraction, seed=cfg.seed)
         else:
-            names = zarr.open_group(dataset.dir.path / DATASET_STORE, mode="r").attrs["mask_class_names"]
+            names = read_mask_class_names(dataset.dir.path)
             result = segmentation_probe(x[train], masks[train_idx], x[test], masks[test_idx], len(names), Cs=cfg.cs,
                                         val_fraction=cfg.val_fraction, seed=cfg.seed)
         metrics = asdict(result)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
@@ -16,7 +15,7 @@ from pipelines.config import ScoreConfig
 from pipelines.grid import candidate_pairs, dask_client, score_grid, streamed_hfr_table
 from pipelines.scoring import SCORING_VERSION, get_scorer
 from storage.datasets import read_masks, read_split
-from storage.features import FEATURES_STORE, has_streamed_hfr
+from storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
 from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
 from tasks.stage import ProgressArtifact
 
@@ -59,7 +58,7 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         spec = get_scorer(scorer)
         labels = masks = rows = None
         if spec.needs_labels:
-            samples = zarr.open_group(store, mode="r")["sample"][:]
+            samples = read_samples(features.dir.path)
             all_labels, train_idx, _ = read_split(dataset.dir.path)
             rows = np.flatnonzero(np.isin(samples, train_idx))  # never score on test images
             labels = all_labels[samples[rows]]

@@ -37,7 +37,7 @@ from pipelines.backbone import (
     save_grid,
 )
 from pipelines.config import BackboneConfig, LatentConfig, PretrainConfig, load_config
-from pipelines.errors import AselectError
+from storage.errors import AselectError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -441,7 +441,7 @@ def test_latent_kill_after_vae_phase_resumes_without_retraining_it(
 ) -> None:
     killed, fresh = tmp_path / "killed", tmp_path / "fresh"
     killed.mkdir()
-    # SIGKILL at the DiT's 3rd step (pipelines/faults.py): the VAE and the step-2 checkpoint are on disk.
+    # SIGKILL at the DiT's 3rd step (storage/faults.py): the VAE and the step-2 checkpoint are on disk.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
                ASELECT_FAILPOINT="pretrain@3")
     child = subprocess.run([sys.executable, "-c", LATENT_CHILD, str(killed)], cwd=ROOT, env=env,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import CONFIG_DIR, RunConfig, load_config
-from pipelines.errors import AselectError
+from storage.errors import AselectError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -21,9 +21,9 @@ import pipelines.dump as dump_module
 from pipelines.backbone import load_backbone
 from pipelines.config import DumpConfig
 from pipelines.dump import plan_layout, resolve_autocast, run_dump
-from pipelines.errors import AselectError
 from pipelines.features import AttentionMapProcessor, extract
 from pipelines.streamed import HfrStream
+from storage.errors import AselectError
 from storage.features import FEATURES_STORE, finished_items, open_features
 
 ROOT = Path(__file__).resolve().parents[1]

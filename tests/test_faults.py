@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# stage -> the failpoint inside it (pipelines/faults.py); two kills in each stretch of the run where one is hit
+# stage -> the failpoint inside it (storage/faults.py); two kills in each stretch of the run where one is hit
 STAGE_POINTS = {"ingest": "ingest", "pretrain": "pretrain", "dump": "chunk", "score": "pair", "probe": "fit"}
 VOLATILE = {"seconds", "worker", "resumed_from", "started", "finished", "attempts", "pid", "bytes", "train_seconds",
             "dump_seconds", "images_timesteps_per_second", "items_reused", "items_computed", "forward_passes",

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipelines.config import IngestConfig
-from pipelines.errors import AselectError
-from pipelines.ingest import INGEST_VERSION, Dataset, load_dataset, source_fingerprint
+from pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
+from storage.datasets import Dataset
+from storage.errors import AselectError
 
 # ---------------------------------------------------------------------------------------------
 #                                            Helpers

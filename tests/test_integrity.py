@@ -16,9 +16,9 @@ import torch
 from pipelines.backbone import load_backbone
 from pipelines.config import DumpConfig
 from pipelines.dump import plan_layout, run_dump
-from pipelines.errors import AselectError
 from pipelines.select import select
 from pipelines.streamed import HfrStream
+from storage.errors import AselectError
 from storage.features import (
     FEATURES_STORE,
     FeatureLayout,

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import AselectError
 from pipelines.probe import (
     bilinear_matrix,
     classification_probe,
@@ -27,6 +26,7 @@ from pipelines.scoring import (
     score_pair,
 )
 from pipelines.select import middle_third, select
+from storage.errors import AselectError
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:

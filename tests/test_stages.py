@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import AselectError
+from storage.errors import AselectError
 from storage.stages import Workdir, stage_key
 
 
