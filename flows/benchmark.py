@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
-from pipelines.backbone import VARIANTS, Backbone, build_dit, load_backbone, make_scheduler, save_backbone
+from pipelines.backbone import load_backbone
 from pipelines.benchmark import (
     BENCH_VERSION,
     Selector,
@@ -42,6 +42,7 @@ from pipelines.benchmark import (
 )
 from pipelines.config import RunConfig
 from pipelines.grid import dask_client
+from pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
 from pipelines.plots import cost_vs_regret, metric_vs_timestep
 from storage.datasets import read_dataset
 from storage.stages import StageRef, Workdir, write_json_atomic

@@ -90,7 +90,7 @@ class BackboneConfig(Section):
 
     kind: Literal["pretrain", "load"] = "pretrain"
     path: str | None = None  # load only: local directory or hub id
-    variant: str = "DiT-T/2"  # pretrain only: a name registered in pipelines.backbone
+    variant: str = "DiT-T/2"  # pretrain only: a name registered in pipelines.models
     num_train_timesteps: int = Field(1000, ge=2)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -104,7 +104,7 @@ class BackboneConfig(Section):
         if self.kind == "load" and self.latent is not None:
             raise ValueError("latent is only used by kind 'pretrain' (a loaded DiT brings its own VAE)")
         if self.kind == "pretrain":
-            from pipelines.backbone import VARIANTS  # late: keeps config import light
+            from pipelines.models import VARIANTS  # late: keeps config import light
 
             if self.variant not in VARIANTS:
                 raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
@@ -360,7 +360,7 @@ class RunConfig(Section):
 
     def _fits_variant(self) -> None:
         """Block indices within the pretrained variant's depth, and a token grid it can train on."""
-        from pipelines.backbone import VARIANTS
+        from pipelines.models import VARIANTS
 
         variant = self.backbone.variant
         depth, patch = VARIANTS[variant]["num_layers"], VARIANTS[variant]["patch_size"]

@@ -26,9 +26,10 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from pipelines.backbone import Backbone, encode_images, load_backbone
+from pipelines.backbone import encode_images, load_backbone
 from pipelines.config import DumpConfig
 from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
+from pipelines.models import Backbone
 from pipelines.scoring import radial_frequency
 from pipelines.streamed import MULTI_DRAW, HfrStream, hfr_per_image, signal_per_image
 from storage.datasets import open_images

@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 
 from pipelines import backbone as bb
 from pipelines.config import BackboneConfig
+from pipelines.pretrain import pretrain, sample_images, save_grid
 from storage.datasets import read_dataset
 from storage.stages import StageRef, Workdir, stage_key
 from tasks.stage import ProgressArtifact
@@ -60,15 +61,15 @@ def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[st
             vae_steps = f"a VAE for {cfg.latent.steps} steps, then latent " if cfg.latent else ""
             progress = ProgressArtifact("pretrain-progress",
                                         f"pretrain {vae_steps}{cfg.variant} for {cfg.pretrain.steps} steps")
-            result = bb.pretrain(data.images[train], data.labels[train], len(data.class_names), cfg, stage_dir.path,
+            result = pretrain(data.images[train], data.labels[train], len(data.class_names), cfg, stage_dir.path,
                                  progress=lambda step, total, loss: progress.update(step / total))
             progress.update(1.0, force=True)
             model = bb.load_backbone(str(stage_dir.path / MODEL_DIR))
             n_per_class = 8
             labels = [c for c in range(len(data.class_names)) for _ in range(n_per_class)]
-            samples = bb.sample_images(model, labels, cfg.pretrain.sample_steps, cfg.pretrain.guidance_scale,
+            samples = sample_images(model, labels, cfg.pretrain.sample_steps, cfg.pretrain.guidance_scale,
                                        cfg.pretrain.seed)
-            bb.save_grid(samples, stage_dir.path / SAMPLES_PNG, nrow=n_per_class)
+            save_grid(samples, stage_dir.path / SAMPLES_PNG, nrow=n_per_class)
             last_loss = result.loss_curve[-1][1] if result.loss_curve else float("nan")
             described = {**bb.describe(model), "source": MODEL_DIR}  # inside the stage: the workdir can move
             details = {"kind": "pretrain", "model_path": MODEL_DIR, "model": described,

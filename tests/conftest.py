@@ -57,9 +57,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A random DiT-XS/2 saved in aselect's layout, and 120 digits at 8x8 in an ingest-like stage dir."""
     import torch
 
-    from pipelines.backbone import build_dit, make_scheduler
     from pipelines.config import IngestConfig
     from pipelines.ingest import load_dataset
+    from pipelines.models import build_dit, make_scheduler
     from storage.datasets import write_dataset
 
     root = tmp_path_factory.mktemp("tiny")

@@ -1,4 +1,4 @@
-"""Tests for pipelines.backbone: size variants, load layouts, load errors, pretraining (pixel, latent), kill/resume."""
+"""Tests for pipelines.models, backbone and pretrain: sizes, load layouts and errors, pretraining, kill/resume."""
 
 from __future__ import annotations
 
@@ -24,19 +24,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import pipelines.backbone as bb
-from pipelines.backbone import (
-    VARIANTS,
-    Backbone,
-    build_dit,
-    describe,
-    encode_images,
-    load_backbone,
-    make_scheduler,
-    pretrain,
-    sample_images,
-    save_grid,
-)
+from pipelines.backbone import describe, encode_images, load_backbone
 from pipelines.config import BackboneConfig, LatentConfig, PretrainConfig, load_config
+from pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler
+from pipelines.pretrain import pretrain, sample_images, save_grid
 from storage.errors import AselectError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +326,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import test_backbone as T
-from pipelines.backbone import pretrain
+from pipelines.pretrain import pretrain
 
 out = Path(sys.argv[1])
 
@@ -429,7 +420,7 @@ LATENT_CHILD = """
 import sys
 from pathlib import Path
 import test_backbone as T
-from pipelines.backbone import pretrain
+from pipelines.pretrain import pretrain
 
 images, labels = T.bars(64, 16)
 pretrain(images, labels, 2, T.latent_config(steps=8, every=2), Path(sys.argv[1]))
@@ -459,7 +450,7 @@ def test_latent_kill_after_vae_phase_resumes_without_retraining_it(
     images, labels = bars(64, 16)
     seen: list[int] = []  # the saved VAE's mtime at each DiT step (it is removed once the model is saved)
     with monkeypatch.context() as patch, caplog.at_level("INFO", logger="aselect.backbone"):
-        patch.setattr(bb, "_train_vae", no_retraining)
+        patch.setattr("pipelines.pretrain._train_vae", no_retraining)
         resumed = pretrain(images, labels, 2, latent_config(steps=8, every=2), killed,
                            progress=lambda *a: seen.append(vae_weights.stat().st_mtime_ns))
     assert seen and set(seen) == {mtime}  # never rewritten

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("storage", "pipelines", "tasks", "flows")
 # layer -> top-level packages it must never import (directly or lazily inside a function)
 FORBIDDEN = {
     "storage": {"pipelines", "tasks", "flows", "prefect", "dask", "distributed"},
@@ -43,3 +44,39 @@ def test_only_storage_opens_zarr_stores() -> None:
                         and node.attr.startswith("open")):
                     opened.append(f"{path.relative_to(ROOT)}:{node.lineno} zarr.{node.attr}")
     assert not opened
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports at module level (lazy imports inside functions excluded)."""
+    graph: dict[str, set[str]] = {}
+    for layer in LAYERS:
+        for path in (ROOT / layer).glob("*.py"):
+            deps = set()
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LAYERS:
+                    # `from pipelines import backbone` names a module; `from pipelines.x import y` names x
+                    deps |= ({f"{node.module}.{a.name}" for a in node.names} if "." not in node.module
+                             else {node.module})
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names if a.name.split(".")[0] in LAYERS and "." in a.name}
+            graph[f"{layer}.{path.stem}"] = deps
+    return graph
+
+
+def test_no_import_circle() -> None:
+    graph = module_imports()
+    assert graph["pipelines.pretrain"] >= {"pipelines.backbone", "pipelines.models"}  # the walk sees imports
+    circles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(module, ())):
+            if dep in path:
+                circles.append(" -> ".join([*path[path.index(dep):], dep]))
+            elif dep not in done:
+                visit(dep, [*path, dep])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [module])
+    assert not circles

@@ -10,12 +10,13 @@ import pytest
 import torch
 import zarr
 
-from pipelines.backbone import Backbone, build_dit, load_backbone, make_scheduler
+from pipelines.backbone import load_backbone
 from pipelines.benchmark import smallest_confident
 from pipelines.config import CalibrateConfig, DumpConfig, load_config
 from pipelines.dump import plan_layout, run_dump
 from pipelines.features import SITES, Reduction, draw_noise, extract
 from pipelines.grid import streamed_hfr_table
+from pipelines.models import Backbone, build_dit, make_scheduler
 from pipelines.scoring import hfr_of_attention, hfr_of_tokens, radial_frequency
 from pipelines.select import bootstrap_confidence, select
 from pipelines.streamed import HfrStream, hfr_per_image, signal_per_image

@@ -1,0 +1,565 @@
+"""Pretraining a tiny DiT here (pixel space, or latent behind a VAE trained first), and sampling from it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipelines.backbone import (
+    BACKBONE_VERSION,
+    load_model_part,
+    model_device,
+    quiet_diffusers,
+    short_error,
+    to_uint8,
+    to_unit,
+)
+from pipelines.config import BackboneConfig, LatentConfig
+from pipelines.models import Backbone, build_dit, build_vae, make_scheduler, save_backbone
+from storage.errors import AselectError
+from storage.faults import failpoint
+
+logger = logging.getLogger("aselect.backbone")
+
+# Class-dropout probability for classifier-free guidance (DiT paper, and diffusers' LabelEmbedding default).
+CLASS_DROPOUT = 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Pretraining
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEResult:
+    """What the VAE phase of a latent pretraining run did."""
+
+    steps: int
+    reused: bool  # loaded from a run that was killed after its VAE phase, not trained again
+    loss_curve: list[tuple[int, float]]  # (step, mean loss over the preceding window), ~100 points max
+    seconds: float  # of the training, when it ran (a reused VAE keeps the original's)
+    scaling_factor: float  # 1 / std of the train set's latent means
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run did."""
+
+    steps: int
+    resumed_from: int  # step of the checkpoint it resumed from (0 = fresh start)
+    loss_curve: list[tuple[int, float]]  # (step, mean loss over the preceding window), ~100 points max
+    seconds: float
+    vae: VAEResult | None = None  # latent runs only
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: BackboneConfig) -> dict:
+    """Everything that changes the trained weights; checkpoints and final models must match it."""
+    data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    data.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    train = cfg.pretrain.model_dump(exclude={"checkpoint_every", "sample_steps", "guidance_scale"})
+    return dict(
+        version=BACKBONE_VERSION,
+        variant=cfg.variant,
+        shape=list(images.shape),
+        num_classes=num_classes,
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        data=data.hexdigest()[:16],
+        **train,
+        # only when set, so pixel-space fingerprints (and the models they guard) stay as they were
+        **({"latent": cfg.latent.model_dump()} if cfg.latent is not None else {}),
+    )
+
+
+def _vae_fingerprint(fingerprint: dict) -> dict:
+    """The part of a latent run's fingerprint that the VAE depends on (not the DiT's settings)."""
+    return {key: fingerprint[key] for key in ("version", "shape", "data", "latent")}
+
+
+def _lr_factor(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to zero: a pure function of the step, so resume-safe."""
+    # Decaying matters: at a constant rate the last steps' noise shows up as speckled samples.
+
+    def factor(done: int) -> float:
+        if done < warmup_steps:
+            return (done + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - warmup_steps) / span)))
+
+    return factor
+
+
+def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
+    """The newest readable checkpoint for this fingerprint (unreadable or foreign ones are skipped)."""
+    for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a truncated file from a crash mid-write of an older version
+            logger.warning("%s: unreadable checkpoint, skipped (%s)", path, short_error(exc))
+            continue
+        if state.get("fingerprint") != fingerprint:
+            logger.warning("%s: checkpoint from a different config or dataset, skipped", path)
+            continue
+        return state
+    return None
+
+
+def _save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> None:
+    """Write step-XXXXXXX.pt atomically, then keep only the newest `keep`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{state['step']:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _save_model(out_dir: Path, model: DiTTransformer2DModel, scheduler: DDPMScheduler, done: dict,
+                vae: AutoencoderKL | None = None) -> None:
+    """Write out_dir/model (transformer/, scheduler/, done.json; latent: a DiTPipeline dir) via a temp dir."""
+    final, tmp = out_dir / "model", out_dir / "model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if vae is None:
+        model.save_pretrained(tmp / "transformer")
+        scheduler.save_pretrained(tmp / "scheduler")
+    else:  # + vae/ and model_index.json: what real latent DiT checkpoints look like
+        save_backbone(Backbone(transformer=model, scheduler=scheduler, vae=vae, source=str(final)), tmp)
+    (tmp / "done.json").write_text(json.dumps(done, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _finished(out_dir: Path, fingerprint: dict) -> PretrainResult | None:
+    """The stored result if out_dir/model is a finished model for this fingerprint."""
+    model_dir = out_dir / "model"
+    if not (model_dir / "transformer" / "config.json").is_file() or not (model_dir / "done.json").is_file():
+        return None
+    try:
+        done = json.loads((model_dir / "done.json").read_text())
+        if done.get("fingerprint") != fingerprint:
+            logger.warning("%s: trained with a different config or dataset; retraining", model_dir)
+            return None
+        vae = done.get("vae")
+        return PretrainResult(
+            steps=done["steps"],
+            resumed_from=done["resumed_from"],
+            loss_curve=[(int(s), float(v)) for s, v in done["loss_curve"]],
+            seconds=done["seconds"],
+            vae=None if vae is None else _vae_result(vae),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Use `threads` intra-op threads for the duration (results are only bit-identical per thread count)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pretrain(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    cfg: BackboneConfig,
+    out_dir: Path,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> PretrainResult:
+    """Train a tiny class-conditional DiT (DDPM epsilon, null-class dropout), on pixels or VAE latents."""
+    images, labels, out_dir = np.asarray(images), np.asarray(labels), Path(out_dir)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+        raise AselectError(
+            f"pretrain: expected square uint8 images (N, C, H, W), got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= num_classes:
+        raise AselectError(
+            f"pretrain: expected {len(images)} labels in [0, {num_classes}), got shape {labels.shape}"
+        )
+    if cfg.latent is not None and images.shape[2] % cfg.latent.downsample:
+        raise AselectError(
+            f"pretrain: image size {images.shape[2]} is not divisible by the downsampling "
+            f"{cfg.latent.downsample} of backbone.latent.vae_blocks {cfg.latent.vae_blocks}"
+        )
+    fingerprint = _fingerprint(images, labels, num_classes, cfg)
+    if (result := _finished(out_dir, fingerprint)) is not None:
+        logger.info("%s: already trained (%d steps); reusing", out_dir / "model", result.steps)
+        return result
+
+    with _torch_threads(cfg.threads):
+        data = to_unit(torch.from_numpy(np.ascontiguousarray(images)))  # the whole (small) set in [-1, 1]
+        if cfg.latent is None:
+            return _train(data, labels, num_classes, cfg, out_dir, fingerprint, progress)
+        # Latent: the VAE first (saved, so a killed run never trains it again), then the DiT on its latents.
+        # Progress runs over both phases: VAE steps, then DiT steps.
+        grand = cfg.latent.steps + cfg.pretrain.steps
+        vae_progress = None if progress is None else (lambda s, _t, loss: progress(s, grand, loss))
+        vae, vae_result, latents = _vae_phase(data, cfg.latent, out_dir, _vae_fingerprint(fingerprint),
+                                              vae_progress)
+        dit_progress = None if progress is None else (
+            lambda s, _t, loss: progress(cfg.latent.steps + s, grand, loss))
+        return _train(latents, labels, num_classes, cfg, out_dir, fingerprint, dit_progress, vae, vae_result)
+
+
+def _train(
+    data: torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int,
+    cfg: BackboneConfig,
+    out_dir: Path,
+    fingerprint: dict,
+    progress: Callable[[int, int, float], None] | None,
+    vae: AutoencoderKL | None = None,
+    vae_result: VAEResult | None = None,
+) -> PretrainResult:
+    """Train the DiT on `data` (float (N, C, S, S): [-1, 1] pixels, or the scaled latents of `vae`)."""
+    pcfg, total = cfg.pretrain, cfg.pretrain.steps
+    _, channels, size, _ = data.shape
+    what = "images" if vae is None else "latents"
+
+    # 1. Model, noise schedule, optimiser (init is seeded so a fresh run is reproducible).
+    torch.manual_seed(pcfg.seed)
+    model = build_dit(cfg.variant, size, channels, num_classes).train()
+    # diffusers' LabelEmbedding drops labels with p=0.1 in train mode, but every block (and the output
+    # layer) has its own embedder and draws its own mask, so a sample is almost never null in all of
+    # them. Turn that off and drop labels once per sample below, as the DiT paper does, so the null
+    # class learns a true unconditional prediction for classifier-free guidance.
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, clip_sample=vae is None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps, pcfg.steps))
+
+    # 2. Labels (the data is already one float tensor), and the null class for label dropout.
+    targets = torch.from_numpy(labels.astype(np.int64))
+    null = torch.full_like(targets[:1], num_classes)
+
+    # 3. Resume from the newest usable checkpoint.
+    ckpt_dir = out_dir / "checkpoints"
+    start, loss_curve, window_losses = 0, [], []
+    if (state := _latest_checkpoint(ckpt_dir, fingerprint)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        start, loss_curve = int(state["step"]), [tuple(p) for p in state["loss_curve"]]
+        window_losses = list(state["window_losses"])
+        logger.info("resuming pretraining from %s", ckpt_dir / f"step-{start:07d}.pt")
+    window = max(1, total // 100)  # loss-curve resolution: ~100 points
+    report_every = max(1, total // 100)  # progress callback: ~every 1%
+    log_every = max(1, total // 10)
+    logger.info(
+        "pretraining %s on %d %s %dx%dx%d, %d classes: steps %d..%d, batch %d, %d threads",
+        cfg.variant,
+        len(data),
+        what,
+        channels,
+        size,
+        size,
+        num_classes,
+        start + 1,
+        total,
+        pcfg.batch_size,
+        torch.get_num_threads(),
+    )
+
+    # 4. Train. Step s draws everything random from a generator seeded by (seed, s), so resuming at any
+    #    checkpoint replays exactly the same batches, timesteps, noise and label drops.
+    began, loss_value = time.perf_counter(), float("nan")
+    bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", disable=not sys.stderr.isatty())
+    for step in range(start + 1, total + 1):
+        gen = torch.Generator().manual_seed(_step_seed(pcfg.seed, step))
+        idx = torch.randint(len(data), (pcfg.batch_size,), generator=gen)
+        t = torch.randint(scheduler.config.num_train_timesteps, (pcfg.batch_size,), generator=gen)
+        x0 = data[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(pcfg.batch_size, generator=gen) < CLASS_DROPOUT
+        y = torch.where(drop, null, targets[idx])
+        torch.manual_seed(_step_seed(pcfg.seed, step))  # any other RNG use in forward is replayed too
+
+        xt = scheduler.add_noise(x0, noise, t)
+        pred = model(xt, timestep=t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise AselectError(
+                f"pretrain: loss became {loss_value} at step {step}; try a lower learning_rate"
+            )
+        window_losses.append(loss_value)
+        if step % window == 0 or step == total:
+            loss_curve.append((step, float(np.mean(window_losses))))
+            window_losses = []
+        bar.update(1)
+        if step % report_every == 0 or step == total:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if progress is not None:
+                progress(step, total, loss_value)
+        if step % log_every == 0 or step == total:
+            rate = (step - start) / (time.perf_counter() - began)
+            logger.info("pretrain step %d/%d: loss %.4f (%.1f steps/s)", step, total, loss_curve[-1][1], rate)
+        if step % pcfg.checkpoint_every == 0 and step < total:
+            _save_checkpoint(
+                ckpt_dir,
+                dict(
+                    step=step,
+                    fingerprint=fingerprint,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    lr_schedule=lr_schedule.state_dict(),
+                    loss_curve=loss_curve,
+                    window_losses=window_losses,
+                ),
+            )
+        failpoint("pretrain")
+    bar.close()
+
+    # 5. Save a load_backbone-compatible directory (layout b, or a DiTPipeline directory with the VAE);
+    #    checkpoints and the separately saved VAE are then redundant.
+    seconds = time.perf_counter() - began
+    result = PretrainResult(steps=total, resumed_from=start, loss_curve=loss_curve, seconds=seconds, vae=vae_result)
+    _save_model(out_dir, model.eval(), scheduler, dict(fingerprint=fingerprint, **asdict(result)), vae)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(out_dir / VAE_DIR, ignore_errors=True)
+    logger.info("pretrained %s in %.0f s; saved %s", cfg.variant, seconds, out_dir / "model")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+#                                    Latent pretraining: the VAE
+# ---------------------------------------------------------------------------------------------
+
+VAE_DIR = "vae"  # out_dir/vae: the trained VAE, kept until the DiT phase has finished
+
+
+def _vae_result(data: dict) -> VAEResult:
+    """A VAEResult from its JSON form."""
+    return VAEResult(steps=int(data["steps"]), reused=bool(data["reused"]),
+                     loss_curve=[(int(s), float(v)) for s, v in data["loss_curve"]],
+                     seconds=float(data["seconds"]), scaling_factor=float(data["scaling_factor"]))
+
+
+@torch.no_grad()
+def _latent_means(vae: AutoencoderKL, data: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The posterior means of `data` ([-1, 1] pixels), unscaled, in fixed batches (so reruns match)."""
+    vae.eval()
+    return torch.cat([vae.encode(data[i : i + batch]).latent_dist.mean for i in range(0, len(data), batch)])
+
+
+def _saved_vae(out_dir: Path, fingerprint: dict) -> tuple[AutoencoderKL, VAEResult] | None:
+    """The VAE a killed run saved before its DiT phase, if it was trained for this fingerprint."""
+    done_file = out_dir / VAE_DIR / "done.json"
+    if not done_file.is_file():
+        return None
+    try:
+        done = json.loads(done_file.read_text())
+        if done.get("fingerprint") != fingerprint:
+            logger.warning("%s: VAE trained with a different config or dataset; retraining", out_dir / VAE_DIR)
+            return None
+        result = _vae_result(done["result"])
+        vae = load_model_part(AutoencoderKL, out_dir, VAE_DIR)
+    except (OSError, ValueError, KeyError, TypeError, AselectError) as exc:
+        logger.warning("%s: unusable saved VAE, retraining (%s)", out_dir / VAE_DIR, short_error(exc))
+        return None
+    return vae, VAEResult(**{**asdict(result), "reused": True})
+
+
+def _save_vae(out_dir: Path, vae: AutoencoderKL, fingerprint: dict, result: VAEResult) -> None:
+    """Write out_dir/vae (config, weights, done.json) via a temp dir so it appears whole."""
+    final, tmp = out_dir / VAE_DIR, out_dir / f"{VAE_DIR}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "done.json").write_text(json.dumps(dict(fingerprint=fingerprint, result=asdict(result)), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _vae_phase(
+    data: torch.Tensor,
+    latent: LatentConfig,
+    out_dir: Path,
+    fingerprint: dict,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[AutoencoderKL, VAEResult, torch.Tensor]:
+    """The VAE (trained, or reused from a killed run) and the train set's latents, mean * scaling_factor."""
+    # 1. A VAE saved by an earlier run of this config is never trained again.
+    if (saved := _saved_vae(out_dir, fingerprint)) is not None:
+        vae, result = saved
+        logger.info("reusing the VAE trained earlier (%s, %d steps)", out_dir / VAE_DIR, result.steps)
+        means = _latent_means(vae, data)
+    else:
+        # 2. Train it, then scale latents to unit std as Stable Diffusion does (its 0.18215 was found
+        #    the same way), so the DiT's noise schedule sees the signal-to-noise ratios it was designed for.
+        vae, loss_curve, seconds = _train_vae(data, latent, progress)
+        means = _latent_means(vae, data)
+        vae.register_to_config(scaling_factor=1.0 / float(means.std()))
+        result = VAEResult(steps=latent.steps, reused=False, loss_curve=loss_curve, seconds=seconds,
+                           scaling_factor=float(vae.config.scaling_factor))
+        _save_vae(out_dir, vae, fingerprint, result)
+    vae.requires_grad_(False)
+    # 3. The DiT's training set: latent means (deterministic, like encode_images' features), scaled.
+    latents = means * float(vae.config.scaling_factor)
+    logger.info("encoded %d images to latents %s (scaling_factor %.4f, std %.3f)", len(data),
+                "x".join(map(str, latents.shape[1:])), vae.config.scaling_factor, float(latents.std()))
+    return vae, result, latents
+
+
+def _train_vae(
+    data: torch.Tensor, latent: LatentConfig, progress: Callable[[int, int, float], None] | None
+) -> tuple[AutoencoderKL, list[tuple[int, float]], float]:
+    """Train an AutoencoderKL on `data` ([-1, 1] pixels): reconstruction MSE + kl_weight * KL."""
+    total, (_, channels, size, _) = latent.steps, data.shape
+
+    # 1. Model and optimiser (init is seeded so a run is reproducible); warmup, then cosine decay.
+    torch.manual_seed(latent.seed)
+    vae = build_vae(channels, size, latent).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=latent.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total // 20, total))
+    window, report_every, log_every = max(1, total // 100), max(1, total // 100), max(1, total // 10)
+    logger.info("training a VAE (blocks %s, %d latent channels, %dx down) on %d images %dx%dx%d: "
+                "%d steps, batch %d, %d threads", latent.vae_blocks, latent.latent_channels, latent.downsample,
+                len(data), channels, size, size, total, latent.batch_size, torch.get_num_threads())
+
+    # 2. Train. Step s draws its batch and posterior sample from a generator seeded by (seed, s).
+    began, loss_curve, window_losses = time.perf_counter(), [], []
+    bar = tqdm(total=total, desc="vae", unit="step", disable=not sys.stderr.isatty())
+    for step in range(1, total + 1):
+        gen = torch.Generator().manual_seed(_step_seed(latent.seed, step))
+        x = data[torch.randint(len(data), (latent.batch_size,), generator=gen)]
+        torch.manual_seed(_step_seed(latent.seed, step))
+
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = F.mse_loss(recon, x)
+        # Both terms per pixel: kl_weight then weighs KL against summed reconstruction error, as in LDM.
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = mse + latent.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise AselectError(
+                f"pretrain VAE: loss became {loss_value} at step {step}; try a lower backbone.latent.learning_rate"
+            )
+        window_losses.append(loss_value)
+        if step % window == 0 or step == total:
+            loss_curve.append((step, float(np.mean(window_losses))))
+            window_losses = []
+        bar.update(1)
+        if step % report_every == 0 or step == total:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if progress is not None:
+                progress(step, total, loss_value)
+        if step % log_every == 0 or step == total:
+            rate = step / (time.perf_counter() - began)
+            logger.info("VAE step %d/%d: loss %.4f (reconstruction MSE %.4f, KL %.1f) (%.1f steps/s)", step,
+                        total, loss_curve[-1][1], mse.item(), kl.item() * x[0].numel(), rate)
+    bar.close()
+    seconds = time.perf_counter() - began
+    logger.info("trained the VAE in %.0f s", seconds)
+    return vae.eval(), loss_curve, seconds
+
+
+# ---------------------------------------------------------------------------------------------
+#                                          Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_images(
+    backbone: Backbone, class_labels: list[int], steps: int, guidance_scale: float, seed: int
+) -> np.ndarray:
+    """DDIM samples (uint8 (B,C,H,W)) with classifier-free guidance against the null class (pixel-space)."""
+    model, device = backbone.transformer.eval(), model_device(backbone)
+    # "trailing" spacing starts at the last (pure-noise) timestep even with few DDIM steps.
+    overrides = dict(timestep_spacing="trailing")
+    if backbone.vae is not None:
+        overrides["clip_sample"] = False  # latents are not confined to [-1, 1]
+    with quiet_diffusers():
+        ddim = DDIMScheduler.from_config(backbone.scheduler.config, **overrides)
+    ddim.set_timesteps(steps)
+
+    # 1. Start from seeded Gaussian noise in the model's input space.
+    n, channels, size = len(class_labels), int(model.config.in_channels), int(model.config.sample_size)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, channels, size, size), generator=gen).to(device, model.dtype)
+    y = torch.tensor(class_labels, dtype=torch.long, device=device)
+    guided = guidance_scale != 1.0
+    if guided:
+        y = torch.cat([y, torch.full_like(y, backbone.null_class)])
+
+    # 2. Denoise: eps = eps_null + g * (eps_cond - eps_null).
+    for t in ddim.timesteps:
+        model_in = torch.cat([x, x]) if guided else x
+        tt = torch.full((len(model_in),), int(t), device=device, dtype=torch.long)
+        eps = model(model_in, timestep=tt, class_labels=y).sample[:, :channels]  # drop learned sigma if any
+        if guided:
+            cond, uncond = eps.chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        x = ddim.step(eps, t, x).prev_sample
+
+    # 3. Back to pixels.
+    if backbone.vae is not None:
+        x = backbone.vae.decode(x.to(backbone.vae.dtype) / backbone.vae.config.scaling_factor).sample
+    return to_uint8(x)
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:
+    """Write a uint8 (B,C,H,W) batch as one PNG grid (upscaled so 16 px images are visible)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images):
+        raise AselectError(
+            f"save_grid: expected uint8 (B, 1|3, H, W) images, got {images.dtype} {images.shape}"
+        )
+    b, c, h, w = images.shape
+    ncol, pad = max(1, min(nrow, b)), 2
+    nrows = math.ceil(b / ncol)
+    grid = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
+        ] = img.transpose(1, 2, 0)
+    scale = max(1, 64 // max(h, w))  # nearest-neighbour upscaling keeps pixels crisp
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)  # 2-D -> "L", H x W x 3 -> "RGB"
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
