@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from aselect.pipelines.config import DumpConfig  # noqa: E402
+from aselect.pipelines.dump import plan_layout, resolve_autocast, resolve_device, run_dump  # noqa: E402
+from aselect.pipelines.models import SD_VAE_BLOCKS, random_latent_backbone  # noqa: E402
+from aselect.pipelines.streamed import HfrStream  # noqa: E402
+from aselect.storage.stages import dir_size  # noqa: E402
 from bench.common import natural_dataset  # noqa: E402
-from pipelines.config import DumpConfig  # noqa: E402
-from pipelines.dump import plan_layout, resolve_autocast, resolve_device, run_dump  # noqa: E402
-from pipelines.models import SD_VAE_BLOCKS, random_latent_backbone  # noqa: E402
-from pipelines.streamed import HfrStream  # noqa: E402
-from storage.stages import dir_size  # noqa: E402
 
 
 def main() -> None:

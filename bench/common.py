@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.ingest import Dataset
-from storage.datasets import write_dataset
+from aselect.pipelines.ingest import Dataset
+from aselect.storage.datasets import write_dataset
 
 # scikit-image's sample pictures that ship with the package (others are downloaded on first use)
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "camera",

@@ -34,14 +34,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
+from aselect.pipelines.backbone import encode_images, load_backbone  # noqa: E402
+from aselect.pipelines.config import DumpConfig, IngestConfig  # noqa: E402
+from aselect.pipelines.dump import PhaseTimes, plan_layout, resolve_autocast, resolve_device, run_dump  # noqa: E402
+from aselect.pipelines.features import add_noise, extract  # noqa: E402
+from aselect.pipelines.ingest import load_dataset  # noqa: E402
+from aselect.pipelines.models import Backbone, build_dit, make_scheduler, random_latent_backbone  # noqa: E402
+from aselect.storage.datasets import DATASET_STORE, write_dataset  # noqa: E402
 from bench.common import natural_dataset  # noqa: E402
-from pipelines.backbone import encode_images, load_backbone  # noqa: E402
-from pipelines.config import DumpConfig, IngestConfig  # noqa: E402
-from pipelines.dump import PhaseTimes, plan_layout, resolve_autocast, resolve_device, run_dump  # noqa: E402
-from pipelines.features import add_noise, extract  # noqa: E402
-from pipelines.ingest import load_dataset  # noqa: E402
-from pipelines.models import Backbone, build_dit, make_scheduler, random_latent_backbone  # noqa: E402
-from storage.datasets import DATASET_STORE, write_dataset  # noqa: E402
 
 SITES = ["block", "attn", "mlp"]
 

@@ -25,12 +25,12 @@ import torch  # noqa: E402
 import zarr  # noqa: E402
 from zarr.codecs import BloscCodec, ZstdCodec  # noqa: E402
 
-from pipelines.backbone import encode_images, load_backbone  # noqa: E402
-from pipelines.config import IngestConfig  # noqa: E402
-from pipelines.features import extract  # noqa: E402
-from pipelines.ingest import load_dataset  # noqa: E402
-from pipelines.models import Backbone, build_dit, make_scheduler  # noqa: E402
-from storage.stages import dir_size  # noqa: E402
+from aselect.pipelines.backbone import encode_images, load_backbone  # noqa: E402
+from aselect.pipelines.config import IngestConfig  # noqa: E402
+from aselect.pipelines.features import extract  # noqa: E402
+from aselect.pipelines.ingest import load_dataset  # noqa: E402
+from aselect.pipelines.models import Backbone, build_dit, make_scheduler  # noqa: E402
+from aselect.storage.stages import dir_size  # noqa: E402
 
 CODECS = {
     "none": None,

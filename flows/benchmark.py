@@ -21,9 +21,9 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
-from pipelines.backbone import load_backbone
-from pipelines.benchmark import (
+from aselect.flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.benchmark import (
     BENCH_VERSION,
     Selector,
     best_pair_at,
@@ -40,18 +40,18 @@ from pipelines.benchmark import (
     split_regret,
     to_markdown,
 )
-from pipelines.config import RunConfig
-from pipelines.grid import dask_client
-from pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
-from pipelines.plots import cost_vs_regret, metric_vs_timestep
-from storage.datasets import read_dataset
-from storage.stages import StageRef, Workdir, write_json_atomic
-from tasks.backbone import backbone_dir
-from tasks.benchmark import scaling as scaling_task
-from tasks.probe import plan_probe, probe
-from tasks.score import read_per_image, read_rows
-from tasks.select import policy_params
-from tasks.stage import StageReport, run_stage
+from aselect.pipelines.config import RunConfig
+from aselect.pipelines.grid import dask_client
+from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
+from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
+from aselect.storage.datasets import read_dataset
+from aselect.storage.stages import StageRef, Workdir, write_json_atomic
+from aselect.tasks.backbone import backbone_dir
+from aselect.tasks.benchmark import scaling as scaling_task
+from aselect.tasks.probe import plan_probe, probe
+from aselect.tasks.score import read_per_image, read_rows
+from aselect.tasks.select import policy_params
+from aselect.tasks.stage import StageReport, run_stage
 
 DEFAULT_CONFIGS = ("digits", "mnist5k", "shapes")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)

@@ -22,8 +22,8 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aselect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from storage.errors import AselectError  # noqa: E402
-from storage.stages import Workdir  # noqa: E402
+from aselect.storage.errors import AselectError  # noqa: E402
+from aselect.storage.stages import Workdir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 #                                   Errors without tracebacks
@@ -71,7 +71,11 @@ def human_age(seconds: float | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import aselect_exhaustive, aselect_pipeline, resolve_run_config  # Prefect, torch, diffusers
+    from aselect.flows.pipeline import (  # Prefect, torch, diffusers
+        aselect_exhaustive,
+        aselect_pipeline,
+        resolve_run_config,
+    )
 
     resolve_run_config(args.config, args.set, args.workdir)  # a bad config fails here, before any run starts
     quiet_user_errors()
@@ -90,9 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flows.benchmark import DEFAULT_CONFIGS, aselect_benchmark  # Prefect, torch, diffusers
-    from flows.pipeline import resolve_run_config
-    from pipelines.benchmark import to_markdown, update_readme
+    from aselect.flows.benchmark import DEFAULT_CONFIGS, aselect_benchmark  # Prefect, torch, diffusers
+    from aselect.flows.pipeline import resolve_run_config
+    from aselect.pipelines.benchmark import to_markdown, update_readme
 
     configs = args.configs or list(DEFAULT_CONFIGS)
     for name in configs:  # a bad config fails here, before anything runs

@@ -15,19 +15,19 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from pipelines.config import RunConfig, load_config
-from pipelines.grid import exhaustive_grid
-from pipelines.select import middle_third
-from pipelines.streamed import HfrStream
-from storage.errors import AselectError
-from storage.stages import StageRef, Workdir
-from tasks.backbone import backbone, plan_backbone
-from tasks.dump import dump, plan_dump
-from tasks.ingest import ingest, plan_ingest
-from tasks.probe import plan_probe, probe
-from tasks.score import plan_score, score
-from tasks.select import plan_select, select_pair
-from tasks.stage import StageReport, run_stage
+from aselect.pipelines.config import RunConfig, load_config
+from aselect.pipelines.grid import exhaustive_grid
+from aselect.pipelines.select import middle_third
+from aselect.pipelines.streamed import HfrStream
+from aselect.storage.errors import AselectError
+from aselect.storage.stages import StageRef, Workdir
+from aselect.tasks.backbone import backbone, plan_backbone
+from aselect.tasks.dump import dump, plan_dump
+from aselect.tasks.ingest import ingest, plan_ingest
+from aselect.tasks.probe import plan_probe, probe
+from aselect.tasks.score import plan_score, score
+from aselect.tasks.select import plan_select, select_pair
+from aselect.tasks.stage import StageReport, run_stage
 
 # Flow parameters: Prefect turns these pydantic types into the deployment's parameter schema, so a
 # malformed override is refused when the run is submitted; a well-formed but wrong one (unknown key,

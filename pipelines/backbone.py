@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
-from pipelines.models import Backbone, make_scheduler
-from storage.errors import AselectError
+from aselect.pipelines.models import Backbone, make_scheduler
+from aselect.storage.errors import AselectError
 
 BACKBONE_VERSION = 2
 

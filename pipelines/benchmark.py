@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import DumpConfig, RunConfig
-from storage.errors import AselectError
+from aselect.pipelines.config import DumpConfig, RunConfig
+from aselect.storage.errors import AselectError
 
 log = logging.getLogger("aselect.bench")
 
@@ -105,7 +105,7 @@ def confidence_curve(table: list[dict[str, Any]], per_image: np.ndarray, policy_
     averaged (one subset's curve is too noisy to read a threshold from); at C = pool the pool itself, so that
     point is the selection's own bootstrap. `agrees`: the share of subsets whose choice is the pool's choice.
     """
-    from pipelines.select import bootstrap_confidence
+    from aselect.pipelines.select import bootstrap_confidence
 
     pool = per_image.shape[1]
     full = bootstrap_confidence("aselect", table, per_image, policy_params, resamples=0)["selected"]
@@ -164,7 +164,7 @@ def pixel_baseline(images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray
                    seed: int) -> dict[str, Any]:
     """The downstream probe on raw pixels, no DiT: flattened images (classification), or each patch x patch
     block of pixels as a token on the DiT's own grid (segmentation). What DiT features must beat."""
-    from pipelines.probe import classification_probe, segmentation_probe
+    from aselect.pipelines.probe import classification_probe, segmentation_probe
 
     x = images.astype(np.float32) / 255.0  # (N, C, H, W)
     if masks is None:
@@ -357,11 +357,11 @@ def measure_scaling(model_dir: str, dataset_path: Path, grid: DumpConfig, scorer
     Every measurement starts from an empty store in `scratch` (removed afterwards): nothing is cached.
     Scoring is timed on an already started, warmed-up Dask cluster, so cluster start-up is not in the ratio.
     """
-    from pipelines.backbone import load_backbone  # torch and diffusers: only when measuring
-    from pipelines.dump import plan_layout, run_dump
-    from pipelines.grid import candidate_pairs, dask_client, score_grid
-    from pipelines.ingest import calibration_subset
-    from storage.features import FEATURES_STORE
+    from aselect.pipelines.backbone import load_backbone  # torch and diffusers: only when measuring
+    from aselect.pipelines.dump import plan_layout, run_dump
+    from aselect.pipelines.grid import candidate_pairs, dask_client, score_grid
+    from aselect.pipelines.ingest import calibration_subset
+    from aselect.storage.features import FEATURES_STORE
 
     backbone = load_backbone(model_dir)
     total = len(labels)

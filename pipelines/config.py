@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.errors import AselectError
+from aselect.storage.errors import AselectError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_PACKAGE = "aselect.configs"  # the repository's configs/, installed as package data
 
 
 class Section(BaseModel):
@@ -104,7 +105,7 @@ class BackboneConfig(Section):
         if self.kind == "load" and self.latent is not None:
             raise ValueError("latent is only used by kind 'pretrain' (a loaded DiT brings its own VAE)")
         if self.kind == "pretrain":
-            from pipelines.models import VARIANTS  # late: keeps config import light
+            from aselect.pipelines.models import VARIANTS  # late: keeps config import light
 
             if self.variant not in VARIANTS:
                 raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
@@ -360,7 +361,7 @@ class RunConfig(Section):
 
     def _fits_variant(self) -> None:
         """Block indices within the pretrained variant's depth, and a token grid it can train on."""
-        from pipelines.models import VARIANTS
+        from aselect.pipelines.models import VARIANTS
 
         variant = self.backbone.variant
         depth, patch = VARIANTS[variant]["num_layers"], VARIANTS[variant]["patch_size"]
@@ -404,11 +405,16 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise AselectError(f"{path}: config file not found")
         return path
-    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not bundled.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise AselectError(f"{name_or_path}: no such config file or bundled config (bundled: {known})")
-    return bundled
+    bundled = bundled_configs()
+    if str(name_or_path) not in bundled:
+        raise AselectError(f"{name_or_path}: no such config file or bundled config (bundled: {', '.join(bundled)})")
+    return bundled[str(name_or_path)]
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Bundled config name -> its file, wherever aselect is installed (editable or not)."""
+    files = (Path(str(entry)) for entry in resources.files(CONFIG_PACKAGE).iterdir())
+    return {path.stem: path for path in sorted(files) if path.suffix == ".yaml"}
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

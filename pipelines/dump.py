@@ -26,15 +26,15 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from pipelines.backbone import encode_images, load_backbone
-from pipelines.config import DumpConfig
-from pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
-from pipelines.models import Backbone
-from pipelines.scoring import radial_frequency
-from pipelines.streamed import MULTI_DRAW, HfrStream, hfr_per_image, signal_per_image
-from storage.datasets import open_images
-from storage.errors import AselectError
-from storage.features import (
+from aselect.pipelines.backbone import encode_images, load_backbone
+from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
+from aselect.pipelines.models import Backbone
+from aselect.pipelines.scoring import radial_frequency
+from aselect.pipelines.streamed import MULTI_DRAW, HfrStream, hfr_per_image, signal_per_image
+from aselect.storage.datasets import open_images
+from aselect.storage.errors import AselectError
+from aselect.storage.features import (
     FEATURES_STORE,
     FeatureLayout,
     create_store,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from pipelines.models import Backbone
+from aselect.pipelines.models import Backbone
 
 FEATURES_VERSION = 1
 TOKEN_SITES = ("block", "attn", "mlp")

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 from distributed import Client, LocalCluster, as_completed
 
-from pipelines.config import DumpConfig
-from pipelines.scoring import get_scorer, score_pair
-from storage.errors import AselectError
-from storage.faults import failpoint
-from storage.features import open_store, read_hfr, read_samples
+from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.scoring import get_scorer, score_pair
+from aselect.storage.errors import AselectError
+from aselect.storage.faults import failpoint
+from aselect.storage.features import open_store, read_hfr, read_samples
 
 log = logging.getLogger("aselect.score")
 CONNECT_SECONDS = 10  # an address nobody answers at fails in one line, not after retries

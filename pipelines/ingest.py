@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.config import IngestConfig
-from storage.datasets import Dataset
-from storage.errors import AselectError
+from aselect.pipelines.config import IngestConfig
+from aselect.storage.datasets import Dataset
+from aselect.storage.errors import AselectError
 
 INGEST_VERSION = 1  # bump when the output of a source changes
 

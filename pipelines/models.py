@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
-from storage.errors import AselectError
+from aselect.storage.errors import AselectError
 
 if TYPE_CHECKING:
-    from pipelines.config import LatentConfig
+    from aselect.pipelines.config import LatentConfig
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.backbone import (
+from aselect.pipelines.backbone import (
     BACKBONE_VERSION,
     load_model_part,
     model_device,
@@ -32,10 +32,10 @@ from pipelines.backbone import (
     to_uint8,
     to_unit,
 )
-from pipelines.config import BackboneConfig, LatentConfig
-from pipelines.models import Backbone, build_dit, build_vae, make_scheduler, save_backbone
-from storage.errors import AselectError
-from storage.faults import failpoint
+from aselect.pipelines.config import BackboneConfig, LatentConfig
+from aselect.pipelines.models import Backbone, build_dit, build_vae, make_scheduler, save_backbone
+from aselect.storage.errors import AselectError
+from aselect.storage.faults import failpoint
 
 logger = logging.getLogger("aselect.backbone")
 

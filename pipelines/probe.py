@@ -21,8 +21,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from storage.errors import AselectError
-from storage.faults import failpoint
+from aselect.storage.errors import AselectError
+from aselect.storage.faults import failpoint
 
 PROBE_VERSION = 1
 MAX_ITER = 1000

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from pipelines.probe import blas_threads, grid_side, linear_top1, segmentation_probe, split_indices
-from storage.errors import AselectError
+from aselect.pipelines.probe import blas_threads, grid_side, linear_top1, segmentation_probe, split_indices
+from aselect.storage.errors import AselectError
 
 SCORING_VERSION = 1
 SCORER_THREADS: int | None = 1  # BLAS / OpenMP threads per score_pair call (None: leave the process setting)

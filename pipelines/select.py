@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.scoring import get_scorer
-from storage.errors import AselectError
+from aselect.pipelines.scoring import get_scorer
+from aselect.storage.errors import AselectError
 
 SELECT_VERSION = 1
 # pipelines.features.SITES, repeated here so selection does not import torch and diffusers

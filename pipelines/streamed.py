@@ -31,8 +31,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.probe import grid_side
-from pipelines.scoring import FLAT_POWER, radial_frequency
+from aselect.pipelines.probe import grid_side
+from aselect.pipelines.scoring import FLAT_POWER, radial_frequency
 
 STREAMED_VERSION = 1
 HFR_SLICE = 1 << 22  # map elements per FFT slice: ~100 MB of float64 + complex128 temporaries

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from storage.faults import failpoint
+from aselect.storage.faults import failpoint
 
 DATASET_STORE = "data.zarr"
 

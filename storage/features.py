@@ -23,8 +23,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from storage.faults import failpoint
-from storage.stages import RECORDS_DIR, damaged_files, file_digest, read_record
+from aselect.storage.faults import failpoint
+from aselect.storage.stages import RECORDS_DIR, damaged_files, file_digest, read_record
 
 FEATURES_STORE = "features.zarr"
 DONE_DIR = RECORDS_DIR

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from storage.errors import AselectError
-from storage.faults import failpoint
+from aselect.storage.errors import AselectError
+from aselect.storage.faults import failpoint
 
 log = logging.getLogger("aselect.stage")
 

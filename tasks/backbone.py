@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from prefect import get_run_logger, task
 
-from pipelines import backbone as bb
-from pipelines.config import BackboneConfig
-from pipelines.pretrain import pretrain, sample_images, save_grid
-from storage.datasets import read_dataset
-from storage.stages import StageRef, Workdir, stage_key
-from tasks.stage import ProgressArtifact
+from aselect.pipelines import backbone as bb
+from aselect.pipelines.config import BackboneConfig
+from aselect.pipelines.pretrain import pretrain, sample_images, save_grid
+from aselect.storage.datasets import read_dataset
+from aselect.storage.stages import StageRef, Workdir, stage_key
+from aselect.tasks.stage import ProgressArtifact
 
 MODEL_DIR = "model"
 SAMPLES_PNG = "samples.png"

@@ -8,14 +8,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.benchmark import measure_scaling
-from pipelines.config import RunConfig
-from pipelines.grid import exhaustive_grid
-from storage.datasets import read_masks, read_split
-from storage.stages import StageRef
-from tasks.backbone import backbone_dir
-from tasks.score import scorer_params
-from tasks.stage import ProgressArtifact
+from aselect.pipelines.benchmark import measure_scaling
+from aselect.pipelines.config import RunConfig
+from aselect.pipelines.grid import exhaustive_grid
+from aselect.storage.datasets import read_masks, read_split
+from aselect.storage.stages import StageRef
+from aselect.tasks.backbone import backbone_dir
+from aselect.tasks.score import scorer_params
+from aselect.tasks.stage import ProgressArtifact
 
 
 @task(name="scaling", cache_policy=NO_CACHE)

@@ -11,16 +11,16 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
-from pipelines.backbone import load_backbone
-from pipelines.config import DumpConfig
-from pipelines.dump import plan_layout, run_dump
-from pipelines.features import FEATURES_VERSION
-from pipelines.ingest import calibration_subset
-from pipelines.streamed import STREAMED_VERSION, HfrStream
-from storage.datasets import read_split
-from storage.stages import StageRef, Workdir, stage_key
-from tasks.backbone import backbone_dir
-from tasks.stage import ProgressArtifact
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.dump import plan_layout, run_dump
+from aselect.pipelines.features import FEATURES_VERSION
+from aselect.pipelines.ingest import calibration_subset
+from aselect.pipelines.streamed import STREAMED_VERSION, HfrStream
+from aselect.storage.datasets import read_split
+from aselect.storage.stages import StageRef, Workdir, stage_key
+from aselect.tasks.backbone import backbone_dir
+from aselect.tasks.stage import ProgressArtifact
 
 # How work is spread does not change the features, so it does not change the key.
 NOT_IN_KEY = {"workers", "device"}

@@ -6,11 +6,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from pipelines.config import IngestConfig
-from pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
-from storage.datasets import write_dataset
-from storage.stages import StageRef, Workdir, stage_key
-from tasks.stage import ProgressArtifact
+from aselect.pipelines.config import IngestConfig
+from aselect.pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
+from aselect.storage.datasets import write_dataset
+from aselect.storage.stages import StageRef, Workdir, stage_key
+from aselect.tasks.stage import ProgressArtifact
 
 
 def plan_ingest(workdir: Workdir, cfg: IngestConfig) -> StageRef:

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
-from pipelines.config import ProbeConfig
-from pipelines.probe import PROBE_VERSION, classification_probe, segmentation_probe
-from storage.datasets import read_mask_class_names, read_masks, read_split
-from storage.features import open_features
-from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from aselect.pipelines.config import ProbeConfig
+from aselect.pipelines.probe import PROBE_VERSION, classification_probe, segmentation_probe
+from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
+from aselect.storage.features import open_features
+from aselect.storage.stages import StageRef, Workdir, stage_key, write_json_atomic
 
 METRICS_JSON = "metrics.json"
 

@@ -11,13 +11,13 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from pipelines.config import ScoreConfig
-from pipelines.grid import candidate_pairs, dask_client, score_grid, streamed_hfr_table
-from pipelines.scoring import SCORING_VERSION, get_scorer
-from storage.datasets import read_masks, read_split
-from storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
-from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
-from tasks.stage import ProgressArtifact
+from aselect.pipelines.config import ScoreConfig
+from aselect.pipelines.grid import candidate_pairs, dask_client, score_grid, streamed_hfr_table
+from aselect.pipelines.scoring import SCORING_VERSION, get_scorer
+from aselect.storage.datasets import read_masks, read_split
+from aselect.storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
+from aselect.storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from aselect.tasks.stage import ProgressArtifact
 
 SCORES_JSON = "scores.json"
 PER_IMAGE = "per_image.npz"  # streamed HFR: one value per (row, calibration image)

@@ -8,11 +8,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines.config import SelectConfig
-from pipelines.plots import score_heatmaps
-from pipelines.select import SELECT_VERSION, bootstrap_confidence, select
-from storage.stages import StageRef, Workdir, stage_key, write_json_atomic
-from tasks.score import read_per_image
+from aselect.pipelines.config import SelectConfig
+from aselect.pipelines.plots import score_heatmaps
+from aselect.pipelines.select import SELECT_VERSION, bootstrap_confidence, select
+from aselect.storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from aselect.tasks.score import read_per_image
 
 SELECTION_JSON = "selection.json"
 

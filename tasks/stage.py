@@ -12,7 +12,7 @@ from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from storage.stages import StageRef, Workdir
+from aselect.storage.stages import StageRef, Workdir
 
 log = logging.getLogger("aselect.stage")
 

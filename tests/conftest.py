@@ -43,7 +43,7 @@ def run_cli(prefect_api_url: str, tmp_path: Path):
 
     def run(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, text=True,
+        proc = subprocess.run([sys.executable, "-m", "aselect", *args], cwd=ROOT, env=env, text=True,
                               capture_output=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"aselect {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
@@ -57,10 +57,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A random DiT-XS/2 saved in aselect's layout, and 120 digits at 8x8 in an ingest-like stage dir."""
     import torch
 
-    from pipelines.config import IngestConfig
-    from pipelines.ingest import load_dataset
-    from pipelines.models import build_dit, make_scheduler
-    from storage.datasets import write_dataset
+    from aselect.pipelines.config import IngestConfig
+    from aselect.pipelines.ingest import load_dataset
+    from aselect.pipelines.models import build_dit, make_scheduler
+    from aselect.storage.datasets import write_dataset
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)

@@ -23,12 +23,12 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-import pipelines.backbone as bb
-from pipelines.backbone import describe, encode_images, load_backbone
-from pipelines.config import BackboneConfig, LatentConfig, PretrainConfig, load_config
-from pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler
-from pipelines.pretrain import pretrain, sample_images, save_grid
-from storage.errors import AselectError
+import aselect.pipelines.backbone as bb
+from aselect.pipelines.backbone import describe, encode_images, load_backbone
+from aselect.pipelines.config import BackboneConfig, LatentConfig, PretrainConfig, load_config
+from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler
+from aselect.pipelines.pretrain import pretrain, sample_images, save_grid
+from aselect.storage.errors import AselectError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -326,7 +326,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import test_backbone as T
-from pipelines.pretrain import pretrain
+from aselect.pipelines.pretrain import pretrain
 
 out = Path(sys.argv[1])
 
@@ -420,7 +420,7 @@ LATENT_CHILD = """
 import sys
 from pathlib import Path
 import test_backbone as T
-from pipelines.pretrain import pretrain
+from aselect.pipelines.pretrain import pretrain
 
 images, labels = T.bars(64, 16)
 pretrain(images, labels, 2, T.latent_config(steps=8, every=2), Path(sys.argv[1]))
@@ -450,7 +450,7 @@ def test_latent_kill_after_vae_phase_resumes_without_retraining_it(
     images, labels = bars(64, 16)
     seen: list[int] = []  # the saved VAE's mtime at each DiT step (it is removed once the model is saved)
     with monkeypatch.context() as patch, caplog.at_level("INFO", logger="aselect.backbone"):
-        patch.setattr("pipelines.pretrain._train_vae", no_retraining)
+        patch.setattr("aselect.pipelines.pretrain._train_vae", no_retraining)
         resumed = pretrain(images, labels, 2, latent_config(steps=8, every=2), killed,
                            progress=lambda *a: seen.append(vae_weights.stat().st_mtime_ns))
     assert seen and set(seen) == {mtime}  # never rewritten
@@ -492,8 +492,8 @@ def test_latent_config_errors_are_one_line_naming_the_field(overrides: list[str]
 
 
 def test_latent_section_changes_the_stage_key(tmp_path: Path) -> None:
-    from storage.stages import StageRef, Workdir, stage_key
-    from tasks.backbone import plan_backbone
+    from aselect.storage.stages import StageRef, Workdir, stage_key
+    from aselect.tasks.backbone import plan_backbone
 
     work, dataset = Workdir(tmp_path), StageRef("ingest", "0123456789abcdef", str(tmp_path / "ingest"))
     cfg = load_config("digits-latent").backbone

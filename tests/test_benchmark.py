@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.benchmark import leave_one_config_out, loco_table, probe_vs_timestep
+from aselect.pipelines.benchmark import leave_one_config_out, loco_table, probe_vs_timestep
 
 
 def config(name: str, regrets: dict[str, float], pixels: float | None = None) -> dict:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import CONFIG_DIR, RunConfig, load_config
-from storage.errors import AselectError
+from aselect.pipelines.config import RunConfig, bundled_configs, load_config
+from aselect.storage.errors import AselectError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -16,7 +16,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(bundled_configs()))
 def test_bundled_configs_validate(name: str) -> None:
     cfg = load_config(name)
     assert isinstance(cfg, RunConfig)

@@ -17,14 +17,14 @@ import torch
 import xarray as xr
 import zarr
 
-import pipelines.dump as dump_module
-from pipelines.backbone import load_backbone
-from pipelines.config import DumpConfig
-from pipelines.dump import plan_layout, resolve_autocast, run_dump
-from pipelines.features import AttentionMapProcessor, extract
-from pipelines.streamed import HfrStream
-from storage.errors import AselectError
-from storage.features import FEATURES_STORE, finished_items, open_features
+import aselect.pipelines.dump as dump_module
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.dump import plan_layout, resolve_autocast, run_dump
+from aselect.pipelines.features import AttentionMapProcessor, extract
+from aselect.pipelines.streamed import HfrStream
+from aselect.storage.errors import AselectError
+from aselect.storage.features import FEATURES_STORE, finished_items, open_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,16 +95,16 @@ def test_chunk_size_does_not_change_features(tiny, tmp_path: Path, hfr: HfrStrea
 KILLABLE = """
 import sys, time
 import numpy as np
-import pipelines.dump as dump
-from pipelines.backbone import load_backbone
-from pipelines.config import DumpConfig
+import aselect.pipelines.dump as dump
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.config import DumpConfig
 real_write = dump.write_item
 def slow_write(*args, **kwargs):  # slow each item down so the test can kill the dump mid-way
     written = real_write(*args, **kwargs)
     time.sleep(0.15)
     return written
 dump.write_item = slow_write
-from pipelines.streamed import HfrStream
+from aselect.pipelines.streamed import HfrStream
 model_dir, data, stage, streamed = sys.argv[1:5]
 cfg = DumpConfig(timesteps=[0, 50, 400, 900], images_per_chunk=32)
 hfr = HfrStream(sites=("attn", "attn_map"), cutoff=0.5) if streamed == "1" else None

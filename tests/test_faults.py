@@ -29,7 +29,7 @@ VOLATILE = {"seconds", "worker", "resumed_from", "started", "finished", "attempt
 def aselect(api_url: str, workdir: Path, **env: str) -> subprocess.Popen[str]:
     """Start `aselect run smoke --json` as its own process group."""
     full_env = dict(os.environ, PREFECT_API_URL=api_url, **env)
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "smoke", "--workdir", str(workdir), "--json"],
+    return subprocess.Popen([sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir), "--json"],
                             cwd=ROOT, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
 
@@ -166,7 +166,7 @@ def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(tmp_path: Path) -> 
     home, workdir, hits = tmp_path / "prefect-home", tmp_path / "work", tmp_path / "hits.log"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
-    argv = [sys.executable, "-m", "flows.cli", "run", "smoke", "--workdir", str(workdir),
+    argv = [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir),
             "--set", "backbone.pretrain.steps=400", "--set", "backbone.pretrain.checkpoint_every=20"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -200,7 +200,7 @@ def test_a_run_whose_temporary_server_dies_fails_fast_in_one_line(tmp_path: Path
     home, workdir, hits = tmp_path / "prefect-home", tmp_path / "work", tmp_path / "hits.log"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "smoke", "--workdir", str(workdir),
+    proc = subprocess.Popen([sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir),
                              "--set", "backbone.pretrain.steps=400"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240

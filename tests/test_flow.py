@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
-from flows.benchmark import BENCH_WORK
-from flows.pipeline import aselect_exhaustive, aselect_pipeline
-from pipelines.benchmark import README_END, README_START, readme_section
-from storage.features import open_features
-from storage.stages import Workdir
+from aselect.flows.benchmark import BENCH_WORK
+from aselect.flows.pipeline import aselect_exhaustive, aselect_pipeline
+from aselect.pipelines.benchmark import README_END, README_START, readme_section
+from aselect.storage.features import open_features
+from aselect.storage.stages import Workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,7 +235,7 @@ def test_cli_config_errors_are_one_line_without_traceback(run_cli, tmp_path: Pat
 # drains them and warns "Still processing items" (CI failed once on that warning following the error line).
 LAGGING_EVENTS_CLI = """
 import asyncio, sys
-import flows.cli
+from aselect.flows import cli
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 
@@ -245,15 +245,15 @@ async def slow_handle(self, event):
     await handle(self, event)
 EventsWorker._handle = slow_handle
 
-run = flows.cli.cmd_run
+run = cli.cmd_run
 def run_then_emit(args):
     try:
         return run(args)
     finally:
         for i in range(3):
             emit_event(event="aselect.test.lag", resource={"prefect.resource.id": f"aselect.test.{i}"})
-flows.cli.cmd_run = run_then_emit
-sys.exit(flows.cli.main(sys.argv[1:]))
+cli.cmd_run = run_then_emit
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.backbone import load_backbone
-from pipelines.config import DumpConfig
-from pipelines.dump import plan_layout, run_dump
-from pipelines.grid import candidate_pairs, dask_client, read_pair, score_grid
-from pipelines.scoring import score_pair
-from storage.datasets import read_split
-from storage.features import FEATURES_STORE
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.dump import plan_layout, run_dump
+from aselect.pipelines.grid import candidate_pairs, dask_client, read_pair, score_grid
+from aselect.pipelines.scoring import score_pair
+from aselect.storage.datasets import read_split
+from aselect.storage.features import FEATURES_STORE
 
 BIN = Path(sys.executable).parent
 

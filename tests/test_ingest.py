@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import IngestConfig
-from pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
-from storage.datasets import Dataset
-from storage.errors import AselectError
+from aselect.pipelines.config import IngestConfig
+from aselect.pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
+from aselect.storage.datasets import Dataset
+from aselect.storage.errors import AselectError
 
 # ---------------------------------------------------------------------------------------------
 #                                            Helpers

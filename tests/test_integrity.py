@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.backbone import load_backbone
-from pipelines.config import DumpConfig
-from pipelines.dump import plan_layout, run_dump
-from pipelines.select import select
-from pipelines.streamed import HfrStream
-from storage.errors import AselectError
-from storage.features import (
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.dump import plan_layout, run_dump
+from aselect.pipelines.select import select
+from aselect.pipelines.streamed import HfrStream
+from aselect.storage.errors import AselectError
+from aselect.storage.features import (
     FEATURES_STORE,
     FeatureLayout,
     create_store,
@@ -28,7 +28,7 @@ from storage.features import (
     open_features,
     write_item,
 )
-from storage.stages import StageDir, Workdir
+from aselect.storage.stages import StageDir, Workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,7 +187,7 @@ def test_waiting_for_a_lock_says_who_holds_it(tmp_path: Path, caplog: pytest.Log
 def test_inspect_survives_a_closed_pipe(tmp_path: Path) -> None:
     for i in range(3):
         finished_stage(tmp_path / f"w{i}")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "inspect", "--workdir", str(tmp_path / "w0")],
+    proc = subprocess.Popen([sys.executable, "-m", "aselect", "inspect", "--workdir", str(tmp_path / "w0")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the first line is written
     _, err = proc.communicate(timeout=120)
@@ -196,7 +196,7 @@ def test_inspect_survives_a_closed_pipe(tmp_path: Path) -> None:
 
 def test_verify_names_damaged_stages_and_exits_1(tmp_path: Path) -> None:
     stage = finished_stage(tmp_path)
-    cmd = [sys.executable, "-m", "flows.cli", "verify", "--workdir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "aselect", "verify", "--workdir", str(tmp_path)]
     ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "probe      k1  ok" in ok.stdout
     assert "1 complete stages checked, 0 damaged" in ok.stdout

@@ -17,14 +17,20 @@ FORBIDDEN = {
 }
 
 
+def layer_of(module: str) -> str:
+    """`aselect.pipelines.config` -> `aselect.pipelines`'s layer, `pipelines`; other packages by their top name."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "aselect" and len(parts) > 1 else parts[0]
+
+
 def imported_roots(path: Path) -> set[str]:
-    """Top-level package names of every import statement in a file, including those inside functions."""
+    """Layers and top-level packages of every import statement in a file, including those inside functions."""
     roots = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
+            roots |= {layer_of(alias.name) for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            roots.add(node.module.split(".")[0])
+            roots.add(layer_of(node.module))
     return roots
 
 
@@ -53,12 +59,13 @@ def module_imports() -> dict[str, set[str]]:
         for path in (ROOT / layer).glob("*.py"):
             deps = set()
             for node in ast.parse(path.read_text()).body:
-                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LAYERS:
-                    # `from pipelines import backbone` names a module; `from pipelines.x import y` names x
-                    deps |= ({f"{node.module}.{a.name}" for a in node.names} if "." not in node.module
-                             else {node.module})
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("aselect."):
+                    module = node.module.removeprefix("aselect.")
+                    # `from aselect.pipelines import backbone` names a module; `from aselect.pipelines.x import y`, x
+                    deps |= {f"{module}.{a.name}" for a in node.names} if "." not in module else {module}
                 elif isinstance(node, ast.Import):
-                    deps |= {a.name for a in node.names if a.name.split(".")[0] in LAYERS and "." in a.name}
+                    deps |= {a.name.removeprefix("aselect.") for a in node.names
+                             if a.name.startswith("aselect.") and a.name.count(".") > 1}
             graph[f"{layer}.{path.stem}"] = deps
     return graph
 

@@ -18,8 +18,8 @@ import pytest
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from PIL import Image
 
-from flows.cli import main
-from flows.pipeline import aselect_pipeline
+from aselect.flows.cli import main
+from aselect.flows.pipeline import aselect_pipeline
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.probe import (
+from aselect.pipelines.probe import (
     bilinear_matrix,
     classification_probe,
     iou_from_confusion,
@@ -16,7 +16,7 @@ from pipelines.probe import (
     segmentation_probe,
     upsample_bilinear,
 )
-from pipelines.scoring import (
+from aselect.pipelines.scoring import (
     SCORERS,
     get_scorer,
     hfr_of_attention,
@@ -25,8 +25,8 @@ from pipelines.scoring import (
     radial_frequency,
     score_pair,
 )
-from pipelines.select import middle_third, select
-from storage.errors import AselectError
+from aselect.pipelines.select import middle_third, select
+from aselect.storage.errors import AselectError
 
 
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import AselectError
-from storage.stages import Workdir, stage_key
+from aselect.storage.errors import AselectError
+from aselect.storage.stages import Workdir, stage_key
 
 
 def test_stage_key_depends_on_section_upstream_version_and_extra() -> None:

@@ -10,19 +10,19 @@ import pytest
 import torch
 import zarr
 
-from pipelines.backbone import load_backbone
-from pipelines.benchmark import smallest_confident
-from pipelines.config import CalibrateConfig, DumpConfig, load_config
-from pipelines.dump import plan_layout, run_dump
-from pipelines.features import SITES, Reduction, draw_noise, extract
-from pipelines.grid import streamed_hfr_table
-from pipelines.models import Backbone, build_dit, make_scheduler
-from pipelines.scoring import hfr_of_attention, hfr_of_tokens, radial_frequency
-from pipelines.select import bootstrap_confidence, select
-from pipelines.streamed import HfrStream, hfr_per_image, signal_per_image
-from storage.datasets import DATASET_STORE
-from storage.errors import AselectError
-from storage.features import open_features
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.benchmark import smallest_confident
+from aselect.pipelines.config import CalibrateConfig, DumpConfig, load_config
+from aselect.pipelines.dump import plan_layout, run_dump
+from aselect.pipelines.features import SITES, Reduction, draw_noise, extract
+from aselect.pipelines.grid import streamed_hfr_table
+from aselect.pipelines.models import Backbone, build_dit, make_scheduler
+from aselect.pipelines.scoring import hfr_of_attention, hfr_of_tokens, radial_frequency
+from aselect.pipelines.select import bootstrap_confidence, select
+from aselect.pipelines.streamed import HfrStream, hfr_per_image, signal_per_image
+from aselect.storage.datasets import DATASET_STORE
+from aselect.storage.errors import AselectError
+from aselect.storage.features import open_features
 
 
 def reference_hfr(features: np.ndarray, site: str, cutoff: float, exclude_dc: bool) -> float:
