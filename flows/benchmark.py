@@ -46,8 +46,9 @@ from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_schedul
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.datasets import read_dataset
 from aselect.storage.stages import StageRef, Workdir, write_json_atomic
-from aselect.tasks.backbone import backbone_dir
+from aselect.tasks.backbone import ModelInfo, backbone_dir
 from aselect.tasks.benchmark import scaling as scaling_task
+from aselect.tasks.ingest import DatasetCounts
 from aselect.tasks.probe import plan_probe, probe
 from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
@@ -81,7 +82,7 @@ def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Pat
     shutil.rmtree(fresh.root, ignore_errors=True)
     fresh.check_writable()
     dataset, model = fresh.adopt(dataset), fresh.adopt(model)
-    depth = int(model.dir.read_manifest()["model"]["num_layers"])
+    depth = ModelInfo.of(model).num_layers
     rows, summaries, chosen = [], {}, selectors(cfg, depth)
     # One Dask cluster serves every selector's scoring, so its start-up is in no selector's cost.
     dask = cfg.score.dask
@@ -104,10 +105,10 @@ def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Pat
         else oracle_rows[0]["site"]
     curves = metric_vs_timestep(oracle_rows, hfr_rows, out / f"{cfg.name}-metric-vs-t.png", metric_site=metric_site,
                                 hfr_site=cfg.select.hfr_site, metric_name=oracle_rows[0]["scorer"])
-    counts = dataset.dir.read_manifest()["counts"]
-    calibration_images = min(cfg.calibrate.images, int(counts["train"]))
+    counts = DatasetCounts.of(dataset)
+    calibration_images = min(cfg.calibrate.images, counts.train)
     grid = {"timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
-            "oracle_timesteps": len(oracle_timesteps(cfg)), "images": int(counts["images"]),
+            "oracle_timesteps": len(oracle_timesteps(cfg)), "images": counts.images,
             "calibration_images": calibration_images}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)

@@ -15,19 +15,18 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from aselect.pipelines import paths
 from aselect.pipelines.config import RunConfig, load_config
-from aselect.pipelines.grid import exhaustive_grid
 from aselect.pipelines.select import middle_third
-from aselect.pipelines.streamed import HfrStream
 from aselect.storage.errors import AselectError
 from aselect.storage.stages import StageRef, Workdir
-from aselect.tasks.backbone import backbone, plan_backbone
+from aselect.tasks.backbone import ModelInfo, backbone, plan_backbone
 from aselect.tasks.dump import dump, plan_dump
-from aselect.tasks.ingest import ingest, plan_ingest
+from aselect.tasks.ingest import DatasetCounts, ingest, plan_ingest
 from aselect.tasks.probe import plan_probe, probe
 from aselect.tasks.score import plan_score, score
 from aselect.tasks.select import plan_select, select_pair
-from aselect.tasks.stage import StageReport, run_stage
+from aselect.tasks.stage import StageCost, StageReport, run_stage
 
 # Flow parameters: Prefect turns these pydantic types into the deployment's parameter schema, so a
 # malformed override is refused when the run is submitted; a well-formed but wrong one (unknown key,
@@ -48,7 +47,7 @@ def resolve_run_config(config: str, overrides: list[str] | None, workdir: str | 
 
 def is_segmentation(dataset: StageRef) -> bool:
     """Datasets with per-pixel masks are evaluated by segmentation mIoU, the others by top-1."""
-    return bool((dataset.dir.read_manifest() or {}).get("counts", {}).get("masks", 0))
+    return DatasetCounts.of(dataset).segmentation
 
 
 def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageReport]) -> dict[str, Any]:
@@ -62,10 +61,10 @@ def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageRep
     for r in reports:
         if r.name in ("ingest", "backbone"):
             continue
-        data = StageRef(r.name, r.key, r.path).dir.read_manifest() or {}
-        cost["forward_passes"] += int((data.get("accounting") or {}).get("images_timesteps", 0))
-        cost["probe_fits"] += int(data.get("probe_fits", 0))
-        cost["compute_seconds"] += float(data.get("seconds", 0.0))
+        stage_cost = StageCost.of(StageRef(r.name, r.key, r.path))
+        cost["forward_passes"] += stage_cost.forward_passes
+        cost["probe_fits"] += stage_cost.probe_fits
+        cost["compute_seconds"] += stage_cost.seconds
         cost["wall_seconds"] += r.seconds
         cost["cached_stages"] += int(r.cached)
     cost["compute_seconds"] = round(cost["compute_seconds"], 3)
@@ -100,9 +99,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
     reports.append(run_stage(select_pair, chosen, work, cfg=select_cfg, table=table, scores=scores))
     selection = reports[-1].result["selection"]
     if features is None:
-        pair_cfg = cfg.dump.model_copy(update={
-            "timesteps": [selection["timestep"]], "blocks": [selection["layer"]], "sites": [selection["site"]],
-            "spatial": is_segmentation(dataset)})
+        pair_cfg = paths.selected_pair(cfg.dump, selection, is_segmentation(dataset))
         features = plan_dump(work, pair_cfg, dataset, model)
         reports.append(run_stage(dump, features, work, cfg=pair_cfg, dataset=dataset, model=model))
     evaluation = plan_probe(work, cfg.probe, features, selection)
@@ -112,7 +109,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
 
 def hfr_band(cfg: RunConfig, model: StageRef) -> list[int]:
     """The blocks the aselect policy averages HFR over: `select.layers`, else the middle third of the DiT."""
-    depth = int(model.dir.read_manifest()["model"]["num_layers"])
+    depth = ModelInfo.of(model).num_layers
     return sorted(cfg.select.layers) if cfg.select.layers else middle_third(range(depth))
 
 
@@ -136,22 +133,8 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
     for segmentation) of the same few images and scores a probe with their labels (nearest class mean for
     classification, a per-token probe for segmentation).
     """
-    segmentation = is_segmentation(dataset)
-    timesteps = cfg.calibrate.candidate_timesteps(cfg.dump)
-    hfr = None
-    if cfg.select.policy in ("fewshot", "rankme"):
-        sites = [s for s in cfg.dump.sites if s != "attn_map"]
-        spatial = segmentation and cfg.select.policy == "fewshot"  # the few-shot segmentation probe reads maps
-        calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": sites, "spatial": spatial})
-        scorer = "rankme" if cfg.select.policy == "rankme" else "probe_seg" if segmentation else "fewshot"
-    else:
-        calib_cfg = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites),
-                                                "spatial": False, "blocks": calibration_blocks(cfg, model)})
-        hfr = HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff,
-                        exclude_dc=cfg.score.hfr_exclude_dc, signal=cfg.calibrate.signal,
-                        draws=cfg.calibrate.signal_draws())
-        scorer = "hfr"
-    keep_maps = cfg.calibrate.keep_maps and hfr is not None
+    plan = paths.calibration(cfg, is_segmentation(dataset), calibration_blocks(cfg, model))
+    calib_cfg, hfr, scorer, keep_maps = plan.dump, plan.hfr, plan.scorer, plan.keep_maps
     calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps)
     reports.append(run_stage(dump, calibration, work, cfg=calib_cfg, dataset=dataset, model=model,
@@ -201,7 +184,7 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     # 1-2. ingest, backbone
     dataset, model = run_foundation(cfg, work, reports)
     # 3. dump the grid for every image (token maps too for segmentation)
-    grid_cfg, scorer = exhaustive_grid(cfg.dump, is_segmentation(dataset))
+    grid_cfg, scorer = paths.exhaustive(cfg.dump, is_segmentation(dataset))
     grid = plan_dump(work, grid_cfg, dataset, model)
     reports.append(run_stage(dump, grid, work, cfg=grid_cfg, dataset=dataset, model=model))
     # 4. score every pair with the labelled probe (train split only)

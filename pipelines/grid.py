@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from distributed import Client, LocalCluster, as_completed
 
-from aselect.pipelines.config import DumpConfig
 from aselect.pipelines.scoring import get_scorer, score_pair
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
@@ -102,12 +101,6 @@ def _score_one(store: str, pair: Pair, scorer: str, params: dict[str, Any], labe
 # ---------------------------------------------------------------------------------------------
 #                                          The grid
 # ---------------------------------------------------------------------------------------------
-
-
-def exhaustive_grid(dump: DumpConfig, segmentation: bool) -> tuple[DumpConfig, str]:
-    """The exhaustive path's dump (every pooled site; token maps too for segmentation) and the probe scoring it."""
-    grid = dump.model_copy(update={"sites": [s for s in dump.sites if s != "attn_map"], "spatial": segmentation})
-    return grid, "probe_seg" if segmentation else "probe"
 
 
 def candidate_pairs(store: str | Path, sites: list[str] | None = None) -> list[Pair]:

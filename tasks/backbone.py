@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from aselect.pipelines import backbone as bb
 from aselect.pipelines.config import BackboneConfig
 from aselect.pipelines.pretrain import pretrain, sample_images, save_grid
 from aselect.storage.datasets import read_dataset
-from aselect.storage.stages import StageRef, Workdir, stage_key
-from aselect.tasks.stage import ProgressArtifact
+from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
+from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
 MODEL_DIR = "model"
 SAMPLES_PNG = "samples.png"
@@ -31,61 +32,74 @@ def plan_backbone(workdir: Workdir, cfg: BackboneConfig, dataset: StageRef) -> S
     return workdir.stage("backbone", key).ref()
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a backbone stage recorded: where downstream stages load the model from, and its depth."""
+
+    path: str  # the trained model (inside the stage, so a moved or copied workdir reads its own), or the source
+    num_layers: int
+    kind: str  # "pretrain" or "load"
+
+    @classmethod
+    def of(cls, stage: StageRef) -> ModelInfo:
+        """The model of a finished backbone stage."""
+        manifest = stage.dir.read_manifest() or {}
+        kind = manifest.get("kind", "load")
+        path = (stage.dir.path / MODEL_DIR if kind == "pretrain"
+                else manifest.get("model_path", stage.dir.path / MODEL_DIR))  # loaded (or recorded before "kind")
+        return cls(str(path), int(manifest["model"]["num_layers"]), kind)
+
+
 def backbone_dir(stage: StageRef) -> str:
-    """Where downstream stages load the backbone from: the trained model (a path inside the stage, so a moved
-    or copied workdir reads its own), or the loaded source as configured."""
-    manifest = stage.dir.read_manifest() or {}
-    if manifest.get("kind") == "pretrain":
-        return str(stage.dir.path / MODEL_DIR)
-    return str(manifest.get("model_path", stage.dir.path / MODEL_DIR))  # loaded (or recorded before "kind")
+    """Where downstream stages load the backbone from (`ModelInfo.path`)."""
+    return ModelInfo.of(stage).path
 
 
 @task(name="backbone")
 def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[str, Any]:
     """Load the configured DiT, or pretrain one on the dataset's train split."""
-    logger = get_run_logger()
-    stage_dir = stage.dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    with stage_dir.lock():
-        if stage_dir.is_complete():
-            return {"summary": stage_dir.read_manifest()["summary"]}
-        stage_dir.begin({"config": cfg.model_dump(mode="json"), "upstream": {"ingest": dataset.key}})
+
+    def work(stage_dir: StageDir) -> Finished:
         if cfg.kind == "load":
             model = bb.load_backbone(cfg.path)
-            details: dict[str, Any] = {"kind": "load", "model_path": cfg.path, "model": bb.describe(model)}
-            summary = f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}"
-        else:
-            data = read_dataset(dataset.dir.path)
-            train = data.train_idx
-            vae_steps = f"a VAE for {cfg.latent.steps} steps, then latent " if cfg.latent else ""
-            progress = ProgressArtifact("pretrain-progress",
-                                        f"pretrain {vae_steps}{cfg.variant} for {cfg.pretrain.steps} steps")
-            result = pretrain(data.images[train], data.labels[train], len(data.class_names), cfg, stage_dir.path,
-                                 progress=lambda step, total, loss: progress.update(step / total))
-            progress.update(1.0, force=True)
-            model = bb.load_backbone(str(stage_dir.path / MODEL_DIR))
-            n_per_class = 8
-            labels = [c for c in range(len(data.class_names)) for _ in range(n_per_class)]
-            samples = sample_images(model, labels, cfg.pretrain.sample_steps, cfg.pretrain.guidance_scale,
-                                       cfg.pretrain.seed)
-            save_grid(samples, stage_dir.path / SAMPLES_PNG, nrow=n_per_class)
-            last_loss = result.loss_curve[-1][1] if result.loss_curve else float("nan")
-            described = {**bb.describe(model), "source": MODEL_DIR}  # inside the stage: the workdir can move
-            details = {"kind": "pretrain", "model_path": MODEL_DIR, "model": described,
-                       "loss_curve": result.loss_curve, "resumed_from": result.resumed_from,
-                       "train_seconds": round(result.seconds, 2), "samples": SAMPLES_PNG}
-            vae_note = ""
-            if result.vae is not None:  # latent: the VAE phase's own record
-                details["vae"] = {"steps": result.vae.steps, "reused": result.vae.reused,
-                                  "loss_curve": result.vae.loss_curve, "train_seconds": round(result.vae.seconds, 2),
-                                  "scaling_factor": result.vae.scaling_factor}
-                vae_loss = result.vae.loss_curve[-1][1] if result.vae.loss_curve else float("nan")
-                vae_note = (f" after a VAE ({result.vae.steps} steps, final loss {vae_loss:.4f}"
-                            + (", reused" if result.vae.reused else "") + ")")
-            summary = (f"pretrained {cfg.variant} ({bb.describe(model)['short']}) for {result.steps} steps, "
-                       f"final loss {last_loss:.4f}" + vae_note + (f", resumed from step {result.resumed_from}"
-                                                                  if result.resumed_from else ""))
-        stage_dir.complete(summary, **details)
-    logger.info("backbone %s: %s", stage.key, summary)
-    return {"summary": summary}
+            return Finished(f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}",
+                            {"kind": "load", "model_path": cfg.path, "model": bb.describe(model)})
+        return _pretrained(stage_dir, cfg, dataset)
+
+    return stage_body(stage, {"config": cfg.model_dump(mode="json"), "upstream": {"ingest": dataset.key}}, work)
+
+
+def _pretrained(stage_dir: StageDir, cfg: BackboneConfig, dataset: StageRef) -> Finished:
+    """Pretrain on the train split (resuming from checkpoints), then draw the sample grid."""
+    data = read_dataset(dataset.dir.path)
+    train = data.train_idx
+    vae_steps = f"a VAE for {cfg.latent.steps} steps, then latent " if cfg.latent else ""
+    progress = ProgressArtifact("pretrain-progress",
+                                f"pretrain {vae_steps}{cfg.variant} for {cfg.pretrain.steps} steps")
+    result = pretrain(data.images[train], data.labels[train], len(data.class_names), cfg, stage_dir.path,
+                      progress=lambda step, total, loss: progress.update(step / total))
+    progress.update(1.0, force=True)
+    model = bb.load_backbone(str(stage_dir.path / MODEL_DIR))
+    n_per_class = 8
+    labels = [c for c in range(len(data.class_names)) for _ in range(n_per_class)]
+    samples = sample_images(model, labels, cfg.pretrain.sample_steps, cfg.pretrain.guidance_scale, cfg.pretrain.seed)
+    save_grid(samples, stage_dir.path / SAMPLES_PNG, nrow=n_per_class)
+    last_loss = result.loss_curve[-1][1] if result.loss_curve else float("nan")
+    described = {**bb.describe(model), "source": MODEL_DIR}  # inside the stage: the workdir can move
+    details = {"kind": "pretrain", "model_path": MODEL_DIR, "model": described,
+               "loss_curve": result.loss_curve, "resumed_from": result.resumed_from,
+               "train_seconds": round(result.seconds, 2), "samples": SAMPLES_PNG}
+    vae_note = ""
+    if result.vae is not None:  # latent: the VAE phase's own record
+        details["vae"] = {"steps": result.vae.steps, "reused": result.vae.reused,
+                          "loss_curve": result.vae.loss_curve, "train_seconds": round(result.vae.seconds, 2),
+                          "scaling_factor": result.vae.scaling_factor}
+        vae_loss = result.vae.loss_curve[-1][1] if result.vae.loss_curve else float("nan")
+        vae_note = (f" after a VAE ({result.vae.steps} steps, final loss {vae_loss:.4f}"
+                    + (", reused" if result.vae.reused else "") + ")")
+    summary = (f"pretrained {cfg.variant} ({bb.describe(model)['short']}) for {result.steps} steps, "
+               f"final loss {last_loss:.4f}" + vae_note
+               + (f", resumed from step {result.resumed_from}" if result.resumed_from else ""))
+    return Finished(summary, details)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 
 from aselect.pipelines.backbone import load_backbone
 from aselect.pipelines.config import DumpConfig
@@ -18,9 +18,9 @@ from aselect.pipelines.features import FEATURES_VERSION
 from aselect.pipelines.ingest import calibration_subset
 from aselect.pipelines.streamed import STREAMED_VERSION, HfrStream
 from aselect.storage.datasets import read_split
-from aselect.storage.stages import StageRef, Workdir, stage_key
+from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
 from aselect.tasks.backbone import backbone_dir
-from aselect.tasks.stage import ProgressArtifact
+from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
 # How work is spread does not change the features, so it does not change the key.
 NOT_IN_KEY = {"workers", "device"}
@@ -47,14 +47,8 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
     With `hfr` (the A-SelecT calibration) the forward hooks reduce each map to per-image HFR and only those
     scalars are stored, plus the maps themselves when `keep_maps` asks for them.
     """
-    logger = get_run_logger()
-    stage_dir = stage.dir
-    with stage_dir.lock():
-        if stage_dir.is_complete():
-            return {"summary": stage_dir.read_manifest()["summary"]}
-        stage_dir.begin({"config": cfg.model_dump(mode="json"), "calibration_images": calibration_images,
-                         "hfr": hfr.model_dump(mode="json") if hfr else None, "keep_maps": keep_maps,
-                         "upstream": {"ingest": dataset.key, "backbone": model.key}})
+
+    def work(stage_dir: StageDir) -> Finished:
         labels, train_idx, _ = read_split(dataset.dir.path)
         samples = (calibration_subset(labels, train_idx, calibration_images, cfg.seed)
                    if calibration_images else np.arange(len(labels)))
@@ -78,18 +72,21 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
                    f"{result.rate:.0f} image-timesteps/s"
                    + (f", resumed ({result.items_reused}/{result.items_total} items reused)"
                       if result.items_reused else ""))
-        stage_dir.complete(summary, layout={
+        return Finished(summary, {"layout": {
             "timesteps": list(layout.timesteps), "layers": list(layout.layers), "sites": list(layout.sites),
             "attn_map": layout.attn_map, "spatial": layout.spatial, "pooled": layout.pooled,
             "hfr_sites": list(layout.hfr_sites), "samples": len(samples), "width": layout.width,
             "tokens": layout.tokens, "chunk": layout.chunk,
-        }, accounting={
+        }, "accounting": {
             "items_total": result.items_total, "items_computed": result.items_computed,
             "items_reused": result.items_reused, "forward_passes": result.forward_passes,
             "images_timesteps": result.images_timesteps,
             "images_timesteps_per_second": round(result.rate, 2), "bytes_written": result.bytes_written,
             "bytes_per_image": round(per_image, 1),
             "dump_seconds": result.seconds, "workers": cfg.workers,
-        })
-    logger.info("%s %s: %s", stage.name, stage.key, summary)
-    return {"summary": summary}
+        }})
+
+    inputs = {"config": cfg.model_dump(mode="json"), "calibration_images": calibration_images,
+              "hfr": hfr.model_dump(mode="json") if hfr else None, "keep_maps": keep_maps,
+              "upstream": {"ingest": dataset.key, "backbone": model.key}}
+    return stage_body(stage, inputs, work)

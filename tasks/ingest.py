@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from aselect.pipelines.config import IngestConfig
 from aselect.pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
 from aselect.storage.datasets import write_dataset
-from aselect.storage.stages import StageRef, Workdir, stage_key
-from aselect.tasks.stage import ProgressArtifact
+from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
+from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
+
+
+@dataclass(frozen=True)
+class DatasetCounts:
+    """What an ingest stage recorded of its dataset's size (`masks`: mask classes, 0 for classification)."""
+
+    images: int
+    classes: int
+    train: int
+    test: int
+    skipped: int
+    masks: int
+
+    @classmethod
+    def of(cls, stage: StageRef) -> DatasetCounts:
+        """The counts in a finished ingest stage's manifest."""
+        counts = (stage.dir.read_manifest() or {}).get("counts", {})
+        return cls(**{f.name: int(counts.get(f.name, 0)) for f in fields(cls)})
+
+    @property
+    def segmentation(self) -> bool:
+        """Datasets with per-pixel masks are evaluated by segmentation mIoU, the others by top-1."""
+        return self.masks > 0
 
 
 def plan_ingest(workdir: Workdir, cfg: IngestConfig) -> StageRef:
@@ -22,25 +46,21 @@ def plan_ingest(workdir: Workdir, cfg: IngestConfig) -> StageRef:
 @task(name="ingest")
 def ingest(stage: StageRef, cfg: IngestConfig) -> dict[str, Any]:
     """Read the configured image source into the stage's Zarr group."""
-    logger = get_run_logger()
-    stage_dir = stage.dir
-    with stage_dir.lock():
-        if stage_dir.is_complete():  # another run finished it while we waited for the lock
-            return {"summary": stage_dir.read_manifest()["summary"]}
-        stage_dir.begin({"config": cfg.model_dump(mode="json")})
+
+    def work(stage_dir: StageDir) -> Finished:
         progress = ProgressArtifact("ingest-progress", f"ingest {cfg.source}")
         dataset = load_dataset(cfg, progress=lambda done, total: progress.update(done / max(total, 1)))
         write_dataset(dataset, stage_dir.path)
+        progress.update(1.0, force=True)
         n, c, h, w = dataset.images.shape
         summary = (f"{cfg.source}: {n} images {c}x{h}x{w}, {len(dataset.class_names)} classes, "
                    f"{len(dataset.train_idx)} train / {len(dataset.test_idx)} test"
                    + (f", masks {len(dataset.mask_class_names or [])} classes" if dataset.masks is not None else "")
                    + (f", {len(dataset.skipped)} skipped" if dataset.skipped else ""))
-        stage_dir.complete(summary, counts={
-            "images": n, "classes": len(dataset.class_names), "train": len(dataset.train_idx),
-            "test": len(dataset.test_idx), "skipped": len(dataset.skipped),
-            "masks": len(dataset.mask_class_names or []) if dataset.masks is not None else 0,
-        }, skipped=dataset.skipped[:100], class_names=dataset.class_names)
-        progress.update(1.0, force=True)
-    logger.info("ingest %s: %s", stage.key, summary)
-    return {"summary": summary}
+        counts = DatasetCounts(images=n, classes=len(dataset.class_names), train=len(dataset.train_idx),
+                               test=len(dataset.test_idx), skipped=len(dataset.skipped),
+                               masks=len(dataset.mask_class_names or []) if dataset.masks is not None else 0)
+        return Finished(summary, {"counts": asdict(counts), "skipped": dataset.skipped[:100],
+                                  "class_names": dataset.class_names})
+
+    return stage_body(stage, {"config": cfg.model_dump(mode="json")}, work)

@@ -7,13 +7,14 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 
 from aselect.pipelines.config import ProbeConfig
 from aselect.pipelines.probe import PROBE_VERSION, classification_probe, segmentation_probe
 from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
 from aselect.storage.features import open_features
-from aselect.storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
+from aselect.tasks.stage import Finished, stage_body
 
 METRICS_JSON = "metrics.json"
 
@@ -40,14 +41,8 @@ def pair_features(features: StageRef, selection: dict[str, Any], spatial: bool) 
 def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageRef,
           selection: dict[str, Any]) -> dict[str, Any]:
     """Classification top-1 (pooled features) or segmentation mIoU (token maps) on the test split."""
-    logger = get_run_logger()
-    stage_dir = stage.dir
-    with stage_dir.lock():
-        if stage_dir.is_complete():
-            return {"summary": stage_dir.read_manifest()["summary"],
-                    "metrics": json.loads((stage_dir.path / METRICS_JSON).read_text())}
-        stage_dir.begin({"config": cfg.model_dump(mode="json"), "selection": selection,
-                         "upstream": {"features": features.key}})
+
+    def work(stage_dir: StageDir) -> Finished:
         labels, train_idx, test_idx = read_split(dataset.dir.path)
         masks = read_masks(dataset.dir.path)
         samples, x = pair_features(features, selection, spatial=masks is not None)
@@ -65,7 +60,10 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
         write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
         pair = f"t={selection['timestep']} block {selection['layer']} {selection['site']}"
         summary = f"{result.metric} {result.value:.4f} on {len(test)} test images ({pair})"
-        stage_dir.complete(summary, metric=result.metric, value=result.value,
-                           probe_fits=int(result.details.get("fits", len(cfg.cs) + 1)))
-    logger.info("probe %s: %s", stage.key, summary)
-    return {"summary": summary, "metrics": metrics}
+        return Finished(summary, {"metric": result.metric, "value": result.value,
+                                  "probe_fits": int(result.details.get("fits", len(cfg.cs) + 1))},
+                        {"metrics": metrics})
+
+    inputs = {"config": cfg.model_dump(mode="json"), "selection": selection, "upstream": {"features": features.key}}
+    return stage_body(stage, inputs, work,
+                      reuse=lambda stage_dir: {"metrics": json.loads((stage_dir.path / METRICS_JSON).read_text())})

@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from aselect.pipelines import paths
 from aselect.pipelines.config import ScoreConfig
 from aselect.pipelines.grid import candidate_pairs, dask_client, score_grid, streamed_hfr_table
 from aselect.pipelines.scoring import SCORING_VERSION, get_scorer
 from aselect.storage.datasets import read_masks, read_split
 from aselect.storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
-from aselect.storage.stages import StageRef, Workdir, stage_key, write_json_atomic
-from aselect.tasks.stage import ProgressArtifact
+from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
+from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
 SCORES_JSON = "scores.json"
 PER_IMAGE = "per_image.npz"  # streamed HFR: one value per (row, calibration image)
@@ -47,13 +48,8 @@ def plan_score(workdir: Workdir, cfg: ScoreConfig, scorer: str, features: StageR
 @task(name="score")
 def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, dataset: StageRef) -> dict[str, Any]:
     """Score each pair of the dump as its own Dask task; labelled scorers see the train split only."""
-    logger = get_run_logger()
-    stage_dir = stage.dir
-    with stage_dir.lock():
-        if stage_dir.is_complete():
-            return {"summary": stage_dir.read_manifest()["summary"], "rows": read_rows(stage)}
-        stage_dir.begin({"scorer": scorer, "params": scorer_params(cfg, scorer),
-                         "upstream": {"features": features.key}})
+
+    def work(stage_dir: StageDir) -> Finished:
         store = features.dir.path / FEATURES_STORE
         spec = get_scorer(scorer)
         labels = masks = rows = None
@@ -70,8 +66,7 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
             write_per_image(stage_dir.path, per_image, samples)
             workers, how = 0, f"streamed per-image values of {per_image.shape[1]} images"
         else:
-            sites = None if spec.needs != "pooled" else ["block", "attn", "mlp"]
-            pairs = candidate_pairs(store, sites)
+            pairs = candidate_pairs(store, paths.scored_sites(spec.needs))
             progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
             with dask_client(cfg.dask.address, cfg.dask.workers, cfg.dask.threads_per_worker) as client:
                 workers = len(client.scheduler_info()["workers"])
@@ -84,12 +79,13 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         # "highest", not "best": for HFR the raw maximum is not the selection (the select stage decides).
         summary = (f"{scorer} on {len(table)} pairs with {how}; highest t={top['timestep']} "
                    f"l={top['layer']} {top['site']} ({top['score']:.4f})")
-        stage_dir.complete(summary, scorer=scorer, pairs=len(table), dask_workers=workers,
-                           probe_fits=probe_fits(cfg, scorer, len(table)),
-                           task_seconds=round(sum(r["seconds"] for r in table), 3))
-    _table_artifact(scorer, table)
-    logger.info("score %s: %s", stage.key, summary)
-    return {"summary": summary, "rows": table}
+        return Finished(summary, {"scorer": scorer, "pairs": len(table), "dask_workers": workers,
+                                  "probe_fits": probe_fits(cfg, scorer, len(table)),
+                                  "task_seconds": round(sum(r["seconds"] for r in table), 3)}, {"rows": table})
+
+    inputs = {"scorer": scorer, "params": scorer_params(cfg, scorer), "upstream": {"features": features.key}}
+    return stage_body(stage, inputs, work, reuse=lambda _: {"rows": read_rows(stage)},
+                      artifact=lambda done: _table_artifact(scorer, done.result["rows"]))
 
 
 def read_rows(stage: StageRef) -> list[dict[str, Any]]:
@@ -114,9 +110,6 @@ def read_per_image(stage: StageRef) -> np.ndarray | None:
 
 
 def _table_artifact(scorer: str, table: list[dict[str, Any]]) -> None:
-    """The score table as a Prefect table artifact (key `scores-<scorer>`)."""
-    try:
-        create_table_artifact(key=f"scores-{scorer.replace('_', '-')}", table=table,
-                              description=f"{scorer} score per (timestep, layer, site)")
-    except Exception:  # artifacts are a convenience; the table is in the stage directory too
-        pass
+    """The score table as a Prefect table artifact (key `scores-<scorer>`); `stage_body` keeps it non-fatal."""
+    create_table_artifact(key=f"scores-{scorer.replace('_', '-')}", table=table,
+                          description=f"{scorer} score per (timestep, layer, site)")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from aselect.pipelines.config import SelectConfig
 from aselect.pipelines.plots import score_heatmaps
 from aselect.pipelines.select import SELECT_VERSION, bootstrap_confidence, select
-from aselect.storage.stages import StageRef, Workdir, stage_key, write_json_atomic
+from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.score import read_per_image
+from aselect.tasks.stage import Finished, stage_body
 
 SELECTION_JSON = "selection.json"
 
@@ -53,13 +54,8 @@ def _confidence(cfg: SelectConfig, table: list[dict[str, Any]], scores: list[Sta
 def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
                 scores: list[StageRef] | None = None) -> dict[str, Any]:
     """Apply the selection policy to the score table; aselect also records its bootstrap confidence."""
-    logger = get_run_logger()
-    stage_dir = stage.dir
-    with stage_dir.lock():
-        if stage_dir.is_complete():
-            selection = json.loads((stage_dir.path / SELECTION_JSON).read_text())
-            return {"summary": stage_dir.read_manifest()["summary"], "selection": _without_table(selection)}
-        stage_dir.begin({"config": cfg.model_dump(mode="json")})
+
+    def work(stage_dir: StageDir) -> Finished:
         chosen = select(cfg.policy, table, **policy_params(cfg))
         chosen.confidence = _confidence(cfg, table, scores or [])
         selection = chosen.to_dict()
@@ -70,12 +66,16 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
                 f"{confidence['images']} images)" if confidence else "")
         summary = (f"{cfg.policy}: t={selection['timestep']} block {selection['layer']} {selection['site']} "
                    f"({selection['reason']}{sure})")
-        stage_dir.complete(summary, selection=_without_table(selection), pictures=pictures)
-    try:
+        return Finished(summary, {"selection": _without_table(selection), "pictures": pictures},
+                        {"selection": _without_table(selection)})
+
+    def reuse(stage_dir: StageDir) -> dict[str, Any]:
+        return {"selection": _without_table(json.loads((stage_dir.path / SELECTION_JSON).read_text()))}
+
+    def artifact(done: Finished) -> None:
+        heatmaps = ", ".join(str(stage.dir.path / p) for p in done.manifest["pictures"])
         create_markdown_artifact(key="selection", description="the selected (timestep, layer, site)",
-                                 markdown=f"## Selection\n\n{summary}\n\nrunner-up: `{selection['runner_up']}`\n\n"
-                                          f"heatmaps: {', '.join(str(stage_dir.path / p) for p in pictures)}\n")
-    except Exception:
-        pass
-    logger.info("select %s: %s", stage.key, summary)
-    return {"summary": summary, "selection": _without_table(selection)}
+                                 markdown=f"## Selection\n\n{done.summary}\n\nrunner-up: "
+                                          f"`{done.result['selection']['runner_up']}`\n\nheatmaps: {heatmaps}\n")
+
+    return stage_body(stage, {"config": cfg.model_dump(mode="json")}, work, reuse=reuse, artifact=artifact)

@@ -1,20 +1,70 @@
-"""What every stage task shares: the cache key, cache validation against disk, progress artifacts."""
+"""What every stage task shares: the lock-check-begin-work-complete body, the cache key, cache validation
+against disk, and artifacts."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
 
-from prefect import Task
+from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from aselect.storage.stages import StageRef, Workdir
+from aselect.storage.stages import StageDir, StageRef, Workdir
 
 log = logging.getLogger("aselect.stage")
+
+
+@dataclass
+class Finished:
+    """What a stage's work leaves: its one-line summary, the fields its manifest records, and what the task
+    returns besides the summary."""
+
+    summary: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_body(stage: StageRef, inputs: dict[str, Any], work: Callable[[StageDir], Finished],
+               reuse: Callable[[StageDir], dict[str, Any]] | None = None,
+               artifact: Callable[[Finished], None] | None = None) -> dict[str, Any]:
+    """The body of every stage task: under the stage's lock, reuse what another run finished meanwhile (`reuse`
+    reads the task's extra return values back from disk), else begin with `inputs`, `work`, and complete with
+    its manifest fields; then the optional artifact (never fatal) and the log line."""
+    with stage.dir.lock():
+        if stage.dir.is_complete():  # another run finished it while we waited for the lock
+            return {"summary": stage.dir.read_manifest()["summary"], **(reuse(stage.dir) if reuse else {})}
+        stage.dir.begin(inputs)
+        done = work(stage.dir)
+        stage.dir.complete(done.summary, **done.manifest)
+    if artifact is not None:
+        try:
+            artifact(done)
+        except Exception:  # artifacts are a convenience: the stage directory says the same
+            pass
+    get_run_logger().info("%s %s: %s", stage.name, stage.key, done.summary)
+    return {"summary": done.summary, **done.result}
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """What a finished stage recorded of its cost: forward-pass inputs (images x timesteps x inputs per image, for
+    dumps), linear probes trained, and its own compute seconds."""
+
+    forward_passes: int
+    probe_fits: int
+    seconds: float
+
+    @classmethod
+    def of(cls, stage: StageRef) -> StageCost:
+        """The cost recorded in a finished stage's manifest (zeros for what it did not do)."""
+        manifest = stage.dir.read_manifest() or {}
+        return cls(int((manifest.get("accounting") or {}).get("images_timesteps", 0)),
+                   int(manifest.get("probe_fits", 0)), float(manifest.get("seconds", 0.0)))
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
