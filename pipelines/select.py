@@ -285,6 +285,21 @@ def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, 
             "selected": {"timestep": reference[0], "layer": reference[1]}}
 
 
+# Below this share of bootstrap resamples agreeing on the timestep, the HFR curve does not single out a t on these
+# images; the benchmark measured the few-shot probe as the safer selector where labels exist (README, Results).
+LOW_CONFIDENCE = 0.5
+
+
+def unstable_choice_advice(selection: dict[str, Any]) -> str | None:
+    """A one-line warning when an aselect choice is unstable under resampling of its calibration images, else None."""
+    share = (selection.get("confidence") or {}).get("timestep")
+    if share is None or share >= LOW_CONFIDENCE:
+        return None
+    return (f"aselect: only {100 * share:.0f}% of bootstrap resamples of the calibration images pick "
+            f"t={selection['timestep']}: the label-free choice is unstable on these images; with a few labels, "
+            f"select.policy=fewshot is the safer selector (README, Results)")
+
+
 def select(policy: str, table: list[dict], **params: object) -> Selection:
     """Apply a selection policy to a score table."""
     if policy not in POLICIES:

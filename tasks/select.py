@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from aselect.pipelines.config import SelectConfig
 from aselect.pipelines.plots import score_heatmaps
-from aselect.pipelines.select import SELECT_VERSION, bootstrap_confidence, select
+from aselect.pipelines.select import SELECT_VERSION, bootstrap_confidence, select, unstable_choice_advice
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.score import read_per_image
 from aselect.tasks.stage import Finished, stage_body
@@ -78,4 +78,8 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
                                  markdown=f"## Selection\n\n{done.summary}\n\nrunner-up: "
                                           f"`{done.result['selection']['runner_up']}`\n\nheatmaps: {heatmaps}\n")
 
-    return stage_body(stage, {"config": cfg.model_dump(mode="json")}, work, reuse=reuse, artifact=artifact)
+    result = stage_body(stage, {"config": cfg.model_dump(mode="json")}, work, reuse=reuse, artifact=artifact)
+    advice = unstable_choice_advice(result["selection"])
+    if advice:
+        get_run_logger().warning(advice)
+    return result

@@ -18,7 +18,7 @@ from aselect.pipelines.features import SITES, Reduction, draw_noise, extract
 from aselect.pipelines.grid import streamed_hfr_table
 from aselect.pipelines.models import Backbone, build_dit, make_scheduler
 from aselect.pipelines.scoring import hfr_of_attention, hfr_of_tokens, radial_frequency
-from aselect.pipelines.select import bootstrap_confidence, select
+from aselect.pipelines.select import bootstrap_confidence, select, unstable_choice_advice
 from aselect.pipelines.streamed import HfrStream, hfr_per_image, signal_per_image
 from aselect.storage.datasets import DATASET_STORE
 from aselect.storage.errors import AselectError
@@ -290,6 +290,20 @@ def test_a_flat_curve_gives_low_confidence_and_more_images_raise_it() -> None:
     means = [{**row, "score": float(v[:16].mean())} for row, v in zip(table, values, strict=True)]
     chosen = select("aselect", means, **PARAMS)
     assert small["selected"] == {"timestep": chosen.timestep, "layer": chosen.layer}
+
+
+def test_an_unstable_choice_points_to_the_few_shot_selector() -> None:
+    table = hfr_table({0: 0.3, 100: 0.3, 500: 0.3, 700: 0.3})  # a flat curve: resamples disagree on t
+    values = per_image_values(table, 0.2, 16, seed=0)
+    flat = bootstrap_confidence("aselect", table, values, PARAMS, resamples=200)
+    chosen = {"timestep": flat["selected"]["timestep"], "confidence": flat}
+    assert flat["timestep"] < 0.5
+    assert f"pick t={chosen['timestep']}" in unstable_choice_advice(chosen)
+    assert "select.policy=fewshot" in unstable_choice_advice(chosen)
+    peaked = hfr_table({0: 0.3, 100: 0.5, 500: 0.2})
+    sure = bootstrap_confidence("aselect", peaked, per_image_values(peaked, 0.01, 64, seed=3), PARAMS)
+    assert sure["timestep"] == 1.0 and unstable_choice_advice({"timestep": 100, "confidence": sure}) is None
+    assert unstable_choice_advice({"timestep": 100, "confidence": None}) is None  # fewshot, fixed, rankme
 
 
 def test_bootstrap_refuses_mismatched_values() -> None:
