@@ -54,7 +54,7 @@ from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
 from aselect.tasks.stage import StageReport, run_stage
 
-DEFAULT_CONFIGS = ("digits", "mnist5k", "shapes")
+DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "mnist5k", "shapes", "mnist32")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
 
 

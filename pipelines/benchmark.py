@@ -28,7 +28,6 @@ COST_GOAL = 21.0  # the paper: ~21x less compute than exhaustive timestep search
 REGRET_GOAL_POINTS = 1.0
 DASK_SPEEDUP_GOAL = 1.7  # scoring with 2 workers vs 1
 REGRESSION_POINTS = 1.0  # a drop larger than this against the previous run is flagged
-REPRODUCE = "make bench  # = aselect bench digits mnist5k shapes --readme README.md"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +547,7 @@ def readme_section(report: dict[str, Any]) -> str:
     """The README's results section: one table of A-SelecT vs the oracle per config, the goals, and the command."""
     lines = [README_START, "", f"Measured {report['generated'][:10]} on {report['machine']['cores']} CPU cores "
              f"({report['machine']['device']}); generated from `bench/results.json` by:", "", "```sh",
-             REPRODUCE, "```", "",
+             f"{report['command']} --readme README.md", "```", "",
              "| config | selector | pair | metric | regret (pts) | = timestep + feature regret | confidence | "
              "forward passes | compute s | exhaustive / this (forward passes) | exhaustive / this (compute s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
