@@ -8,6 +8,7 @@ Results: `<workdir>/bench/results.json`, `results.md`, `cost-vs-regret.png` and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -166,8 +167,10 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, mode
         save_backbone(Backbone(transformer=untrained, scheduler=trained.scheduler, vae=trained.vae,
                                source="random-dit"), random_dir)
     t, layer, site = oracle_pair["timestep"], oracle_pair["layer"], oracle_pair["site"]
+    # a loaded DiT brings its own VAE (the trained one, for a latent config): no latent section
     summary = aselect_pipeline(config=name, workdir=str(work.root), overrides=[
-        "backbone.kind=load", f"backbone.path={random_dir}", "select.policy=fixed", f"select.timestep={t}",
+        "backbone.kind=load", f"backbone.path={random_dir}", "backbone.latent=null", "select.policy=fixed",
+        f"select.timestep={t}",
         f"select.layer={layer}", f"select.site={site}"])
     out["random_dit"] = {"label": f"random-weight {cfg.backbone.variant} (DiT init, untrained), at the oracle's "
                                   f"pair t={t} block {layer} {site}",
@@ -191,6 +194,22 @@ def _confidence_curve(cfg: RunConfig, chosen: list[Selector], summaries: dict[st
                             cfg.select.bootstrap or 200, cfg.select.bootstrap_seed)
 
 
+def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
+    """One config's report, kept under `<out>/configs/` by a key of its resolved config and the bench version, so
+    a rerun after an interruption (or with more configs) measures only the configs not finished yet."""
+    cfg = resolve_run_config(name, None, workdir)
+    digest = hashlib.sha256(json.dumps([BENCH_VERSION, scaling, cfg.model_dump(mode="json", exclude={"workdir"})],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    saved = out / "configs" / f"{cfg.name}-{digest}.json"
+    if saved.is_file():
+        get_run_logger().info("bench %s: finished in an earlier run (%s); reusing its report", cfg.name, saved)
+        return json.loads(saved.read_text())
+    report = bench_config(name, workdir, scaling, out, keep_work)
+    saved.parent.mkdir(exist_ok=True)
+    write_json_atomic(saved, report)
+    return report
+
+
 @flow(name="aselect-benchmark")
 def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | None = None, scaling: bool = True,
                       keep_work: bool = False, command: str | None = None) -> dict[str, Any]:
@@ -200,7 +219,7 @@ def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | No
     first = resolve_run_config(names[0], None, workdir)
     out = Workdir(first.workdir).root / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    reports = [bench_config(name, workdir, scaling, out, keep_work) for name in names]
+    reports = [_config_report(name, workdir, scaling, out, keep_work) for name in names]
     results, previous_path = out / "results.json", out / "previous.json"
     previous = json.loads(results.read_text()) if results.exists() else None
     if results.exists():
