@@ -361,10 +361,9 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     assert readme.read_text() == f"# x\n\n{readme_section(copied)}\n\ntail\n"
     # each finished config's report is kept: a rerun (after an interruption, or with more configs) reuses it
     (kept,) = (bench / "configs").glob("smoke-*.json")
-    again = json.loads(run_cli("bench", "smoke", "--workdir", str(smoke_workdir), "--json", check=True,
-                               timeout=300).stdout)
-    assert again["configs"] == report["configs"] == [json.loads(kept.read_text())]
-    assert not (smoke_workdir / BENCH_WORK / "smoke").exists()  # nothing was measured again
+    rerun = run_cli("bench", "smoke", "--workdir", str(smoke_workdir), "--json", check=True, timeout=300)
+    assert json.loads(rerun.stdout)["configs"] == report["configs"] == [json.loads(kept.read_text())]
+    assert "bench smoke: finished in an earlier run" in rerun.stderr  # nothing was measured again
 
 
 def test_readme_results_section_is_generated_from_the_committed_json() -> None:
