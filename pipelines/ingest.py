@@ -6,7 +6,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +144,36 @@ def _load_mnist5k(size: int, progress: Progress | None) -> tuple[np.ndarray, np.
     return _resize_gray(gray, size, progress), y.astype(np.int64), list(DIGIT_NAMES)
 
 
-def _generate_shapes(cfg: IngestConfig, progress: Progress | None) -> tuple[np.ndarray, ...]:
+def _shapes_one_by_one(size: int, min_size: int, max_size: int, wanted: int,
+                       rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Up to `wanted` random shapes, one `random_shapes` call each (it only reports bounding boxes, so callers
+    composite them, later ones on top): (index into SHAPE_KINDS, intensities, pixels hit); 10 tries a shape."""
     from skimage.draw import random_shapes
 
+    drawn, attempts = 0, 0
+    while drawn < wanted and attempts < 10 * wanted:
+        attempts += 1
+        kind = int(rng.integers(len(SHAPE_KINDS)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "could not fit": we simply retry
+            layer, placed = random_shapes(
+                (size, size),
+                max_shapes=1,
+                min_shapes=1,
+                min_size=min_size,
+                max_size=max_size,
+                shape=SHAPE_KINDS[kind],
+                channel_axis=None,
+                intensity_range=(0, 200),
+                rng=rng,
+            )
+        hit = layer != 255  # intensities stop at 200, so 255 is always background
+        if placed and hit.any():
+            drawn += 1
+            yield kind, layer, hit
+
+
+def _generate_shapes(cfg: IngestConfig, progress: Progress | None) -> tuple[np.ndarray, ...]:
     size, n = cfg.image_size, cfg.num_images
     min_size = max(2, size // 4)  # keeps shapes recognisable; circles need > 1
     max_size = max(min_size, size * 3 // 4)  # leaves background the most common mask id
@@ -154,31 +181,10 @@ def _generate_shapes(cfg: IngestConfig, progress: Progress | None) -> tuple[np.n
     images = np.full((n, 1, size, size), 255, dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
     for i in range(n):
-        # random_shapes only reports bounding boxes, so draw one shape per call and composite
-        drawn, attempts = 0, 0
         wanted = int(rng.integers(1, cfg.max_shapes + 1))
-        while drawn < wanted and attempts < 10 * wanted:
-            attempts += 1
-            kind = int(rng.integers(len(SHAPE_KINDS)))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "could not fit": we simply retry
-                layer, placed = random_shapes(
-                    (size, size),
-                    max_shapes=1,
-                    min_shapes=1,
-                    min_size=min_size,
-                    max_size=max_size,
-                    shape=SHAPE_KINDS[kind],
-                    channel_axis=None,
-                    intensity_range=(0, 200),
-                    rng=rng,
-                )
-            hit = layer != 255  # intensities stop at 200, so 255 is always background
-            if not placed or not hit.any():
-                continue
+        for kind, layer, hit in _shapes_one_by_one(size, min_size, max_size, wanted, rng):
             images[i, 0][hit] = layer[hit]
             masks[i][hit] = kind + 1
-            drawn += 1
         if progress is not None:
             progress(i + 1, n)
     counts = np.stack([(masks == k + 1).sum(axis=(1, 2)) for k in range(len(SHAPE_KINDS))], axis=1)
@@ -230,39 +236,20 @@ def _texture_crops(bank: list[list[np.ndarray]], source: np.ndarray, size: int,
 
 def _generate_textures(cfg: IngestConfig, progress: Progress | None) -> tuple[np.ndarray, ...]:
     """Images, labels and masks: textured random shapes, later ones on top, over a cluttered scene crop."""
-    from skimage.draw import random_shapes
-
     size, n, k_max = cfg.image_size, cfg.num_images, cfg.max_shapes
     min_size = max(2, size // 2)  # a texture needs a few periods of area to be recognisable
     max_size = max(min_size, size * 7 // 8)  # background stays the most common mask id over the set
     rng = np.random.default_rng(cfg.seed)
-    # masks first, one random_shapes call per object as in _generate_shapes; object j + 1 occludes object j,
+    # masks first, one shape at a time as in _generate_shapes; object j + 1 occludes object j,
     # so one map of the topmost object per pixel (0 = background) is all the compositing needs
     top = np.zeros((n, size, size), dtype=np.uint8)
     drawn_per_image = np.zeros(n, dtype=np.int64)
     for i in range(n):
-        drawn, attempts = 0, 0
         wanted = int(rng.integers(1, k_max + 1))
-        while drawn < wanted and attempts < 10 * wanted:
-            attempts += 1
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "could not fit": we simply retry
-                layer, placed = random_shapes(
-                    (size, size),
-                    max_shapes=1,
-                    min_shapes=1,
-                    min_size=min_size,
-                    max_size=max_size,
-                    shape=SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))],
-                    channel_axis=None,
-                    intensity_range=(0, 200),
-                    rng=rng,
-                )
-            hit = layer != 255  # intensities stop at 200, so 255 is always background
-            if placed and hit.any():
-                drawn += 1
-                top[i][hit] = drawn
-        drawn_per_image[i] = drawn
+        shapes = _shapes_one_by_one(size, min_size, max_size, wanted, rng)
+        for drawn, (_, _, hit) in enumerate(shapes, start=1):
+            top[i][hit] = drawn
+            drawn_per_image[i] = drawn
         if progress is not None:
             progress(i + 1, n)
 
