@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,34 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: 
 def _vae_fingerprint(fingerprint: dict) -> dict:
     """The part of a latent run's fingerprint that the VAE depends on (not the DiT's settings)."""
     return {key: fingerprint[key] for key in ("version", "shape", "data", "latent")}
+
+
+@dataclass
+class _LossTrack:
+    """Per-step bookkeeping both training loops share: the non-finite-loss check, the loss curve (~100 points,
+    each the mean of its window), the bar and the progress callback (~every 1%); `record` says when to log."""
+
+    total: int
+    bar: tqdm
+    progress: Callable[[int, int, float], None] | None
+    failure: str  # "<what>: loss became {loss} at step {step}; try a lower <knob>"
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # losses since the last curve point (checkpointed)
+
+    def record(self, step: int, loss: float) -> bool:
+        """Book one step's loss; True when a log line is due (~every 10%, and the last step)."""
+        if not math.isfinite(loss):
+            raise AselectError(self.failure.format(loss=loss, step=step))
+        last = step == self.total
+        self.window.append(loss)
+        self.bar.update(1)
+        if step % max(1, self.total // 100) == 0 or last:
+            self.curve.append((step, float(np.mean(self.window))))
+            self.window = []
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            if self.progress is not None:
+                self.progress(step, self.total, loss)
+        return step % max(1, self.total // 10) == 0 or last
 
 
 def _lr_factor(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -273,9 +301,6 @@ def _train(
         start, loss_curve = int(state["step"]), [tuple(p) for p in state["loss_curve"]]
         window_losses = list(state["window_losses"])
         logger.info("resuming pretraining from %s", ckpt_dir / f"step-{start:07d}.pt")
-    window = max(1, total // 100)  # loss-curve resolution: ~100 points
-    report_every = max(1, total // 100)  # progress callback: ~every 1%
-    log_every = max(1, total // 10)
     logger.info(
         "pretraining %s on %d %s %dx%dx%d, %d classes: steps %d..%d, batch %d, %d threads",
         cfg.variant,
@@ -293,8 +318,10 @@ def _train(
 
     # 4. Train. Step s draws everything random from a generator seeded by (seed, s), so resuming at any
     #    checkpoint replays exactly the same batches, timesteps, noise and label drops.
-    began, loss_value = time.perf_counter(), float("nan")
+    began = time.perf_counter()
     bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", disable=not sys.stderr.isatty())
+    track = _LossTrack(total, bar, progress, "pretrain: loss became {loss} at step {step}; try a lower learning_rate",
+                       loss_curve, window_losses)
     for step in range(start + 1, total + 1):
         gen = torch.Generator().manual_seed(_step_seed(pcfg.seed, step))
         idx = torch.randint(len(data), (pcfg.batch_size,), generator=gen)
@@ -314,23 +341,9 @@ def _train(
         optimizer.step()
         lr_schedule.step()
 
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise AselectError(
-                f"pretrain: loss became {loss_value} at step {step}; try a lower learning_rate"
-            )
-        window_losses.append(loss_value)
-        if step % window == 0 or step == total:
-            loss_curve.append((step, float(np.mean(window_losses))))
-            window_losses = []
-        bar.update(1)
-        if step % report_every == 0 or step == total:
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if progress is not None:
-                progress(step, total, loss_value)
-        if step % log_every == 0 or step == total:
+        if track.record(step, loss.item()):
             rate = (step - start) / (time.perf_counter() - began)
-            logger.info("pretrain step %d/%d: loss %.4f (%.1f steps/s)", step, total, loss_curve[-1][1], rate)
+            logger.info("pretrain step %d/%d: loss %.4f (%.1f steps/s)", step, total, track.curve[-1][1], rate)
         if step % pcfg.checkpoint_every == 0 and step < total:
             _save_checkpoint(
                 ckpt_dir,
@@ -340,8 +353,8 @@ def _train(
                     model=model.state_dict(),
                     optimizer=optimizer.state_dict(),
                     lr_schedule=lr_schedule.state_dict(),
-                    loss_curve=loss_curve,
-                    window_losses=window_losses,
+                    loss_curve=track.curve,
+                    window_losses=track.window,
                 ),
             )
         failpoint("pretrain")
@@ -350,7 +363,8 @@ def _train(
     # 5. Save a load_backbone-compatible directory (layout b, or a DiTPipeline directory with the VAE);
     #    checkpoints and the separately saved VAE are then redundant.
     seconds = time.perf_counter() - began
-    result = PretrainResult(steps=total, resumed_from=start, loss_curve=loss_curve, seconds=seconds, vae=vae_result)
+    result = PretrainResult(steps=total, resumed_from=start, loss_curve=track.curve, seconds=seconds,
+                            vae=vae_result)
     _save_model(out_dir, model.eval(), scheduler, dict(fingerprint=fingerprint, **asdict(result)), vae)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     shutil.rmtree(out_dir / VAE_DIR, ignore_errors=True)
@@ -448,14 +462,15 @@ def _train_vae(
     vae = build_vae(channels, size, latent).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=latent.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total // 20, total))
-    window, report_every, log_every = max(1, total // 100), max(1, total // 100), max(1, total // 10)
     logger.info("training a VAE (blocks %s, %d latent channels, %dx down) on %d images %dx%dx%d: "
                 "%d steps, batch %d, %d threads", latent.vae_blocks, latent.latent_channels, latent.downsample,
                 len(data), channels, size, size, total, latent.batch_size, torch.get_num_threads())
 
     # 2. Train. Step s draws its batch and posterior sample from a generator seeded by (seed, s).
-    began, loss_curve, window_losses = time.perf_counter(), [], []
+    began = time.perf_counter()
     bar = tqdm(total=total, desc="vae", unit="step", disable=not sys.stderr.isatty())
+    track = _LossTrack(total, bar, progress, "pretrain VAE: loss became {loss} at step {step}; try a lower "
+                                             "backbone.latent.learning_rate")
     for step in range(1, total + 1):
         gen = torch.Generator().manual_seed(_step_seed(latent.seed, step))
         x = data[torch.randint(len(data), (latent.batch_size,), generator=gen)]
@@ -473,28 +488,14 @@ def _train_vae(
         optimizer.step()
         lr_schedule.step()
 
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise AselectError(
-                f"pretrain VAE: loss became {loss_value} at step {step}; try a lower backbone.latent.learning_rate"
-            )
-        window_losses.append(loss_value)
-        if step % window == 0 or step == total:
-            loss_curve.append((step, float(np.mean(window_losses))))
-            window_losses = []
-        bar.update(1)
-        if step % report_every == 0 or step == total:
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if progress is not None:
-                progress(step, total, loss_value)
-        if step % log_every == 0 or step == total:
+        if track.record(step, loss.item()):
             rate = step / (time.perf_counter() - began)
             logger.info("VAE step %d/%d: loss %.4f (reconstruction MSE %.4f, KL %.1f) (%.1f steps/s)", step,
-                        total, loss_curve[-1][1], mse.item(), kl.item() * x[0].numel(), rate)
+                        total, track.curve[-1][1], mse.item(), kl.item() * x[0].numel(), rate)
     bar.close()
     seconds = time.perf_counter() - began
     logger.info("trained the VAE in %.0f s", seconds)
-    return vae.eval(), loss_curve, seconds
+    return vae.eval(), track.curve, seconds
 
 
 # ---------------------------------------------------------------------------------------------
