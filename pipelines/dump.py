@@ -31,7 +31,7 @@ from aselect.pipelines.config import DumpConfig
 from aselect.pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
 from aselect.pipelines.models import Backbone
 from aselect.pipelines.scoring import radial_frequency
-from aselect.pipelines.streamed import MULTI_DRAW, HfrStream, hfr_per_image, signal_per_image
+from aselect.pipelines.streamed import MULTI_DRAW, HfrStream, signal_per_image
 from aselect.storage.datasets import open_images
 from aselect.storage.errors import AselectError
 from aselect.storage.features import (
@@ -323,29 +323,24 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
     # block's maps are dropped as soon as the next block runs (memory: one block's maps, not all of them).
     kept = [*(layout.sites if layout.spatial else ())] + ([ATTN_MAP] if layout.attn_map else [])
     reductions = {}
-    k = layout.inputs_per_image
-    if layout.hfr_sites and layout.hfr_signal == "plain":
-        hfr = partial(hfr_per_image, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc)
-        reductions["hfr"] = Reduction(layout.hfr_sites, hfr)
-    elif layout.hfr_sites:
+    stream = None  # a streamed calibration: its signal decides the inputs per image and reduces them
+    if layout.hfr_sites:
+        draws = layout.inputs_per_image if layout.hfr_signal in MULTI_DRAW else 1
         stream = HfrStream(sites=layout.hfr_sites, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc,
-                           signal=layout.hfr_signal, draws=k if layout.hfr_signal in MULTI_DRAW else 1)
+                           signal=layout.hfr_signal, draws=draws)
         reductions["hfr"] = Reduction(layout.hfr_sites, partial(signal_per_image, stream=stream))
-    if layout.hfr_signal == "noise_relative":  # each image next to its noise-only twin (x_0 = 0, same noise)
-        x0 = torch.stack([x0, torch.zeros_like(x0)], dim=1).flatten(0, 1)
-    elif k > 1:  # K noised copies of each image, image-major
-        x0 = x0.repeat_interleave(k, dim=0)
-    draws = k if layout.hfr_signal in MULTI_DRAW else 1
+        x0 = stream.expand_inputs(x0)
     if layout.pooled and layout.sites:
         reductions["mean"] = Reduction(layout.sites, _token_mean)
     pin = device.type == "cuda"
-    inputs = [i for i in sample_ids for _ in range(k)]  # one entry per forward-pass input
+    inputs = [i for i in sample_ids for _ in range(layout.inputs_per_image)]  # one entry per forward-pass input
 
     def noise_for(ti: int) -> torch.Tensor:
         started = time.perf_counter()
-        noise = draw_noise(x0.shape[1:], sample_ids, layout.timesteps[ti], w.cfg.seed, pin=pin, draws=draws)
-        if layout.hfr_signal == "noise_relative":  # the twin gets the image's own noise
-            noise = noise.repeat_interleave(2, dim=0)
+        noise = draw_noise(x0.shape[1:], sample_ids, layout.timesteps[ti], w.cfg.seed, pin=pin,
+                           draws=stream.draws if stream else 1)
+        if stream is not None:
+            noise = stream.expand_noise(noise)
         times.merge({"noise": time.perf_counter() - started})
         return noise
 

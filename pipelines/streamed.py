@@ -64,6 +64,16 @@ class HfrStream(BaseModel):
         """Forward-pass inputs per (image, t): K noise draws, the image and its noise-only twin, or one."""
         return self.draws if self.signal in MULTI_DRAW else 2 if self.signal == "noise_relative" else 1
 
+    def expand_inputs(self, x0: torch.Tensor) -> torch.Tensor:
+        """The forward pass's clean inputs for images x0 (B, ...): inputs_per_image each, image-major."""
+        if self.signal == "noise_relative":  # each image next to its noise-only twin (x_0 = 0)
+            return torch.stack([x0, torch.zeros_like(x0)], dim=1).flatten(0, 1)
+        return x0 if self.draws == 1 else x0.repeat_interleave(self.draws, dim=0)
+
+    def expand_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """`draw_noise(..., draws=self.draws)` laid out like `expand_inputs`: the twin gets its image's noise."""
+        return noise.repeat_interleave(2, dim=0) if self.signal == "noise_relative" else noise
+
 
 def _masks(h: int, w: int, cutoff: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rho = torch.from_numpy(radial_frequency(h, w)).to(device)
