@@ -70,11 +70,11 @@ def _machine() -> dict[str, Any]:
     return {"cores": os.cpu_count(), "torch": torch.__version__, "device": device, "python": platform.python_version()}
 
 
-def bench_config(name: str, workdir: str | None, measure_scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
-    """Every selector on one config, in a fresh workdir seeded with the cached dataset and backbone."""
+def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
+    """Every selector on config `name` (resolved: `cfg`), in a fresh workdir seeded with the cached dataset and
+    backbone."""
     logger = get_run_logger()
     began = time.perf_counter()
-    cfg = resolve_run_config(name, None, workdir)
     main = Workdir(cfg.workdir)
     main.check_writable()
     foundation: list[StageReport] = []
@@ -204,7 +204,7 @@ def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, kee
     if saved.is_file():
         get_run_logger().info("bench %s: finished in an earlier run (%s); reusing its report", cfg.name, saved)
         return json.loads(saved.read_text())
-    report = bench_config(name, workdir, scaling, out, keep_work)
+    report = bench_config(name, cfg, scaling, out, keep_work)
     saved.parent.mkdir(exist_ok=True)
     write_json_atomic(saved, report)
     return report
