@@ -3,12 +3,12 @@
     .venv/bin/python bench/calibrate_scale.py [--variant DiT-XL/2] [--images 4] [--timesteps 100,500]
                                               [--sites attn] [--device auto] [--autocast auto]
 
-Builds a random-weight latent DiT of the given size locally (DiT-XL/2: 28 blocks x 1152, patch 2, 32x32
+Builds a random-weight latent DiT of the given size locally (DiT-XL/2: 28 layers x 1152, patch 2, 32x32
 latents from 256 px RGB through an SD-shaped AutoencoderKL; nothing is downloaded), and calibrates a handful
 of natural images (scikit-image's sample pictures) twice with the project's own dump code:
 
 - `stored`: the former calibration, token maps of the HFR site kept as float16 (plus pooled features),
-- `streamed`: HFR reduced to one float64 per (image, timestep, block, site) inside the forward hooks.
+- `streamed`: HFR reduced to one float64 per (image, timestep, layer, site) inside the forward hooks.
 
 Prints a line per mode and one JSON line. On CPU it is slow (DiT-XL/2 is 675M parameters) but exact; on CUDA the
 same command measures the GPU.
@@ -85,7 +85,7 @@ def main() -> None:
     summary = {
         "variant": args.variant, "latent_grid": int(config.sample_size), "tokens": (int(config.sample_size) //
                                                                                    int(config.patch_size)) ** 2,
-        "blocks": int(config.num_layers), "width": int(config.num_attention_heads * config.attention_head_dim),
+        "layers": int(config.num_layers), "width": int(config.num_attention_heads * config.attention_head_dim),
         "image_size": args.image_size, "vae": args.vae, "images": n, "timesteps": args.timesteps,
         "sites": args.sites, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "autocast": str(resolve_autocast(args.autocast, device)), **results,

@@ -4,13 +4,13 @@
     .venv/bin/python bench/dump_throughput.py --variant DiT-XL/2 --latent [--images 16 --timesteps 100,500 --chunk 8]
 
 Default: a random DiT-T/2 on 1,797 digits at 16x16 (the digits config's shapes), 10 timesteps, sites block/attn/mlp
-on every block; it also measures the peak RSS of a dump of N/4 and N images, each in a fresh process (goal: flat).
+on every layer; it also measures the peak RSS of a dump of N/4 and N images, each in a fresh process (goal: flat).
 `--variant DiT-XL/2 --latent`: a random DiT-XL/2-shaped latent DiT (28 x 1152, patch 2, 32x32 latents of 256 px
 RGB through an SD-shaped AutoencoderKL; built locally, nothing downloaded) on natural images.
 
 Rates are image-timesteps per second:
 - `bare`: the transformer alone on x_t, no hooks (autocast as the dump resolves it),
-- `hooks`: `pipelines.features.extract` with hooks on every block and site, pooling and the copy to the host,
+- `hooks`: `pipelines.features.extract` with hooks on every layer and site, pooling and the copy to the host,
 - `dump`: `pipelines.dump.run_dump` end to end (VAE encoding, noise, forward, pooling, copies, Zarr, records).
 The last line is one JSON object (ratios dump/bare and dump/hooks, device, peak memory, the dump's seconds per
 phase: compute thread read/encode/noise/forward/pool/copy/wait, writer thread sync/write/record).
@@ -99,7 +99,7 @@ def bare_rate(backbone: Backbone, chunks: list, cfg: DumpConfig, device: torch.d
 
 
 def hooks_rate(backbone: Backbone, chunks: list, cfg: DumpConfig, device: torch.device) -> float:
-    """Forward with hooks on every block and site, pooling, and the copy to the host: image-timesteps/s."""
+    """Forward with hooks on every layer and site, pooling, and the copy to the host: image-timesteps/s."""
     layers = list(range(backbone.num_layers))
     autocast = resolve_autocast(cfg.autocast, device)
     started = time.perf_counter()

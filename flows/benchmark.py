@@ -173,7 +173,7 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, mode
         f"select.timestep={t}",
         f"select.layer={layer}", f"select.site={site}"])
     out["random_dit"] = {"label": f"random-weight {cfg.backbone.variant} (DiT init, untrained), at the oracle's "
-                                  f"pair t={t} block {layer} {site}",
+                                  f"pair t={t} layer {layer} {site}",
                          "metric": summary["metrics"]["metric"], "value": round(float(summary["metrics"]["value"]), 4)}
     return out
 

@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {s['name']:<10} {s['key']}  {s['status']:<10} {s['seconds']:>8.2f}s  {s['summary']}")
     if result.get("selection"):
         sel, met = result["selection"], result["metrics"]
-        print(f"selected t={sel['timestep']} block {sel['layer']} {sel['site']}: {met['metric']} {met['value']:.4f}")
+        print(f"selected t={sel['timestep']} layer {sel['layer']} {sel['site']}: {met['metric']} {met['value']:.4f}")
     return 0
 
 

@@ -108,18 +108,18 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
 
 
 def hfr_band(cfg: RunConfig, model: StageRef) -> list[int]:
-    """The blocks the aselect policy averages HFR over: `select.layers`, else the middle third of the DiT."""
+    """The layers the aselect policy averages HFR over: `select.layers`, else the middle third of the DiT."""
     depth = ModelInfo.of(model).num_layers
     return sorted(cfg.select.layers) if cfg.select.layers else middle_third(range(depth))
 
 
-def calibration_blocks(cfg: RunConfig, model: StageRef) -> list[int] | None:
-    """Blocks the A-SelecT calibration reduces (None: every block): by default only those its policy reads, so the
+def calibration_layers(cfg: RunConfig, model: StageRef) -> list[int] | None:
+    """Layers the A-SelecT calibration reduces (None: every layer): by default only those its policy reads, so the
     forward pass stops after the deepest of them."""
-    if cfg.calibrate.blocks == "all":
+    if cfg.calibrate.layers == "all":
         return None
-    if cfg.calibrate.blocks is not None:
-        return sorted(cfg.calibrate.blocks)
+    if cfg.calibrate.layers is not None:
+        return sorted(cfg.calibrate.layers)
     fixed = [] if cfg.select.feature_layer == "argmax" else [int(cfg.select.feature_layer)]
     return sorted({*hfr_band(cfg, model), *fixed})
 
@@ -133,7 +133,7 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
     for segmentation) of the same few images and scores a probe with their labels (nearest class mean for
     classification, a per-token probe for segmentation).
     """
-    plan = paths.calibration(cfg, is_segmentation(dataset), calibration_blocks(cfg, model))
+    plan = paths.calibration(cfg, is_segmentation(dataset), calibration_layers(cfg, model))
     calib_cfg, hfr, scorer, keep_maps = plan.dump, plan.hfr, plan.scorer, plan.keep_maps
     calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps)
@@ -160,14 +160,14 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
     reports: list[StageReport] = []
     # 1-2. ingest, backbone
     dataset, model = run_foundation(cfg, work, reports)
-    # 3-4. calibrate: every candidate timestep and block on a small subset; score it (HFR, or the few-shot probe)
+    # 3-4. calibrate: every candidate timestep and layer on a small subset; score it (HFR, or the few-shot probe)
     if cfg.select.policy == "fixed":
         scored, table = [], []
     else:
         scored = [_calibrate_and_score(cfg, work, reports, dataset, model)]
         table = reports[-1].result["rows"]
     # 5-6. select, dump the selected pair for every image, probe. The HFR band is named explicitly: the middle
-    # third of the whole DiT, not of the blocks calibration reduced.
+    # third of the whole DiT, not of the layers calibration reduced.
     select_cfg = cfg.select
     if select_cfg.policy == "aselect" and select_cfg.layers is None:
         select_cfg = select_cfg.model_copy(update={"layers": hfr_band(cfg, model)})

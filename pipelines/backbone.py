@@ -210,7 +210,7 @@ def describe(backbone: Backbone) -> dict:
         "patch_size": int(config.patch_size), "token_grid": grid, "image_size": backbone.image_size,
         "image_channels": backbone.image_channels, "null_class": backbone.null_class, "parameters": params,
         "num_train_timesteps": int(backbone.scheduler.config.num_train_timesteps), "vae": vae,
-        "short": f"{kind}, {backbone.num_layers} blocks x {width}, {grid}x{grid} tokens, "
+        "short": f"{kind}, {backbone.num_layers} layers x {width}, {grid}x{grid} tokens, "
                  f"{params / 1e6:.2f}M params",
     }
 

@@ -87,7 +87,7 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
                                       f"calibration images", ("select.policy=rankme",)))
     layer = depth // 2 if cfg.bench.fixed_layer is None else cfg.bench.fixed_layer
     t, fixed_site = cfg.bench.fixed_timestep, cfg.bench.fixed_site
-    out.append(Selector("fixed", f"fixed t={t} block {layer} {fixed_site} (common hand-picked pair)",
+    out.append(Selector("fixed", f"fixed t={t} layer {layer} {fixed_site} (common hand-picked pair)",
                         ("select.policy=fixed", f"select.timestep={t}", f"select.layer={layer}",
                          f"select.site={fixed_site}")))
     grid = ",".join(str(t) for t in oracle_timesteps(cfg))
@@ -116,7 +116,7 @@ def confidence_curve(table: list[dict[str, Any]], per_image: np.ndarray, policy_
                 for cols in draws]
         points.append({"images": size, "subsets": len(runs),
                        **{k: round(float(np.mean([r[key] for r in runs])), 4)
-                          for k, key in (("confidence", "value"), ("timestep", "timestep"), ("block", "block"))},
+                          for k, key in (("confidence", "value"), ("timestep", "timestep"), ("layer", "layer"))},
                        "agrees": round(float(np.mean([r["selected"] == full for r in runs])), 4),
                        "selected": runs[0]["selected"] if len(runs) == 1 else None})
     return points
@@ -126,8 +126,8 @@ def smallest_confident(curve: list[dict[str, Any]], threshold: float = 0.9, shar
     """The smallest C from which the bootstrap share (`timestep` by default) stays >= `threshold` at every larger C
     of the curve (None when even the largest C falls short).
 
-    The timestep share, not the pair's: A-SelecT selects a timestep, and where two blocks tie at it (digits:
-    blocks 2 and 3 at t=60 differ by 0.0004 in HFR) no number of images makes the block choice stable.
+    The timestep share, not the pair's: A-SelecT selects a timestep, and where two layers tie at it (digits:
+    layers 2 and 3 at t=60 differ by 0.0004 in HFR) no number of images makes the layer choice stable.
     """
     smallest = None
     for point in sorted(curve, key=lambda p: p["images"], reverse=True):
@@ -198,7 +198,7 @@ def split_regret(row: dict[str, Any], oracle_value: float, best_at_t_value: floa
 
 
 def probe_vs_timestep(oracle_rows: list[dict[str, Any]], margin: float = 0.005) -> dict[str, Any] | None:
-    """Where the oracle's best probe score (over blocks and sites) peaks in t, and whether that peak is interior:
+    """Where the oracle's best probe score (over layers and sites) peaks in t, and whether that peak is interior:
     above both ends of the grid by more than `margin` (a testbed where t matters, unlike a score falling with t)."""
     best: dict[int, float] = {}
     for r in oracle_rows:
@@ -439,7 +439,7 @@ def selector_table(c: dict[str, Any]) -> list[str]:
              f"exhaustive / this (compute s) | Spearman HFR vs probe |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in c["selectors"]:
-        lines.append(f"| {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | {r['value']:.4f} | "
+        lines.append(f"| {r['label']} | t={r['timestep']} layer {r['layer']} {r['site']} | {r['value']:.4f} | "
                      f"{r['regret_points']:.2f} | {_split(r)} | {_fmt(r.get('confidence'), 2)} | "
                      f"{r['forward_passes']} | "
                      f"{r['probe_fits']} | {r['compute_seconds']:.1f} | {r['wall_seconds']:.1f} | "
@@ -451,10 +451,10 @@ def selector_table(c: dict[str, Any]) -> list[str]:
 
 def curve_table(curve: list[dict[str, Any]]) -> list[str]:
     """Confidence vs calibration size C: bootstrap shares, and whether C images pick what the whole pool picks."""
-    lines = ["| C | subsets | same t | same block | same t and block | subsets choosing as all images do |",
+    lines = ["| C | subsets | same t | same layer | same t and layer | subsets choosing as all images do |",
              "| --- | --- | --- | --- | --- | --- |"]
     for p in curve:
-        lines.append(f"| {p['images']} | {p['subsets']} | {p['timestep']:.2f} | {p['block']:.2f} | "
+        lines.append(f"| {p['images']} | {p['subsets']} | {p['timestep']:.2f} | {p['layer']:.2f} | "
                      f"{p['confidence']:.2f} | {p['agrees']:.2f} |")
     return lines
 
@@ -553,7 +553,7 @@ def readme_section(report: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in report["configs"]:
         for r in c["selectors"]:
-            lines.append(f"| {c['config']} | {r['label']} | t={r['timestep']} block {r['layer']} {r['site']} | "
+            lines.append(f"| {c['config']} | {r['label']} | t={r['timestep']} layer {r['layer']} {r['site']} | "
                          f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | {_split(r)} | "
                          f"{_fmt(r.get('confidence'), 2)} | {r['forward_passes']} | {r['compute_seconds']:.1f} | "
                          f"{_fmt(r['cost_ratio']['forward_passes'], 2, 'x')} | "
@@ -586,7 +586,7 @@ def readme_section(report: dict[str, Any]) -> str:
     if curves:
         sizes = sorted({p["images"] for c in curves for p in c["confidence_curve"]})
         lines += ["", "Stability of the A-SelecT choice vs calibration size C: share of 200 bootstrap resamples of "
-                      "C images that pick the same timestep / the same (timestep, block) pair, averaged over 8 random "
+                      "C images that pick the same timestep / the same (timestep, layer) pair, averaged over 8 random "
                       "C-image subsets of one calibration:", "",
                   "| config | " + " | ".join(f"C={n}" for n in sizes) + " |",
                   "| --- |" + " --- |" * len(sizes)]

@@ -118,7 +118,7 @@ MAX_PRETRAIN_TOKENS = 1024
 
 
 def _check_timesteps(name: str, values: list[int]) -> None:
-    """Non-negative and unique (timesteps or block indices)."""
+    """Non-negative and unique (timesteps or layer indices)."""
     if any(v < 0 for v in values):
         raise ValueError(f"{name} must be >= 0 (got {values})")
     if len(set(values)) != len(values):
@@ -129,7 +129,7 @@ class DumpConfig(Section):
     """Stage 3: which DiT features to capture at which timesteps, and how to stream them to Zarr."""
 
     timesteps: list[int] = Field(default_factory=lambda: list(DEFAULT_TIMESTEPS), min_length=1)
-    blocks: list[int] | None = None  # default: every block
+    layers: list[int] | None = None  # transformer block indices; default: every layer
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
         default_factory=lambda: ["block", "attn", "mlp"], min_length=1)
     spatial: bool = False  # also keep per-token maps (float16), for segmentation probes
@@ -142,10 +142,10 @@ class DumpConfig(Section):
 
     @model_validator(mode="after")
     def _unique_non_negative(self) -> DumpConfig:
-        for name in ("timesteps", "blocks"):
+        for name in ("timesteps", "layers"):
             _check_timesteps(name, getattr(self, name) or [])
-        if self.blocks is not None and not self.blocks:
-            raise ValueError("blocks must not be empty (omit it for every block)")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must not be empty (omit it for every layer)")
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"sites has duplicates (got {self.sites})")
         return self
@@ -171,7 +171,7 @@ class TimestepRange(Section):
 class CalibrateConfig(Section):
     """A-SelecT path: the label-free calibration pass over all candidate timesteps on a small subset.
 
-    HFR is reduced inside the forward pass: per (image, timestep, block, site) one number is kept, never
+    HFR is reduced inside the forward pass: per (image, timestep, layer, site) one number is kept, never
     the token or attention maps unless `keep_maps` asks for them.
     """
 
@@ -189,10 +189,10 @@ class CalibrateConfig(Section):
     # image) are ours and separate the image's structure from the injected noise.
     signal: Literal["plain", "mean", "debiased", "noise_relative"] = "plain"
     draws: int = Field(8, ge=2)  # K for `mean` and `debiased`
-    # Which blocks calibration runs the DiT to and reduces: default (None) the blocks the aselect policy reads
+    # Which layers calibration runs the DiT to and reduces: default (None) the layers the aselect policy reads
     # (select.layers, else the middle third, plus an int select.feature_layer), so the forward pass stops after
-    # the deepest of them; `all` for every block (heatmaps over the whole depth); or a list.
-    blocks: list[int] | Literal["all"] | None = None
+    # the deepest of them; `all` for every layer (heatmaps over the whole depth); or a list.
+    layers: list[int] | Literal["all"] | None = None
 
     @field_validator("timesteps", mode="before")
     @classmethod
@@ -213,13 +213,13 @@ class CalibrateConfig(Section):
             _check_timesteps("timesteps", value)
         return value
 
-    @field_validator("blocks")
+    @field_validator("layers")
     @classmethod
-    def _blocks_valid(cls, value: list[int] | str | None) -> list[int] | str | None:
+    def _layers_valid(cls, value: list[int] | str | None) -> list[int] | str | None:
         if isinstance(value, list):
             if not value:
-                raise ValueError("must not be empty (omit it for the blocks the policy reads, or say all)")
-            _check_timesteps("blocks", value)
+                raise ValueError("must not be empty (omit it for the layers the policy reads, or say all)")
+            _check_timesteps("layers", value)
         return value
 
     @model_validator(mode="after")
@@ -263,14 +263,14 @@ class SelectConfig(Section):
 
     policy: Literal["aselect", "oracle", "fixed", "fewshot", "rankme"] = "aselect"
     hfr_site: Literal["block", "attn", "mlp", "attn_map"] = "attn"  # must be among calibrate.sites
-    layers: list[int] | None = None  # blocks HFR is averaged over; default: the middle third
+    layers: list[int] | None = None  # layers HFR is averaged over; default: the middle third
     feature_site: Literal["block", "attn", "mlp"] = "block"
     feature_layer: Literal["argmax"] | int = "argmax"
     timestep: int | None = None  # fixed policy
     layer: int | None = None  # fixed policy
     site: Literal["block", "attn", "mlp"] | None = None  # fixed policy
     # aselect: resample the calibration images this many times (no new forward passes) and record the share
-    # of resamples that pick the same timestep and block (`confidence`); 0 turns it off.
+    # of resamples that pick the same timestep and layer (`confidence`); 0 turns it off.
     bootstrap: int = Field(200, ge=0)
     bootstrap_seed: int = 0
 
@@ -301,8 +301,8 @@ class BenchConfig(Section):
         default_factory=lambda: ["mean", "debiased", "noise_relative"])
     fewshot: bool = True  # the few-shot probe on the calibration subset as a selector
     rankme: bool = True  # RankMe (label-free, not spectral) on the calibration subset as a selector
-    # "A commonly used pair": t=100 of 1000 and the middle block, the usual hand-picked choice for DiT/DDPM
-    # features. None -> the middle block.
+    # "A commonly used pair": t=100 of 1000 and the middle layer, the usual hand-picked choice for DiT/DDPM
+    # features. None -> the middle layer.
     fixed_timestep: int = Field(100, ge=0)
     fixed_layer: int | None = Field(None, ge=0)
     fixed_site: Literal["block", "attn", "mlp"] = "block"
@@ -366,14 +366,14 @@ class RunConfig(Section):
         variant = self.backbone.variant
         depth, patch = VARIANTS[variant]["num_layers"], VARIANTS[variant]["patch_size"]
         feature_layer = None if self.select.feature_layer == "argmax" else self.select.feature_layer
-        calibrated = self.calibrate.blocks if isinstance(self.calibrate.blocks, list) else None
-        for name, value in (("dump.blocks", self.dump.blocks), ("calibrate.blocks", calibrated),
+        calibrated = self.calibrate.layers if isinstance(self.calibrate.layers, list) else None
+        for name, value in (("dump.layers", self.dump.layers), ("calibrate.layers", calibrated),
                             ("select.layers", self.select.layers),
                             ("select.layer", self.select.layer), ("select.feature_layer", feature_layer),
                             ("bench.fixed_layer", self.bench.fixed_layer)):
             values = value if isinstance(value, list) else [] if value is None else [value]
             if any(v >= depth or v < 0 for v in values):
-                raise ValueError(f"{name} {value}: {variant} has {depth} blocks (0..{depth - 1})")
+                raise ValueError(f"{name} {value}: {variant} has {depth} layers (0..{depth - 1})")
         latent, down = self.backbone.latent, 1
         if latent is not None:  # the DiT's input grid is the VAE's latent grid
             down = latent.downsample
@@ -441,6 +441,10 @@ def format_validation_error(origin: str, error: ValidationError) -> str:
     return f"{origin}: {validation_messages(error)}"
 
 
+# Keys an earlier release spelled differently: say the new name instead of "unknown key".
+RENAMED_KEYS = {"dump.blocks": "dump.layers", "calibrate.blocks": "calibrate.layers"}
+
+
 def validation_messages(error: ValidationError) -> str:
     """`key.path: message (got value)` for each problem, joined by '; '."""
     parts = []
@@ -448,7 +452,8 @@ def validation_messages(error: ValidationError) -> str:
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            renamed = RENAMED_KEYS.get(where)
+            message = f"renamed to {renamed}" if renamed else "unknown key"
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         parts.append(f"{where}: {message}{shown}")

@@ -1,7 +1,7 @@
 """Stage 3: dump DiT features for every (timestep, chunk) to Zarr, in worker processes, resumably.
 
 Work is split into chunks of images; a worker owns whole chunks and, per chunk, encodes the images once
-and runs one forward pass per pending timestep, capturing every requested block and site at once.
+and runs one forward pass per pending timestep, capturing every requested layer and site at once.
 Finished (timestep, chunk) pairs have completion records and are never recomputed.
 """
 
@@ -88,7 +88,7 @@ def resolve_device(device: str) -> torch.device:
 
 def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: HfrStream | None = None,
                 keep_maps: bool = False) -> FeatureLayout:
-    """The dump's shape, checked against the backbone (timesteps and blocks in range).
+    """The dump's shape, checked against the backbone (timesteps and layers in range).
 
     With `hfr` (a streamed calibration) the dump keeps per-image HFR of `hfr.sites` and no pooled features;
     the maps HFR reads are stored only with `keep_maps`.
@@ -98,9 +98,9 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     if late:
         raise AselectError(f"dump.timesteps {late} must be < the scheduler's num_train_timesteps ({train_steps})")
     depth = backbone.num_layers
-    layers = tuple(cfg.blocks) if cfg.blocks is not None else tuple(range(depth))
+    layers = tuple(cfg.layers) if cfg.layers is not None else tuple(range(depth))
     if max(layers) >= depth:
-        raise AselectError(f"dump.blocks {list(layers)}: the backbone has {depth} blocks (0..{depth - 1})")
+        raise AselectError(f"dump.layers {list(layers)}: the backbone has {depth} layers (0..{depth - 1})")
     config = backbone.transformer.config
     side = int(config.sample_size) // int(config.patch_size)
     width = int(config.num_attention_heads) * int(config.attention_head_dim)
@@ -254,7 +254,7 @@ def _token_mean(features: torch.Tensor, site: str) -> torch.Tensor:
 
 def _gather(feats: dict[tuple, torch.Tensor], layers: tuple[int, ...], sites: tuple[str, ...] | list[str],
             reduction: str | None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One (L, S, ...) tensor of per-(block, site) outputs, filled in place (no stacked temporaries)."""
+    """One (L, S, ...) tensor of per-(layer, site) outputs, filled in place (no stacked temporaries)."""
     key = (lambda layer, site: (layer, site, reduction)) if reduction else (lambda layer, site: (layer, site))
     first = feats[key(layers[0], sites[0])]
     out = torch.empty((len(layers), len(sites), *first.shape), dtype=dtype or first.dtype, device=first.device)
@@ -266,14 +266,14 @@ def _gather(feats: dict[tuple, torch.Tensor], layers: tuple[int, ...], sites: tu
 
 def _check_finite(arrays: dict[str, torch.Tensor | None], backbone: Backbone, timestep: int,
                   layers: tuple[int, ...]) -> None:
-    """Refuse NaN or infinite features where they are produced: one line naming the backbone, timestep and block."""
+    """Refuse NaN or infinite features where they are produced: one line naming the backbone, timestep and layer."""
     for name, value in arrays.items():
         if value is None:
             continue
-        finite = torch.isfinite(value.reshape(len(layers), -1)).all(dim=1)  # per block (the leading axis)
+        finite = torch.isfinite(value.reshape(len(layers), -1)).all(dim=1)  # per layer (the leading axis)
         if not bool(finite.all()):
-            block = layers[int((~finite).nonzero()[0, 0])]
-            raise AselectError(f"{backbone.source}: non-finite features ({name}) at t={timestep}, block {block}: "
+            layer = layers[int((~finite).nonzero()[0, 0])]
+            raise AselectError(f"{backbone.source}: non-finite features ({name}) at t={timestep}, layer {layer}: "
                                f"the backbone's weights or the inputs hold NaN or inf")
 
 
@@ -320,7 +320,7 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
         x0 = encode_images(w.backbone, pixels.to(device))
     layers = layout.layers
     # Maps leave the forward pass only when they are stored; pooling and HFR are reductions in the hooks, so a
-    # block's maps are dropped as soon as the next block runs (memory: one block's maps, not all of them).
+    # layer's maps are dropped as soon as the next layer runs (memory: one layer's maps, not all of them).
     kept = [*(layout.sites if layout.spatial else ())] + ([ATTN_MAP] if layout.attn_map else [])
     reductions = {}
     stream = None  # a streamed calibration: its signal decides the inputs per image and reduces them
@@ -353,7 +353,7 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
             with times.phase("forward", device):
                 feats = extract(w.backbone, x0, inputs, layout.timesteps[ti], layers, kept, w.cfg.seed,
                                 autocast=autocast, reductions=reductions, noise=noise)
-            # 3. gather per (block, site) on the device: pooled (L, S, B, D), float16 maps, per-image HFR (L, S, B)
+            # 3. gather per (layer, site) on the device: pooled (L, S, B, D), float16 maps, per-image HFR (L, S, B)
             arrays: dict[str, torch.Tensor | None] = dict.fromkeys(("pooled", "spatial", "attn_map", "hfr"))
             with times.phase("pool", device):
                 if layout.pooled and layout.sites:

@@ -1,7 +1,7 @@
 """Which dump and which scorer each path uses: the one place that decides it.
 
 - A-SelecT (`select.policy: aselect`): calibrate = streamed HFR (`calibrate.signal`) of `calibrate.sites` on the
-  calibration subset at every candidate timestep, only the blocks the policy reads; scorer `hfr`.
+  calibration subset at every candidate timestep, only the layers the policy reads; scorer `hfr`.
 - Few-shot and RankMe (the other calibrated policies): pooled features (token maps for few-shot segmentation) of
   the same subset at the same timesteps; scorer `fewshot` / `probe_seg` / `rankme`.
 - Exhaustive (the oracle): every pooled site (and token maps for segmentation) of the dump grid for every image;
@@ -31,8 +31,8 @@ class Calibration:
     keep_maps: bool = False
 
 
-def calibration(cfg: RunConfig, segmentation: bool, blocks: list[int] | None) -> Calibration:
-    """The calibration of `cfg.select.policy` (aselect, fewshot or rankme); `blocks` those aselect reads."""
+def calibration(cfg: RunConfig, segmentation: bool, layers: list[int] | None) -> Calibration:
+    """The calibration of `cfg.select.policy` (aselect, fewshot or rankme); `layers` those aselect reads."""
     timesteps = cfg.calibrate.candidate_timesteps(cfg.dump)
     if cfg.select.policy in ("fewshot", "rankme"):
         spatial = segmentation and cfg.select.policy == "fewshot"  # the few-shot segmentation probe reads maps
@@ -41,7 +41,7 @@ def calibration(cfg: RunConfig, segmentation: bool, blocks: list[int] | None) ->
         scorer = "rankme" if cfg.select.policy == "rankme" else "probe_seg" if segmentation else "fewshot"
         return Calibration(dump, None, scorer)
     dump = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites), "spatial": False,
-                                       "blocks": blocks})
+                                       "layers": layers})
     hfr = HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff, exclude_dc=cfg.score.hfr_exclude_dc,
                     signal=cfg.calibrate.signal, draws=cfg.calibrate.signal_draws())
     return Calibration(dump, hfr, "hfr", keep_maps=cfg.calibrate.keep_maps)
@@ -55,7 +55,7 @@ def exhaustive(dump: DumpConfig, segmentation: bool) -> tuple[DumpConfig, str]:
 
 def selected_pair(dump: DumpConfig, selection: dict[str, Any], segmentation: bool) -> DumpConfig:
     """The dump of the selected pair alone, for every image, whatever its timestep."""
-    return dump.model_copy(update={"timesteps": [selection["timestep"]], "blocks": [selection["layer"]],
+    return dump.model_copy(update={"timesteps": [selection["timestep"]], "layers": [selection["layer"]],
                                    "sites": [selection["site"]], "spatial": segmentation})
 
 

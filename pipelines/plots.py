@@ -33,7 +33,7 @@ def score_heatmaps(rows: Sequence[dict], out_dir: Path, chosen: dict | None = No
         ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps], rotation=45)
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlabel("timestep t")
-        ax.set_ylabel("block l")
+        ax.set_ylabel("layer l")
         ax.set_title(f"{scorer} ({site})")
         fig.colorbar(image, ax=ax)
         if chosen and chosen.get("timestep") in timesteps and chosen.get("layer") in layers:
@@ -57,7 +57,7 @@ def metric_vs_timestep(metric_rows: Sequence[dict], hfr_rows: Sequence[dict], pa
     twin = ax.twinx()
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(layers), 1)))
     for i, layer in enumerate(layers):
-        ax.plot(timesteps, metric[i], "-o", color=colors[i], label=f"{metric_name} block {layer}", markersize=3)
+        ax.plot(timesteps, metric[i], "-o", color=colors[i], label=f"{metric_name} layer {layer}", markersize=3)
         if layer in hfr_layers:
             twin.plot(hfr_t, hfr[hfr_layers.index(layer)], "--", color=colors[i], alpha=0.7)
     ax.set_xscale("symlog", linthresh=10)

@@ -3,7 +3,7 @@
 A score table is a list of rows {"timestep", "layer", "site", "scorer", "score"}, one per scored pair and scorer.
 Policies: `oracle` (best probe score), `fewshot` (best few-shot proxy), `rankme` (highest effective rank of
 pooled features, label-free), `fixed` (the configured pair; an empty
-table is allowed) and `aselect` (A-SelecT: the timestep where HFR, averaged over a band of blocks, peaks).
+table is allowed) and `aselect` (A-SelecT: the timestep where HFR, averaged over a band of layers, peaks).
 Ties go to the lowest timestep, then the lowest layer, then the earliest site in SITE_ORDER.
 """
 
@@ -119,7 +119,7 @@ def _pair_dict(pair: Pair, score: float) -> dict:
 
 
 def _describe(pair: Pair) -> str:
-    return f"t={pair[0]} block {pair[1]} site {pair[2]}"
+    return f"t={pair[0]} layer {pair[1]} site {pair[2]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def _fixed(rows: list[dict], *, timestep: int | None = None, layer: int | None =
 
 
 def middle_third(layers: Sequence[int]) -> list[int]:
-    """The middle third of the sorted layers (never empty): 6 blocks -> [2, 3], 12 -> [4, 5, 6, 7]."""
+    """The middle third of the sorted layers (never empty): 6 layers -> [2, 3], 12 -> [4, 5, 6, 7]."""
     ordered = sorted(set(layers))
     cut = len(ordered) // 3
     return ordered[cut:len(ordered) - cut]
@@ -210,7 +210,7 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
     curve: dict[int, float] = {}
     for t in sorted({t for t, _ in hfr}):
         gaps = [layer for layer in band if (t, layer) not in hfr]
-        if gaps:  # a partial mean would compare timesteps over different blocks
+        if gaps:  # a partial mean would compare timesteps over different layers
             raise AselectError(f"policy 'aselect': no finite hfr at t={t} for layers {gaps}")
         curve[t] = sum(hfr[(t, layer)] for layer in band) / len(band)
     order = sorted(curve, key=lambda t: (-curve[t], t))
@@ -218,10 +218,10 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
     if feature_layer != "argmax" and (isinstance(feature_layer, bool) or not isinstance(feature_layer, int)
                                       or feature_layer not in present):
         raise AselectError(f"select.feature_layer {feature_layer!r}: must be 'argmax' or one of the calibrated "
-                           f"blocks {present}")
+                           f"layers {present}")
 
     def layer_at(t: int) -> int:
-        if feature_layer == "argmax":  # the band's block with the highest HFR at t (ties: lowest block)
+        if feature_layer == "argmax":  # the band's layer with the highest HFR at t (ties: lowest layer)
             return min(band, key=lambda layer: (-hfr[(t, layer)], layer))
         return feature_layer
 
@@ -233,8 +233,8 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
         second = order[1]
         runner = {"timestep": second, "layer": layer_at(second), "site": feature_site, "score": curve[second]}
         tail = f"runner-up t={second}, {curve[second]:.3f}"
-    reason = (f"HFR of {hfr_site} averaged over blocks {band} peaks at t={best} ({curve[best]:.3f}; {tail}); "
-              f"features: block {chosen} site {feature_site}")
+    reason = (f"HFR of {hfr_site} averaged over layers {band} peaks at t={best} ({curve[best]:.3f}; {tail}); "
+              f"features: layer {chosen} site {feature_site}")
     return Selection("aselect", best, chosen, feature_site, curve[best], runner, reason, rows)
 
 
@@ -254,11 +254,11 @@ POLICIES: dict[str, Callable[..., Selection]] = {
 
 def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, params: dict[str, Any],
                          resamples: int = 200, seed: int = 0) -> dict[str, Any]:
-    """How often the policy picks the same (timestep, block) when the calibration images are resampled.
+    """How often the policy picks the same (timestep, layer) when the calibration images are resampled.
 
     `per_image` (rows, n) holds each table row's per-image values (its score is their mean). Each resample draws
     n images with replacement and recomputes every row's mean; no new forward passes. Returns the shares of
-    resamples that agree with the selection on these images: `timestep`, `block`, and `value` (both).
+    resamples that agree with the selection on these images: `timestep`, `layer`, and `value` (both).
     """
     values = np.asarray(per_image, dtype=np.float64)
     if values.ndim != 2 or len(values) != len(table) or values.shape[1] == 0:
@@ -280,7 +280,7 @@ def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, 
         same_l += layer == reference[1]
         same += (t, layer) == reference
     share = (lambda k: round(k / resamples, 4)) if resamples else (lambda k: math.nan)
-    return {"value": share(same), "timestep": share(same_t), "block": share(same_l),
+    return {"value": share(same), "timestep": share(same_t), "layer": share(same_l),
             "resamples": int(resamples), "images": n, "seed": int(seed),
             "selected": {"timestep": reference[0], "layer": reference[1]}}
 

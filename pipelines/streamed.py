@@ -1,6 +1,6 @@
 """Label-free statistics reduced inside the forward pass: only per-image scalars leave the device.
 
-A-SelecT's calibration needs one number per (image, timestep, block, site), not the maps it is computed from.
+A-SelecT's calibration needs one number per (image, timestep, layer, site), not the maps it is computed from.
 At DiT-XL/2 shape a stored token map costs 165 MB per image and site; its HFR costs 8 bytes. The capture hooks
 (pipelines/features.py) hand each captured map to `hfr_per_image` as soon as the block has produced it, on the
 device where it lives, and drop the map.

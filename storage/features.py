@@ -31,7 +31,7 @@ DONE_DIR = RECORDS_DIR
 # Float features compress poorly (mantissas look random): measured with bench/feature_codecs.py on a trained DiT's
 # features, blosc lz4 + bit-shuffle stores pooled float32 at 1.18x and float16 maps at 1.10x, and encodes faster
 # than Zarr's default zstd (1.08x / 1.10x); no codec writes fastest but stores 10-18% more. One chunk per
-# (timestep, image chunk) holding every block and site is the write unit; sharding it into per-pair inner
+# (timestep, image chunk) holding every layer and site is the write unit; sharding it into per-pair inner
 # chunks read no faster for scoring (README, "Feature store").
 FEATURE_ARRAY = {"fill_value": 0.0, "compressors": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")}
 # Every chunk is stored, even one equal to the fill value: no fill-value comparison per chunk on the write path

@@ -1,4 +1,4 @@
-"""Stage 3 task: dump DiT features for the configured timesteps, blocks and sites to Zarr.
+"""Stage 3 task: dump DiT features for the configured timesteps, layers and sites to Zarr.
 
 The same task serves three stages: `calibrate` (every candidate timestep on a small calibration subset),
 `dump` (the exhaustive grid, or only the selected pair, for the whole dataset).
@@ -67,7 +67,7 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
                   else f" ({layout.hfr_signal}, {layout.inputs_per_image} inputs/image)")
         what = (f"HFR{signal} of {len(layout.hfr_sites)} site(s) streamed" + (", maps kept" if keep_maps else "")
                 if layout.hfr_sites else f"{len(layout.sites) + layout.attn_map} sites")
-        summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} blocks x {what} x {len(samples)} "
+        summary = (f"{len(layout.timesteps)} timesteps x {len(layout.layers)} layers x {what} x {len(samples)} "
                    f"images, {per_image / 1024:.1f} KiB/image, "
                    f"{result.rate:.0f} image-timesteps/s"
                    + (f", resumed ({result.items_reused}/{result.items_total} items reused)"

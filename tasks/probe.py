@@ -58,7 +58,7 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
                                         val_fraction=cfg.val_fraction, seed=cfg.seed)
         metrics = asdict(result)
         write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
-        pair = f"t={selection['timestep']} block {selection['layer']} {selection['site']}"
+        pair = f"t={selection['timestep']} layer {selection['layer']} {selection['site']}"
         summary = f"{result.metric} {result.value:.4f} on {len(test)} test images ({pair})"
         return Finished(summary, {"metric": result.metric, "value": result.value,
                                   "probe_fits": int(result.details.get("fits", len(cfg.cs) + 1))},

@@ -64,7 +64,7 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
         confidence = selection["confidence"]
         sure = (f"; confidence {confidence['value']:.2f} ({confidence['resamples']} bootstrap resamples of "
                 f"{confidence['images']} images)" if confidence else "")
-        summary = (f"{cfg.policy}: t={selection['timestep']} block {selection['layer']} {selection['site']} "
+        summary = (f"{cfg.policy}: t={selection['timestep']} layer {selection['layer']} {selection['site']} "
                    f"({selection['reason']}{sure})")
         return Finished(summary, {"selection": _without_table(selection), "pictures": pictures},
                         {"selection": _without_table(selection)})

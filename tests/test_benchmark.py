@@ -47,7 +47,7 @@ def rows(scores: dict[int, list[float]]) -> list[dict]:
 
 
 @pytest.mark.parametrize(("scores", "peak", "interior"), [
-    ({0: [0.90, 0.80], 100: [0.85, 0.95], 500: [0.60, 0.70]}, 100, True),   # the best block peaks mid-grid
+    ({0: [0.90, 0.80], 100: [0.85, 0.95], 500: [0.60, 0.70]}, 100, True),   # the best layer peaks mid-grid
     ({0: [0.90, 0.95], 100: [0.85, 0.94], 500: [0.60, 0.70]}, 0, False),    # falls with t
     ({0: [0.90, 0.80], 100: [0.902, 0.80], 500: [0.60, 0.70]}, 100, False),  # a bump below the margin
     ({0: [0.50], 100: [0.70], 500: [0.90]}, 500, False),                    # rises to the last t

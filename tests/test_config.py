@@ -46,7 +46,8 @@ def test_set_overrides_nested_values_with_yaml_types() -> None:
     ("dump:\n  timesteps: []\n", r"dump\.timesteps: List should have at least 1 item"),
     ("dump:\n  timesteps: [0, -5]\n", r"dump: timesteps must be >= 0"),
     ("dump:\n  timesteps: [0, 1000]\n", r"dump\.timesteps \[1000\] must be < backbone\.num_train_timesteps"),
-    ("dump:\n  blocks: [9]\n", r"dump\.blocks \[9\]: DiT-T/2 has 6 blocks"),
+    ("dump:\n  layers: [9]\n", r"dump\.layers \[9\]: DiT-T/2 has 6 layers"),
+    ("dump:\n  blocks: [1]\n", r"run\.yaml: dump\.blocks: renamed to dump\.layers$"),
     ("- a\n- b\n", r"run\.yaml: expected a mapping of sections, got list"),
     ("ingest: [\n", r"run\.yaml: line \d+ invalid YAML"),
 ])

@@ -162,9 +162,9 @@ def test_attention_map_processor_leaves_outputs_unchanged(tiny) -> None:
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"timesteps": [0, 1000]}, r"dump\.timesteps \[1000\] must be < the scheduler's num_train_timesteps \(1000\)"),
-    ({"blocks": [0, 5]}, r"dump\.blocks \[0, 5\]: the backbone has 2 blocks \(0\.\.1\)"),
+    ({"layers": [0, 5]}, r"dump\.layers \[0, 5\]: the backbone has 2 layers \(0\.\.1\)"),
 ])
-def test_out_of_range_timesteps_and_blocks_are_refused(tiny, overrides: dict, message: str) -> None:
+def test_out_of_range_timesteps_and_layers_are_refused(tiny, overrides: dict, message: str) -> None:
     with pytest.raises(AselectError, match=message):
         plan_layout(load_backbone(tiny[0]), np.arange(10), DumpConfig(**overrides))
 

@@ -117,17 +117,17 @@ def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir
     # HFR streamed in the forward pass: per-image scalars only, no token maps, no pooled features
     assert calibration["layout"]["hfr_sites"] == ["attn"] and not calibration["layout"]["spatial"]
     assert not calibration["layout"]["pooled"] and calibration["layout"]["sites"] == []
-    assert calibration["accounting"]["bytes_per_image"] == 10 * 2 * 1 * 8  # timesteps x blocks x sites x float64
+    assert calibration["accounting"]["bytes_per_image"] == 10 * 2 * 1 * 8  # timesteps x layers x sites x float64
     assert calibration["accounting"]["forward_passes"] == 10  # 10 timesteps x 1 chunk
     assert calibration["accounting"]["images_timesteps"] == 64 * 10
     selection = json.loads((first_stage("select") / "selection.json").read_text())
     hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
-    assert len(hfr_rows) == 10 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, block)
+    assert len(hfr_rows) == 10 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, layer)
     assert selection["runner_up"]["timestep"] != selection["timestep"] and selection["reason"]
     confidence = selection["confidence"]
     assert confidence["resamples"] == 200 and confidence["images"] == 64 and 0.0 <= confidence["value"] <= 1.0
     assert confidence["selected"] == {"timestep": selection["timestep"], "layer": selection["layer"]}
-    assert confidence["value"] <= min(confidence["timestep"], confidence["block"])
+    assert confidence["value"] <= min(confidence["timestep"], confidence["layer"])
     assert (first_stage("select") / "heatmap-hfr-attn.png").stat().st_size > 1000
     features = json.loads((first_stage("dump") / "manifest.json").read_text())
     assert features["layout"]["timesteps"] == [selection["timestep"]]
@@ -152,8 +152,8 @@ def test_calibration_reduces_only_the_blocks_the_policy_reads(smoke_workdir: Pat
         return json.loads((path / "manifest.json").read_text())["layout"]["layers"]
 
     band = aselect_pipeline(config="smoke", overrides=["select.layers=[0]"], workdir=str(smoke_workdir))
-    assert calibrated_layers(band) == [0] and band["selection"]["layer"] == 0  # the forward pass stops at block 0
-    every = aselect_pipeline(config="smoke", overrides=["select.layers=[0]", "calibrate.blocks=all"],
+    assert calibrated_layers(band) == [0] and band["selection"]["layer"] == 0  # the forward pass stops at layer 0
+    every = aselect_pipeline(config="smoke", overrides=["select.layers=[0]", "calibrate.layers=all"],
                              workdir=str(smoke_workdir))
     assert calibrated_layers(every) == [0, 1] and every["selection"]["timestep"] == band["selection"]["timestep"]
 
@@ -336,7 +336,7 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     assert set(baselines) == {"pixels", "random_dit"}
     assert all(b["metric"] == "top1" and 0.0 < b["value"] <= 1.0 for b in baselines.values())
     assert baselines["pixels"]["regret_points"] == round(100 * (oracle["value"] - baselines["pixels"]["value"]), 2)
-    assert f"t={oracle['timestep']} block {oracle['layer']} {oracle['site']}" in baselines["random_dit"]["label"]
+    assert f"t={oracle['timestep']} layer {oracle['layer']} {oracle['site']}" in baselines["random_dit"]["label"]
     profile = config["probe_vs_t"]
     assert profile["best_score"] >= profile["score_at_smallest_t"] and isinstance(profile["interior_maximum"], bool)
     assert config["seconds"] > 0 and report["leave_one_config_out"] is None  # one config: nothing to hold out

@@ -126,7 +126,7 @@ def test_nan_weights_fail_where_features_are_produced(tiny, tmp_path: Path) -> N
     layout = plan_layout(backbone, np.arange(120), cfg)
     with pytest.raises(AselectError) as caught:
         run_dump(model_dir, data, tmp_path, layout, cfg, backbone=backbone)
-    assert str(caught.value) == (f"{model_dir}: non-finite features (pooled) at t=0, block 1: the backbone's weights "
+    assert str(caught.value) == (f"{model_dir}: non-finite features (pooled) at t=0, layer 1: the backbone's weights "
                                  f"or the inputs hold NaN or inf")
     assert finished_items(tmp_path) == set()
 
@@ -149,7 +149,7 @@ def test_a_table_without_signal_is_an_error_not_a_tie_break(policy: str, scorer:
 def test_a_feature_block_outside_the_calibration_is_named() -> None:
     rows = [{**r, "layer": layer} for layer in (0, 1) for r in table([0.1, 0.3, 0.2])]
     with pytest.raises(AselectError, match=r"select.feature_layer 5: must be 'argmax' or one of the calibrated "
-                                           r"blocks \[0, 1\]"):
+                                           r"layers \[0, 1\]"):
         select("aselect", rows, hfr_site="attn", feature_layer=5)
 
 

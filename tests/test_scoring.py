@@ -238,7 +238,7 @@ TIMESTEPS = (10, 25, 50)
 
 
 def hfr_value(t: int, layer: int) -> float:
-    """Attention HFR: the band [2, 3] peaks at t=25; block 0 alone would pick t=50 (must be ignored)."""
+    """Attention HFR: the band [2, 3] peaks at t=25; layer 0 alone would pick t=50 (must be ignored)."""
     if layer == 0:
         return {10: 0.1, 25: 0.2, 50: 0.9}[t]
     base = {10: 0.30, 25: 0.40, 50: 0.35}[t]
@@ -265,7 +265,7 @@ def score_table(with_seg: bool = False) -> list[dict]:
 def test_oracle_and_fewshot_pick_the_best_pair():
     oracle = select("oracle", score_table())
     assert (oracle.timestep, oracle.layer, oracle.site, oracle.score) == (10, 4, "mlp", pytest.approx(0.84))
-    # the runner-up: layer 5 scores 0.55 everywhere; ties go to the lowest timestep, then block before mlp
+    # the runner-up: layer 5 scores 0.55 everywhere; ties go to the lowest timestep, then site block before mlp
     assert oracle.runner_up == {"timestep": 10, "layer": 5, "site": "block", "score": pytest.approx(0.55)}
     assert "probe" in oracle.reason and len(oracle.table) == len(score_table())
     seg = select("oracle", score_table(with_seg=True))
@@ -281,9 +281,9 @@ def test_aselect_averages_hfr_over_the_middle_blocks():
     assert (chosen.timestep, chosen.layer, chosen.site) == (25, 3, "block")
     assert chosen.score == pytest.approx(0.41)
     assert chosen.runner_up == {"timestep": 50, "layer": 3, "site": "block", "score": pytest.approx(0.36)}
-    assert chosen.reason == ("HFR of attn_map averaged over blocks [2, 3] peaks at t=25 (0.410; runner-up t=50, "
-                             "0.360); features: block 3 site block")
-    # over all blocks, block 0's spike at t=50 wins; a fixed feature layer and site are taken as given
+    assert chosen.reason == ("HFR of attn_map averaged over layers [2, 3] peaks at t=25 (0.410; runner-up t=50, "
+                             "0.360); features: layer 3 site block")
+    # over all layers, layer 0's spike at t=50 wins; a fixed feature layer and site are taken as given
     wide = select("aselect", score_table(), layers=[0, 1, 2, 3, 4, 5], feature_layer=1, feature_site="mlp")
     assert (wide.timestep, wide.layer, wide.site) == (50, 1, "mlp")
     with pytest.raises(AselectError) as excinfo:
@@ -300,7 +300,7 @@ def test_fixed_policy_validates_the_pair():
     assert fixed.score == pytest.approx(0.52) and fixed.runner_up is None
     with pytest.raises(AselectError) as excinfo:
         select("fixed", score_table(), timestep=75, layer=2, site="mlp")
-    assert "t=75 block 2 site mlp" in one_line_error(excinfo)
+    assert "t=75 layer 2 site mlp" in one_line_error(excinfo)
     with pytest.raises(AselectError) as excinfo:
         select("fixed", score_table(), timestep=50)
     assert "needs timestep, layer and site" in one_line_error(excinfo)

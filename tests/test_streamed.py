@@ -93,7 +93,7 @@ def test_calibration_streams_per_image_hfr_and_stores_no_maps(tiny, tmp_path: Pa
     assert hfr.shape == (4, 2, 2, 120) and hfr.dtype == np.float64  # (timestep, layer, hfr_site, sample)
     assert hfr.metadata.dimension_names == ("timestep", "layer", "hfr_site", "sample")
     assert list(group["hfr_site"][:]) == ["attn", "attn_map"]
-    # 8 bytes per (image, timestep, block, site): nothing else is written per image
+    # 8 bytes per (image, timestep, layer, site): nothing else is written per image
     assert result.bytes_written == 120 * 4 * 2 * 2 * 8
 
     # each stored value is the numpy reference HFR of that image's maps, recomputed bit-identically
@@ -273,7 +273,7 @@ PARAMS = {"hfr_site": "attn", "layers": [1, 2], "feature_site": "block", "featur
 def test_a_clear_peak_is_chosen_with_full_confidence() -> None:
     table = hfr_table({0: 0.30, 100: 0.50, 500: 0.20})
     conf = bootstrap_confidence("aselect", table, per_image_values(table, 0.01, 64), PARAMS, resamples=100)
-    assert conf["value"] == conf["timestep"] == conf["block"] == 1.0
+    assert conf["value"] == conf["timestep"] == conf["layer"] == 1.0
     assert conf["selected"] == {"timestep": 100, "layer": 2} and conf["images"] == 64 and conf["resamples"] == 100
 
 
