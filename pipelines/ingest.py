@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aselect.pipelines.config import IngestConfig
-from aselect.storage.datasets import Dataset
+from aselect.storage.datasets import DATASET_CHUNK, Dataset, DatasetWriter, read_dataset, write_dataset
 from aselect.storage.errors import AselectError
 
 INGEST_VERSION = 1  # bump when the output of a source changes
@@ -84,7 +84,7 @@ def source_fingerprint(cfg: IngestConfig) -> str:
 
 
 def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset:
-    """Read or generate the configured source, resize, subsample and split it."""
+    """Read or generate the configured source, resize, subsample and split it (in memory)."""
     masks = mask_names = None
     skipped: list[str] = []
     if cfg.source == "digits":
@@ -98,19 +98,14 @@ def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset
         images, labels, masks = _generate_textures(cfg, progress)
         names, mask_names = list(TEXTURE_KINDS), list(TEXTURE_MASK_NAMES)
     else:
-        images, labels, names, skipped = _load_imagefolder(cfg, progress)
+        reader = FolderReader(cfg)
+        images = np.concatenate(list(reader.batches(DATASET_CHUNK, progress)))
+        labels, names, skipped = reader.labels(), reader.names, reader.skipped
     images = _to_channels(images, cfg.channels)
-
-    origin = str(cfg.root) if cfg.root is not None else cfg.source
-    if cfg.limit is not None and cfg.limit < len(labels):
-        keep = np.sort(_stratified_pick(labels, cfg.limit, cfg.seed))
+    keep, train_idx, test_idx = subset_and_split(cfg, labels, names)
+    if keep is not None:
         images, labels = images[keep], labels[keep]
         masks = masks[keep] if masks is not None else None
-    present = np.unique(labels)
-    if len(present) < 2:
-        found = names[present[0]] if len(present) else "none"
-        raise AselectError(f"{origin}: only 1 class ({found}); need at least 2 for classification")
-    train_idx, test_idx = _split(labels, cfg.test_fraction, cfg.seed, origin)
     return Dataset(
         images=np.ascontiguousarray(images, dtype=np.uint8),
         labels=labels.astype(np.int64),
@@ -121,6 +116,40 @@ def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset
         mask_class_names=mask_names,
         skipped=skipped,
     )
+
+
+def ingest_dataset(cfg: IngestConfig, stage_path: Path, progress: Progress | None = None) -> Dataset:
+    """Write the configured source to the stage's store; image folders stream, a batch at a time, so peak memory
+    does not grow with the number of images. The returned Dataset's `images` is the store's lazy array."""
+    if cfg.source != "imagefolder":
+        write_dataset(load_dataset(cfg, progress), stage_path)
+    else:
+        reader = FolderReader(cfg)
+        side = cfg.image_size
+        writer = DatasetWriter(stage_path, (cfg.channels, side, side), subset_later=cfg.limit is not None)
+        for batch in reader.batches(DATASET_CHUNK, progress):
+            writer.append(batch)
+        labels = reader.labels()
+        keep, train_idx, test_idx = subset_and_split(cfg, labels, reader.names)
+        writer.commit(labels if keep is None else labels[keep], train_idx, test_idx, reader.names, keep=keep,
+                      skipped=reader.skipped)
+    return read_dataset(stage_path, lazy_images=True)
+
+
+def subset_and_split(cfg: IngestConfig, labels: np.ndarray, names: list[str]) -> tuple[np.ndarray | None,
+                                                                                          np.ndarray, np.ndarray]:
+    """(rows kept by `limit`, stratified, or None for all; train and test indices into the kept rows)."""
+    origin = str(cfg.root) if cfg.root is not None else cfg.source
+    keep = None
+    if cfg.limit is not None and cfg.limit < len(labels):
+        keep = np.sort(_stratified_pick(labels, cfg.limit, cfg.seed))
+        labels = labels[keep]
+    present = np.unique(labels)
+    if len(present) < 2:
+        found = names[present[0]] if len(present) else "none"
+        raise AselectError(f"{origin}: only 1 class ({found}); need at least 2 for classification")
+    train_idx, test_idx = _split(labels, cfg.test_fraction, cfg.seed, origin)
+    return keep, train_idx, test_idx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,32 +375,53 @@ def _read_image(path: Path, mode: str, size: int) -> np.ndarray:
     raise AselectError(f"{path}: cannot read image ({reason})")
 
 
-def _load_imagefolder(cfg: IngestConfig, progress: Progress | None) -> tuple:
-    root = Path(cfg.root)
-    plan, skipped = _scan_folder(root, cfg.skip_bad)  # first, so progress() knows the total
-    mode = "L" if cfg.channels == 1 else "RGB"
-    total, done = sum(len(files) for _, files in plan), 0
-    images, labels, names = [], [], []
-    for name, files in plan:
-        before = len(images)
-        for path in files:
-            try:
-                images.append(_read_image(path, mode, cfg.image_size))
-                labels.append(len(names))
-            except AselectError as exc:
-                _report(str(exc), cfg.skip_bad, skipped)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        if len(images) > before:
-            names.append(name)
-        else:
-            skipped.append(f"{root / name}: empty class folder (every image was skipped)")
-    if not images:
-        raise AselectError(f"{root}: no readable images (every file was skipped)")
+class FolderReader:
+    """An image folder decoded in file order, a batch at a time; labels, class names and skips accumulate as it
+    goes (a class is named once one of its images decodes, so labels are dense)."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+        self.plan, self.skipped = _scan_folder(self.root, cfg.skip_bad)  # first, so progress knows the total
+        self.names: list[str] = []
+        self._labels: list[int] = []
+
+    def labels(self) -> np.ndarray:
+        """Labels of the images decoded so far (int64)."""
+        return np.asarray(self._labels, dtype=np.int64)
+
+    def batches(self, size: int, progress: Progress | None = None) -> Iterator[np.ndarray]:
+        """Decoded images as uint8 (b, C, H, W) batches of `size` (the last one shorter)."""
+        mode = "L" if self.cfg.channels == 1 else "RGB"
+        total, done = sum(len(files) for _, files in self.plan), 0
+        batch: list[np.ndarray] = []
+        for name, files in self.plan:
+            before = len(self._labels)
+            for path in files:
+                try:
+                    batch.append(_read_image(path, mode, self.cfg.image_size))
+                    self._labels.append(len(self.names))
+                except AselectError as exc:
+                    _report(str(exc), self.cfg.skip_bad, self.skipped)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                if len(batch) == size:
+                    yield _channels_first(batch)
+                    batch = []
+            if len(self._labels) > before:
+                self.names.append(name)
+            else:
+                self.skipped.append(f"{self.root / name}: empty class folder (every image was skipped)")
+        if batch:
+            yield _channels_first(batch)
+        if not self._labels:
+            raise AselectError(f"{self.root}: no readable images (every file was skipped)")
+
+
+def _channels_first(images: list[np.ndarray]) -> np.ndarray:
     stacked = np.stack(images)
-    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-    return stacked, np.asarray(labels, dtype=np.int64), names, skipped
+    return stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

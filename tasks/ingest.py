@@ -8,8 +8,7 @@ from typing import Any
 from prefect import task
 
 from aselect.pipelines.config import IngestConfig
-from aselect.pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
-from aselect.storage.datasets import write_dataset
+from aselect.pipelines.ingest import INGEST_VERSION, ingest_dataset, source_fingerprint
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
@@ -49,8 +48,7 @@ def ingest(stage: StageRef, cfg: IngestConfig) -> dict[str, Any]:
 
     def work(stage_dir: StageDir) -> Finished:
         progress = ProgressArtifact("ingest-progress", f"ingest {cfg.source}")
-        dataset = load_dataset(cfg, progress=lambda done, total: progress.update(done / max(total, 1)))
-        write_dataset(dataset, stage_dir.path)
+        dataset = ingest_dataset(cfg, stage_dir.path, lambda done, total: progress.update(done / max(total, 1)))
         progress.update(1.0, force=True)
         n, c, h, w = dataset.images.shape
         summary = (f"{cfg.source}: {n} images {c}x{h}x{w}, {len(dataset.class_names)} classes, "

@@ -424,3 +424,61 @@ def test_fingerprint_tracks_file_bytes(tree: Path):
     assert source_fingerprint(cfg) == first
     target.rename(tree / "dog" / "c1.png")  # same bytes, different class
     assert source_fingerprint(cfg) not in (first, changed)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                       Streaming ingest
+# ---------------------------------------------------------------------------------------------
+
+
+def noisy_folder(root: Path, per_class: int, seed: int = 0) -> Path:
+    """Three classes of random 6x6 RGB images, one unreadable file among them."""
+    rng = np.random.default_rng(seed)
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / name / f"{i:04d}.png")
+    (root / "b" / "0003.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize("limit", [None, 37])
+def test_streaming_ingest_equals_the_in_memory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        limit: int | None) -> None:
+    import aselect.pipelines.ingest as ingest_module
+    from aselect.storage.datasets import read_dataset
+
+    # batches of 8 rows: 59 readable images cross several batches and class boundaries mid-batch
+    monkeypatch.setattr(ingest_module, "DATASET_CHUNK", 8)
+    monkeypatch.setattr("aselect.storage.datasets.DATASET_CHUNK", 8)
+    cfg = folder_cfg(noisy_folder(tmp_path / "folder", 20), channels=3, image_size=6, skip_bad=True, limit=limit)
+    expected = load_dataset(cfg)
+    batches = []
+    monkeypatch.setattr(ingest_module.DatasetWriter, "append",
+                        lambda self, images, masks=None, _orig=ingest_module.DatasetWriter.append:
+                        (batches.append(len(images)), _orig(self, images, masks))[1])
+    returned = ingest_module.ingest_dataset(cfg, tmp_path / "stage")
+    stored = read_dataset(tmp_path / "stage")
+    assert max(batches) == 8 and sum(batches) == 59  # never more than one batch decoded at a time
+    assert returned.images.shape == stored.images.shape == (limit or 59, 3, 6, 6)
+    for got in (stored, returned):
+        assert np.array_equal(got.images[:], expected.images)
+        assert np.array_equal(got.labels, expected.labels)
+        assert np.array_equal(got.train_idx, expected.train_idx) and np.array_equal(got.test_idx, expected.test_idx)
+        assert got.class_names == expected.class_names == ["a", "b", "c"]
+        assert got.skipped == expected.skipped and len(got.skipped) == 1
+    assert sorted(p.name for p in (tmp_path / "stage" / "data.zarr").iterdir()) == [
+        "images", "labels", "test_idx", "train_idx", "zarr.json"]  # no scratch rows left behind
+
+
+def test_a_failed_streaming_ingest_leaves_the_previous_store(tmp_path: Path) -> None:
+    import aselect.pipelines.ingest as ingest_module
+    from aselect.storage.datasets import read_dataset
+
+    good = folder_cfg(noisy_folder(tmp_path / "folder", 4), channels=3, image_size=6, skip_bad=True)
+    ingest_module.ingest_dataset(good, tmp_path / "stage")
+    before = read_dataset(tmp_path / "stage")
+    with pytest.raises(AselectError, match=r"0003\.png: cannot read image"):
+        ingest_module.ingest_dataset(good.model_copy(update={"skip_bad": False}), tmp_path / "stage")
+    after = read_dataset(tmp_path / "stage")
+    assert np.array_equal(after.images, before.images) and after.skipped == before.skipped
