@@ -287,6 +287,9 @@ class ProbeConfig(Section):
     cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 0
+    # Train features bigger than this (as float32) are not loaded: the probe streams them from the dump a batch at
+    # a time (same objective and optimum, one pass per L-BFGS step, so slower). 0 always streams.
+    memory_budget_mb: float = Field(2048.0, ge=0.0)
 
 
 SiteName = Literal["block", "attn", "mlp", "attn_map"]

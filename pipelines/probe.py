@@ -3,18 +3,22 @@
 - classification: standardised pooled features -> logistic regression, C picked on a validation split -> top-1.
 - segmentation: standardised token features -> per-token logistic regression -> probabilities upsampled bilinearly
   to pixels -> mIoU.
+- streamed (features larger than `probe.memory_budget_mb`): the same two probes fitted from feature rows read a batch
+  at a time; the fit minimises scikit-learn's own objective with the same L-BFGS, so it lands on the same optimum.
 
-Pure numpy / scikit-learn: no Prefect, Dask, Zarr or torch, so it runs anywhere a scorer runs.
+Pure numpy / scikit-learn / scipy: no Prefect, Dask, Zarr or torch, so it runs anywhere a scorer runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit, logsumexp
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -91,6 +95,18 @@ def _best_c(val_scores: dict[float, float]) -> float:
     return max(sorted(val_scores), key=lambda c: (val_scores[c], -c))
 
 
+def _choose_c(cs: list[float], n_train: int, val_fraction: float, seed: int, stratify: np.ndarray | None,
+              score: Callable[[np.ndarray, np.ndarray, float], float]) -> tuple[float, dict[float, float]]:
+    """C with the best `score(fit_idx, val_idx, C)` on a seeded validation split of train (one C: no split)."""
+    val_scores: dict[float, float] = {}
+    if len(cs) > 1:
+        fit_idx, val_idx = split_indices(n_train, val_fraction, seed, stratify=stratify)
+        for c in cs:
+            val_scores[c] = score(fit_idx, val_idx, c)
+            failpoint("fit")
+    return (_best_c(val_scores) if val_scores else cs[0]), val_scores
+
+
 # ---------------------------------------------------------------------------------------------
 #                                     Classification probe
 # ---------------------------------------------------------------------------------------------
@@ -114,16 +130,14 @@ def classification_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
     if len(np.unique(train_y)) < 2:
         raise AselectError("classification probe needs at least two classes in the training labels")
     cs = _sorted_cs(Cs)
-    val_scores: dict[float, float] = {}
+
+    def score(fit_idx: np.ndarray, val_idx: np.ndarray, c: float) -> float:
+        if len(np.unique(train_y[fit_idx])) < 2:
+            raise AselectError("classification probe: the validation split left fewer than two training classes")
+        return linear_top1(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx], c)
+
     with blas_threads(threads):
-        if len(cs) > 1:  # one candidate needs no validation split
-            fit_idx, val_idx = split_indices(len(train_y), val_fraction, seed, stratify=train_y)
-            if len(np.unique(train_y[fit_idx])) < 2:
-                raise AselectError("classification probe: the validation split left fewer than two training classes")
-            for c in cs:
-                val_scores[c] = linear_top1(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx], c)
-                failpoint("fit")
-        best = _best_c(val_scores) if val_scores else cs[0]
+        best, val_scores = _choose_c(cs, len(train_y), val_fraction, seed, train_y, score)
         top1 = linear_top1(train_x, train_y, test_x, test_y, best)
         failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
@@ -208,18 +222,23 @@ def _check_segmentation(tokens: np.ndarray, masks: np.ndarray, num_classes: int,
 
 @dataclass
 class _TokenProbe:
-    """A fitted per-token classifier: scaler, model (None when training saw a single class) and its classes."""
+    """A fitted per-token classifier: scaler (None: the model standardises), model (None when training saw a single
+    class) and its classes."""
 
-    scaler: StandardScaler
-    model: LogisticRegression | None
+    scaler: StandardScaler | None
+    model: LogisticRegression | LinearProbe | None
     classes: np.ndarray
+
+
+def _token_labels(masks: np.ndarray, tokens: int, num_classes: int) -> np.ndarray:
+    """(n, T) token labels: each patch's majority class (ties -> lowest class id)."""
+    return patch_fractions(masks, grid_side(tokens), num_classes).argmax(axis=2)
 
 
 def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C: float) -> _TokenProbe:
     n, T, D = tokens.shape
     x = tokens.reshape(n * T, D).astype(np.float32)
-    # token label = the patch's majority class (ties -> lowest class id)
-    y = patch_fractions(masks, grid_side(T), num_classes).reshape(n * T, num_classes).argmax(axis=1)
+    y = _token_labels(masks, T, num_classes).reshape(n * T)
     scaler = StandardScaler().fit(x)
     classes = np.unique(y)
     if len(classes) < 2:  # nothing to discriminate: predict the only class everywhere
@@ -228,29 +247,38 @@ def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C:
     return _TokenProbe(scaler, model, model.classes_)
 
 
-def _confusion(probe: _TokenProbe, tokens: np.ndarray, masks: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) pixel confusion matrix, rows = ground truth, columns = prediction."""
-    n, T, D = tokens.shape
-    side = grid_side(T)
+def _confusion(probe: _TokenProbe, token_batches: Iterable[np.ndarray], masks: np.ndarray,
+               num_classes: int) -> np.ndarray:
+    """(K, K) pixel confusion matrix, rows = ground truth, columns = prediction; tokens (b, T, D) a batch at a time,
+    in the order of `masks`."""
     height, width = masks.shape[1:]
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for start in range(0, n, EVAL_BATCH):
-        batch = slice(start, min(start + EVAL_BATCH, n))
-        nb = batch.stop - batch.start
+    start = 0
+    for tokens in token_batches:
+        nb, T, D = tokens.shape
+        side = grid_side(T)
         if probe.model is None:
             pred = np.full((nb, height, width), probe.classes[0], dtype=np.int64)
         else:
-            x = probe.scaler.transform(tokens[batch].reshape(nb * T, D).astype(np.float32))
+            x = tokens.reshape(nb * T, D).astype(np.float32)
+            x = probe.scaler.transform(x) if probe.scaler is not None else x
             # probabilities, not logits: bounded scores stop one over-confident neighbour token from taking over
             # the pixels near its patch border (synthetic patch masks: pixel accuracy 0.87 with logits, 0.94 with probs)
             probs = probe.model.predict_proba(x)
             probs = probs.reshape(nb, side, side, len(probe.classes)).transpose(0, 3, 1, 2)
             # only the seen classes are upsampled: an unseen class is never predicted (score -inf)
             pred = probe.classes[upsample_bilinear(probs, height, width).argmax(axis=1)]
-        gt = masks[batch]
+        gt = masks[start:start + nb]
+        start += nb
         confusion += np.bincount((gt * num_classes + pred).ravel(),
                                  minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     return confusion
+
+
+def _in_batches(tokens: np.ndarray) -> Iterator[np.ndarray]:
+    """An in-memory token array as EVAL_BATCH-image batches (bounds the upsampled maps' memory)."""
+    for start in range(0, len(tokens), EVAL_BATCH):
+        yield tokens[start:start + EVAL_BATCH]
 
 
 def iou_from_confusion(confusion: np.ndarray) -> tuple[float, dict[str, float], float]:
@@ -267,7 +295,7 @@ def iou_from_confusion(confusion: np.ndarray) -> tuple[float, dict[str, float], 
 def _miou(train_tokens: np.ndarray, train_masks: np.ndarray, test_tokens: np.ndarray, test_masks: np.ndarray,
           num_classes: int, C: float) -> tuple[float, dict[str, float], float]:
     probe = _fit_token_probe(train_tokens, train_masks, num_classes, C)
-    return iou_from_confusion(_confusion(probe, test_tokens, test_masks, num_classes))
+    return iou_from_confusion(_confusion(probe, _in_batches(test_tokens), test_masks, num_classes))
 
 
 def segmentation_probe(train_tokens: np.ndarray, train_masks: np.ndarray, test_tokens: np.ndarray,
@@ -284,18 +312,195 @@ def segmentation_probe(train_tokens: np.ndarray, train_masks: np.ndarray, test_t
     if train_tokens.shape[1:] != test_tokens.shape[1:]:
         raise AselectError(f"train tokens {train_tokens.shape[1:]} and test tokens {test_tokens.shape[1:]} differ")
     cs = _sorted_cs(Cs)
-    val_scores: dict[float, float] = {}
-    with blas_threads(threads):
-        if len(cs) > 1:  # split by image, not by token: neighbouring tokens of one image are not independent
-            fit_idx, val_idx = split_indices(len(train_tokens), val_fraction, seed)
-            for c in cs:
-                val_scores[c] = _miou(train_tokens[fit_idx], train_masks[fit_idx], train_tokens[val_idx],
-                                      train_masks[val_idx], num_classes, c)[0]
-                failpoint("fit")
-        best = _best_c(val_scores) if val_scores else cs[0]
+
+    def score(fit_idx: np.ndarray, val_idx: np.ndarray, c: float) -> float:
+        return _miou(train_tokens[fit_idx], train_masks[fit_idx], train_tokens[val_idx], train_masks[val_idx],
+                     num_classes, c)[0]
+
+    with blas_threads(threads):  # the split is by image, not by token: an image's tokens are not independent
+        best, val_scores = _choose_c(cs, len(train_tokens), val_fraction, seed, None, score)
         miou, per_class, pixel_acc = _miou(train_tokens, train_masks, test_tokens, test_masks, num_classes, best)
         failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "per_class_iou": per_class, "pixel_accuracy": pixel_acc, "num_classes": num_classes,
                "train_size": int(len(train_tokens)), "test_size": int(len(test_tokens))}
     return ProbeResult(metric="miou", value=miou, details=details)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                Probes that stream from disk
+# ---------------------------------------------------------------------------------------------
+# Features bigger than the probe's memory budget are read a batch of rows at a time. The fit minimises exactly
+# scikit-learn's LogisticRegression objective (mean log-loss + ||W||^2 / (2 C n), intercept unpenalised; binomial
+# for two classes, multinomial above) with the same L-BFGS settings, each objective evaluation one pass over the
+# rows: a convex problem with one optimum, so the streamed probe matches the in-memory one up to solver tolerance.
+
+Rows = Callable[[np.ndarray], Iterable[np.ndarray]]  # sorted row positions -> their rows, a batch at a time, in order
+Passes = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]  # one pass over (x (b, D), y (b,)) batches
+
+
+@dataclass
+class LinearProbe:
+    """A fitted standardised logistic regression (what `fit_streamed_logistic` returns)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray  # (1, D) binomial or (K, D) multinomial, on standardised features
+    intercept: np.ndarray
+    classes_: np.ndarray
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        z = self._logits(x)
+        if self.coef.shape[0] == 1:
+            p1 = expit(z[:, 0])
+            return np.stack([1.0 - p1, p1], axis=1)
+        return np.exp(z - logsumexp(z, axis=1, keepdims=True))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(x).argmax(axis=1)]
+
+
+def fit_streamed_logistic(passes: Passes, C: float, max_iter: int = MAX_ITER) -> LinearProbe:
+    """Standardise and fit a logistic regression from batches, holding one batch (plus the weights) in memory."""
+    # 1. standardisation statistics and classes in one pass (float64 sums, population variance as StandardScaler)
+    n, total, squares, seen = 0, 0.0, 0.0, set()
+    for x, y in passes():
+        x = np.asarray(x, dtype=np.float64)
+        n, total, squares = n + len(x), total + x.sum(axis=0), squares + (x * x).sum(axis=0)
+        seen.update(np.unique(y).tolist())
+    mean = total / n
+    scale = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0  # constant features: as StandardScaler, left unscaled
+    classes = np.asarray(sorted(seen))
+    if len(classes) < 2:
+        raise AselectError("streamed probe needs at least two classes in the training labels")
+    rows, d, l2 = (1 if len(classes) == 2 else len(classes)), len(mean), 1.0 / (float(C) * n)
+
+    # 2. L-BFGS on the full objective; each evaluation streams every batch once
+    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+        weights, bias = w[:rows * d].reshape(rows, d), w[rows * d:]
+        loss, grad_w, grad_b = 0.0, np.zeros_like(weights), np.zeros_like(bias)
+        for x, y in passes():
+            xs = (np.asarray(x, dtype=np.float64) - mean) / scale
+            target = np.searchsorted(classes, y)
+            z = xs @ weights.T + bias
+            if rows == 1:
+                positive = (target == 1).astype(np.float64)
+                loss += float(np.sum(np.logaddexp(0.0, z[:, 0]) - positive * z[:, 0]))
+                residual = (expit(z[:, 0]) - positive)[:, None]
+            else:
+                norm = logsumexp(z, axis=1)
+                loss += float(np.sum(norm - z[np.arange(len(z)), target]))
+                residual = np.exp(z - norm[:, None])
+                residual[np.arange(len(z)), target] -= 1.0
+            grad_w += residual.T @ xs
+            grad_b += residual.sum(axis=0)
+        value = loss / n + 0.5 * l2 * float(np.sum(weights * weights))
+        return value, np.concatenate([(grad_w / n + l2 * weights).ravel(), grad_b / n])
+
+    result = minimize(objective, np.zeros(rows * d + rows), jac=True, method="L-BFGS-B",
+                      options={"maxiter": max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
+    w = result.x
+    return LinearProbe(mean, scale, w[:rows * d].reshape(rows, d), w[rows * d:], classes)
+
+
+def _batches_of(rows: Rows, positions: np.ndarray, labels: np.ndarray) -> Passes:
+    """A `Passes` over the rows at `positions` (sorted) with their labels."""
+    def one_pass() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        start = 0
+        for x in rows(positions):
+            yield x, labels[start:start + len(x)]
+            start += len(x)
+    return one_pass
+
+
+def _streamed_top1(probe: LinearProbe, rows: Rows, positions: np.ndarray, labels: np.ndarray) -> float:
+    correct = sum(int(np.sum(probe.predict(x) == y)) for x, y in _batches_of(rows, positions, labels)())
+    return correct / len(labels)
+
+
+def classification_probe_streamed(rows: Rows, train_pos: np.ndarray, train_y: np.ndarray, test_pos: np.ndarray,
+                                  test_y: np.ndarray, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
+                                  val_fraction: float = 0.2, seed: int = 0) -> ProbeResult:
+    """`classification_probe` on rows read a batch at a time: same C selection, same objective, top-1."""
+    train_y, test_y = np.asarray(train_y).ravel(), np.asarray(test_y).ravel()
+    if len(train_pos) != len(train_y) or len(test_pos) != len(test_y) or not len(train_y) or not len(test_y):
+        raise AselectError(f"streamed probe: {len(train_pos)}/{len(test_pos)} train/test rows but "
+                           f"{len(train_y)}/{len(test_y)} labels")
+    if len(np.unique(train_y)) < 2:
+        raise AselectError("classification probe needs at least two classes in the training labels")
+    cs = _sorted_cs(Cs)
+
+    def score(fit_idx: np.ndarray, val_idx: np.ndarray, c: float) -> float:
+        probe = fit_streamed_logistic(_batches_of(rows, train_pos[fit_idx], train_y[fit_idx]), c)
+        return _streamed_top1(probe, rows, train_pos[val_idx], train_y[val_idx])
+
+    best, val_scores = _choose_c(cs, len(train_y), val_fraction, seed, train_y, score)
+    probe = fit_streamed_logistic(_batches_of(rows, train_pos, train_y), best)
+    top1 = _streamed_top1(probe, rows, test_pos, test_y)
+    failpoint("fit")
+    details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
+               "train_size": int(len(train_y)), "test_size": int(len(test_y)),
+               "classes": int(len(np.unique(train_y))), "streamed": True}
+    return ProbeResult(metric="top1", value=top1, details=details)
+
+
+def _token_passes(rows: Rows, positions: np.ndarray, token_labels: np.ndarray) -> Passes:
+    """A `Passes` over the token rows of the images at `positions`: (b * T, D) features, (b * T,) labels."""
+    def one_pass() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        start = 0
+        for tokens in rows(positions):
+            nb, T, D = tokens.shape
+            yield tokens.reshape(nb * T, D), token_labels[start:start + nb].reshape(nb * T)
+            start += nb
+    return one_pass
+
+
+def _streamed_miou(rows: Rows, fit_pos: np.ndarray, fit_masks: np.ndarray, eval_pos: np.ndarray,
+                   eval_masks: np.ndarray, num_classes: int, tokens: int, C: float) -> tuple[float, dict, float]:
+    labels = _token_labels(fit_masks, tokens, num_classes)
+    classes = np.unique(labels)
+    if len(classes) < 2:  # nothing to discriminate: predict the only class everywhere
+        probe = _TokenProbe(None, None, classes)
+    else:
+        model = fit_streamed_logistic(_token_passes(rows, fit_pos, labels), C)
+        probe = _TokenProbe(None, model, model.classes_)
+    return iou_from_confusion(_confusion(probe, rows(eval_pos), eval_masks, num_classes))
+
+
+def segmentation_probe_streamed(rows: Rows, tokens: int, train_pos: np.ndarray, train_masks: np.ndarray,
+                                test_pos: np.ndarray, test_masks: np.ndarray, num_classes: int,
+                                Cs: Sequence[float] = (0.1, 1.0), val_fraction: float = 0.2,
+                                seed: int = 0) -> ProbeResult:
+    """`segmentation_probe` on token maps (n, T, D) read a batch of images at a time."""
+    num_classes = int(num_classes)
+    train_masks, test_masks = np.asarray(train_masks).astype(np.int64), np.asarray(test_masks).astype(np.int64)
+    if len(train_pos) != len(train_masks) or len(test_pos) != len(test_masks) or not len(train_pos) \
+            or not len(test_pos):
+        raise AselectError(f"streamed segmentation probe: {len(train_pos)}/{len(test_pos)} train/test images but "
+                           f"{len(train_masks)}/{len(test_masks)} masks")
+    cs = _sorted_cs(Cs)
+
+    def score(fit_idx: np.ndarray, val_idx: np.ndarray, c: float) -> float:
+        return _streamed_miou(rows, train_pos[fit_idx], train_masks[fit_idx], train_pos[val_idx],
+                              train_masks[val_idx], num_classes, tokens, c)[0]
+
+    best, val_scores = _choose_c(cs, len(train_pos), val_fraction, seed, None, score)
+    miou, per_class, pixel_acc = _streamed_miou(rows, train_pos, train_masks, test_pos, test_masks, num_classes,
+                                                tokens, best)
+    failpoint("fit")
+    details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
+               "per_class_iou": per_class, "pixel_accuracy": pixel_acc, "num_classes": num_classes,
+               "train_size": int(len(train_pos)), "test_size": int(len(test_pos)), "streamed": True}
+    return ProbeResult(metric="miou", value=miou, details=details)
+
+
+def array_rows(features: np.ndarray, batch: int) -> Rows:
+    """`Rows` over an in-memory array (tests, and a reference for the Zarr reader): `batch` rows at a time."""
+    def read(positions: np.ndarray) -> Iterator[np.ndarray]:
+        for start in range(0, len(positions), batch):
+            yield np.asarray(features[positions[start:start + batch]], dtype=np.float32)
+    return read

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,3 +219,39 @@ def has_streamed_hfr(stage_path: Path) -> bool:
 def read_samples(stage_path: Path) -> np.ndarray:
     """Dataset indices of a dump's samples, in dump order."""
     return np.asarray(open_features(stage_path)["sample"][:], dtype=np.int64)
+
+
+class PairReader:
+    """One (timestep, layer, site) slice of a finished dump: pooled (n, D) or token maps (n, T, D) rows, read whole
+    or a window of samples at a time (what a probe bigger than its memory budget streams from)."""
+
+    def __init__(self, stage_path: Path, timestep: int, layer: int, site: str, spatial: bool):
+        group = open_features(stage_path)
+        self._where = (list(group["timestep"][:]).index(timestep), list(group["layer"][:]).index(layer),
+                       list(group["site"][:]).index(site))
+        self.array = group["spatial" if spatial else "pooled"]
+        self.samples = np.asarray(group["sample"][:], dtype=np.int64)  # dataset index of each row
+        self.row_shape = tuple(int(v) for v in self.array.shape[4:])
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row once read as float32."""
+        return 4 * int(np.prod(self.row_shape))
+
+    def read_all(self) -> np.ndarray:
+        """Every row as float32, in dump order."""
+        return np.asarray(self.array[self._where], dtype=np.float32)
+
+    def windows(self, window: int) -> Callable[[np.ndarray], Iterator[np.ndarray]]:
+        """A reader of sorted row positions that reads at most `window` consecutive rows at a time (float32)."""
+        def read(positions: np.ndarray) -> Iterator[np.ndarray]:
+            positions = np.asarray(positions, dtype=np.int64)
+            if np.any(np.diff(positions) < 0):
+                raise ValueError("PairReader.windows reads sorted positions only")
+            bounds = np.searchsorted(positions, np.arange(0, len(self.samples) + window, window))
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                if hi > lo:
+                    first = int(positions[lo])
+                    block = self.array[(*self._where, slice(first, int(positions[hi - 1]) + 1))]
+                    yield np.asarray(block[positions[lo:hi] - first], dtype=np.float32)
+        return read

@@ -7,12 +7,18 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 
 from aselect.pipelines.config import ProbeConfig
-from aselect.pipelines.probe import PROBE_VERSION, classification_probe, segmentation_probe
+from aselect.pipelines.probe import (
+    PROBE_VERSION,
+    classification_probe,
+    classification_probe_streamed,
+    segmentation_probe,
+    segmentation_probe_streamed,
+)
 from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
-from aselect.storage.features import open_features
+from aselect.storage.features import PairReader
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.stage import Finished, stage_body
 
@@ -27,14 +33,9 @@ def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection
     return workdir.stage("probe", key).ref()
 
 
-def pair_features(features: StageRef, selection: dict[str, Any], spatial: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset indices, features) of the selected pair: pooled (n, D) or spatial (n, T, D)."""
-    group = open_features(features.dir.path)
-    ti = list(group["timestep"][:]).index(selection["timestep"])
-    li = list(group["layer"][:]).index(selection["layer"])
-    si = list(group["site"][:]).index(selection["site"])
-    array = group["spatial" if spatial else "pooled"]
-    return group["sample"][:], np.asarray(array[ti, li, si], dtype=np.float32)
+def stream_window(cfg: ProbeConfig, row_nbytes: int) -> int:
+    """Rows a streamed probe reads at a time: a quarter of the budget (float64 copies are made of each batch)."""
+    return max(16, int(cfg.memory_budget_mb * 2**20 / 4 / max(row_nbytes, 1)))
 
 
 @task(name="probe")
@@ -45,17 +46,33 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
     def work(stage_dir: StageDir) -> Finished:
         labels, train_idx, test_idx = read_split(dataset.dir.path)
         masks = read_masks(dataset.dir.path)
-        samples, x = pair_features(features, selection, spatial=masks is not None)
-        position = {int(s): i for i, s in enumerate(samples)}
+        segmentation = masks is not None
+        reader = PairReader(features.dir.path, selection["timestep"], selection["layer"], selection["site"],
+                            spatial=segmentation)
+        position = {int(s): i for i, s in enumerate(reader.samples)}
         train = np.asarray([position[int(i)] for i in train_idx])
         test = np.asarray([position[int(i)] for i in test_idx])
-        if masks is None:
-            result = classification_probe(x[train], labels[train_idx], x[test], labels[test_idx], Cs=cfg.cs,
-                                          val_fraction=cfg.val_fraction, seed=cfg.seed)
+        streamed = len(train) * reader.row_nbytes > cfg.memory_budget_mb * 2**20
+        options = {"Cs": cfg.cs, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+        if streamed:
+            rows = reader.windows(stream_window(cfg, reader.row_nbytes))
+            get_run_logger().info("probe: %.0f MiB of train features > probe.memory_budget_mb %g: streaming them "
+                                  "from the dump", len(train) * reader.row_nbytes / 2**20, cfg.memory_budget_mb)
+            if not segmentation:
+                result = classification_probe_streamed(rows, train, labels[train_idx], test, labels[test_idx],
+                                                       **options)
+            else:
+                names = read_mask_class_names(dataset.dir.path)
+                result = segmentation_probe_streamed(rows, reader.row_shape[0], train, masks[train_idx], test,
+                                                     masks[test_idx], len(names), **options)
         else:
-            names = read_mask_class_names(dataset.dir.path)
-            result = segmentation_probe(x[train], masks[train_idx], x[test], masks[test_idx], len(names), Cs=cfg.cs,
-                                        val_fraction=cfg.val_fraction, seed=cfg.seed)
+            x = reader.read_all()
+            if not segmentation:
+                result = classification_probe(x[train], labels[train_idx], x[test], labels[test_idx], **options)
+            else:
+                names = read_mask_class_names(dataset.dir.path)
+                result = segmentation_probe(x[train], masks[train_idx], x[test], masks[test_idx], len(names),
+                                            **options)
         metrics = asdict(result)
         write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
         pair = f"t={selection['timestep']} layer {selection['layer']} {selection['site']}"

@@ -102,6 +102,18 @@ def test_changing_a_scorer_or_policy_parameter_keeps_dumps_and_pretraining(smoke
     assert not reselected["select"]["cached"] and not reselected["probe"]["cached"]
 
 
+def test_a_probe_over_its_memory_budget_streams_from_the_dump_to_the_same_result(smoke_workdir: Path) -> None:
+    loaded = aselect_pipeline(config="smoke", workdir=str(smoke_workdir))
+    streamed = aselect_pipeline(config="smoke", overrides=["probe.memory_budget_mb=0"], workdir=str(smoke_workdir))
+    stages = stages_by_name(streamed)
+    assert all(stages[name]["cached"] for name in ("ingest", "backbone", "calibrate", "score", "select", "dump"))
+    assert not stages["probe"]["cached"]
+    metrics = json.loads((Path(stages["probe"]["path"]) / "metrics.json").read_text())
+    assert metrics["details"]["streamed"] and "streamed" not in loaded["metrics"]["details"]
+    assert metrics["details"]["C"] == loaded["metrics"]["details"]["C"]
+    assert abs(streamed["metrics"]["value"] - loaded["metrics"]["value"]) <= 0.01
+
+
 def test_changing_a_backbone_parameter_keeps_ingest(smoke_workdir: Path) -> None:
     result = stages_by_name(aselect_pipeline(config="smoke", overrides=["backbone.pretrain.steps=12"],
                                              workdir=str(smoke_workdir)))

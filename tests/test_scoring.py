@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from aselect.pipelines.probe import (
+    array_rows,
     bilinear_matrix,
     classification_probe,
+    classification_probe_streamed,
+    fit_streamed_logistic,
     iou_from_confusion,
     patch_fractions,
     segmentation_probe,
+    segmentation_probe_streamed,
     upsample_bilinear,
 )
 from aselect.pipelines.scoring import (
@@ -213,6 +217,52 @@ def test_segmentation_probe_with_a_class_absent_from_training():
     result = segmentation_probe(train_tokens, train_masks, test_tokens, test_masks, num_classes=3, Cs=(1.0,))
     assert result.details["per_class_iou"]["2"] == 0.0  # never predicted, present in ground truth
     assert result.details["per_class_iou"]["0"] > 0.5 and np.isfinite(result.value)
+
+
+@pytest.mark.parametrize("classes", [10, 2])
+def test_streamed_classification_probe_matches_the_in_memory_fit(classes: int) -> None:
+    """Same objective, same L-BFGS: same C, same top-1, probabilities equal to solver tolerance (digits pixels)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_digits(return_X_y=True)
+    keep = y < classes
+    x, y = x[keep].astype(np.float32), y[keep]
+    train = np.setdiff1d(np.arange(len(y)), np.arange(0, len(y), 3))  # two thirds train, sorted
+    test = np.arange(0, len(y), 3)
+    memory = classification_probe(x[train], y[train], x[test], y[test], seed=0)
+    rows = array_rows(x, batch=97)  # batches that do not divide the row counts
+    streamed = classification_probe_streamed(rows, train, y[train], test, y[test], seed=0)
+    assert streamed.details["C"] == memory.details["C"] and streamed.details["streamed"]
+    assert abs(streamed.value - memory.value) <= 0.005, (streamed.value, memory.value)
+    for c, v in memory.details["val_scores"].items():
+        assert abs(streamed.details["val_scores"][c] - v) <= 0.01
+    c = memory.details["C"]
+    scaler = StandardScaler().fit(x[train])
+    reference = LogisticRegression(C=c, max_iter=1000).fit(scaler.transform(x[train]), y[train])
+    batches = [(x[train][i:i + 50], y[train][i:i + 50]) for i in range(0, len(train), 50)]
+    ours = fit_streamed_logistic(lambda: iter(batches), c)
+    gap = np.abs(ours.predict_proba(x[test]) - reference.predict_proba(scaler.transform(x[test]))).max()
+    assert gap < 0.02, gap
+    assert np.array_equal(ours.classes_, reference.classes_)
+
+
+def test_streamed_segmentation_probe_matches_the_in_memory_fit() -> None:
+    train_tokens, train_masks = segmentation_data(60, seed=0, signal=1.5)
+    test_tokens, test_masks = segmentation_data(20, seed=1, signal=1.5)
+    tokens = np.concatenate([train_tokens, test_tokens])
+    memory = segmentation_probe(train_tokens, train_masks, test_tokens, test_masks, num_classes=3, seed=0)
+    rows = array_rows(tokens, batch=7)
+    streamed = segmentation_probe_streamed(rows, 16, np.arange(60), train_masks, np.arange(60, 80), test_masks,
+                                           num_classes=3, seed=0)
+    assert 0.5 < memory.value < 0.99  # not a trivially separable case
+    assert streamed.details["C"] == memory.details["C"]
+    assert abs(streamed.value - memory.value) <= 0.005, (streamed.value, memory.value)
+    # a single training class predicts that class everywhere, streamed or not
+    one_class = segmentation_probe_streamed(rows, 16, np.arange(2), np.zeros_like(train_masks[:2]), np.arange(60, 80),
+                                            test_masks, num_classes=3, Cs=(1.0,))
+    assert set(one_class.details["per_class_iou"]) == {"0", "1", "2"} and one_class.details["per_class_iou"]["1"] == 0
 
 
 def test_patch_fractions_and_bilinear_upsampling():
