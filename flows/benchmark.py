@@ -41,8 +41,8 @@ from aselect.pipelines.benchmark import (
     split_regret,
     to_markdown,
 )
+from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import RunConfig
-from aselect.pipelines.grid import dask_client
 from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.datasets import read_dataset
@@ -86,14 +86,15 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
     depth = ModelInfo.of(model).num_layers
     rows, summaries, chosen = [], {}, selectors(cfg, depth)
     # One Dask cluster serves every selector's scoring, so its start-up is in no selector's cost.
-    dask = cfg.score.dask
+    dask = cfg.dask
     with dask_client(dask.address, dask.workers, dask.threads_per_worker) as client:
-        shared = f"score.dask.address={client.scheduler.address}"
+        # scoring only: the selectors' dumps run as the config says (in process, unless it names a cluster)
+        shared = [f"dask.address={client.scheduler.address}", f"dask.dump={str(bool(dask.address)).lower()}"]
         for selector in chosen:
             logger.info("bench %s: %s", cfg.name, selector.label)
             run = aselect_exhaustive if selector.exhaustive else aselect_pipeline
             started = time.perf_counter()
-            summary = run(config=name, overrides=[*selector.overrides, shared], workdir=str(fresh.root))
+            summary = run(config=name, overrides=[*selector.overrides, *shared], workdir=str(fresh.root))
             rows.append(selector_row(selector, summary, time.perf_counter() - started))
             summaries[selector.name] = summary
     measured = scaling_task(cfg, dataset, model, fresh.root / "scaling") if measure_scaling else None

@@ -101,7 +101,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
     if features is None:
         pair_cfg = paths.selected_pair(cfg.dump, selection, is_segmentation(dataset))
         features = plan_dump(work, pair_cfg, dataset, model)
-        reports.append(run_stage(dump, features, work, cfg=pair_cfg, dataset=dataset, model=model))
+        reports.append(run_stage(dump, features, work, cfg=pair_cfg, dataset=dataset, model=model, dask=cfg.dask))
     evaluation = plan_probe(work, cfg.probe, features, selection)
     reports.append(run_stage(probe, evaluation, work, cfg=cfg.probe, features=features, dataset=dataset,
                              selection=selection))
@@ -138,10 +138,10 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
     calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps)
     reports.append(run_stage(dump, calibration, work, cfg=calib_cfg, dataset=dataset, model=model,
-                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps))
+                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps, dask=cfg.dask))
     scores = plan_score(work, cfg.score, scorer, calibration)
     reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=calibration,
-                             dataset=dataset))
+                             dataset=dataset, dask=cfg.dask))
     return scores
 
 
@@ -186,10 +186,11 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     # 3. dump the grid for every image (token maps too for segmentation)
     grid_cfg, scorer = paths.exhaustive(cfg.dump, is_segmentation(dataset))
     grid = plan_dump(work, grid_cfg, dataset, model)
-    reports.append(run_stage(dump, grid, work, cfg=grid_cfg, dataset=dataset, model=model))
+    reports.append(run_stage(dump, grid, work, cfg=grid_cfg, dataset=dataset, model=model, dask=cfg.dask))
     # 4. score every pair with the labelled probe (train split only)
     scores = plan_score(work, cfg.score, scorer, grid)
-    reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=grid, dataset=dataset))
+    reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=grid, dataset=dataset,
+                             dask=cfg.dask))
     # 5-6. select the best pair, probe it from the same dump
     oracle = cfg.select.model_copy(update={"policy": "oracle"})
     _select_and_probe(cfg, work, reports, oracle, [scores], reports[-1].result["rows"], dataset, model, grid)

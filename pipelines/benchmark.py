@@ -357,8 +357,9 @@ def measure_scaling(model_dir: str, dataset_path: Path, grid: DumpConfig, scorer
     Scoring is timed on an already started, warmed-up Dask cluster, so cluster start-up is not in the ratio.
     """
     from aselect.pipelines.backbone import load_backbone  # torch and diffusers: only when measuring
+    from aselect.pipelines.cluster import dask_client
     from aselect.pipelines.dump import plan_layout, run_dump
-    from aselect.pipelines.grid import candidate_pairs, dask_client, score_grid
+    from aselect.pipelines.grid import candidate_pairs, score_grid
     from aselect.pipelines.ingest import calibration_subset
     from aselect.storage.features import FEATURES_STORE
 

@@ -241,11 +241,18 @@ class CalibrateConfig(Section):
 
 
 class DaskConfig(Section):
-    """Where scoring runs: a fresh LocalCluster, or an existing scheduler by address."""
+    """The pipeline's Dask cluster: an existing scheduler by address (scoring and the dump both run on it), or
+    LocalClusters started per stage (scoring: `workers`; the dump: `dump.workers` when above 1)."""
 
     address: str | None = None  # e.g. tcp://127.0.0.1:8786
-    workers: int = Field(2, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
+    workers: int = Field(2, ge=1)  # local scoring cluster: worker processes
+    threads_per_worker: int = Field(1, ge=1)  # local scoring cluster: threads per worker
+    # Abstract resources each dump task needs on an existing cluster, e.g. {GPU: 1} for workers started with
+    # `dask worker --resources GPU=1`: one chunk per GPU at a time.
+    resources: dict[str, float] = Field(default_factory=dict)
+    dump: bool = True  # with an address: run the dump there too (false: only scoring)
+    # torch threads in each dump task on an existing cluster (None: torch's default, all cores of the host)
+    torch_threads: int | None = Field(None, ge=1)
 
 
 class ScoreConfig(Section):
@@ -255,7 +262,6 @@ class ScoreConfig(Section):
     hfr_exclude_dc: bool = True
     probe_folds: int = Field(3, ge=2)
     probe_c: float = Field(1.0, gt=0.0)
-    dask: DaskConfig = Field(default_factory=DaskConfig)
 
 
 class SelectConfig(Section):
@@ -343,6 +349,7 @@ class RunConfig(Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @model_validator(mode="after")
     def _dump_fits_backbone(self) -> RunConfig:
@@ -445,7 +452,7 @@ def format_validation_error(origin: str, error: ValidationError) -> str:
 
 
 # Keys an earlier release spelled differently: say the new name instead of "unknown key".
-RENAMED_KEYS = {"dump.blocks": "dump.layers", "calibrate.blocks": "calibrate.layers"}
+RENAMED_KEYS = {"dump.blocks": "dump.layers", "calibrate.blocks": "calibrate.layers", "score.dask": "dask"}
 
 
 def validation_messages(error: ValidationError) -> str:

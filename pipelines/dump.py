@@ -1,8 +1,10 @@
-"""Stage 3: dump DiT features for every (timestep, chunk) to Zarr, in worker processes, resumably.
+"""Stage 3: dump DiT features for every (timestep, chunk) to Zarr, in this process or on Dask, resumably.
 
 Work is split into chunks of images; a worker owns whole chunks and, per chunk, encodes the images once
 and runs one forward pass per pending timestep, capturing every requested layer and site at once.
-Finished (timestep, chunk) pairs have completion records and are never recomputed.
+Finished (timestep, chunk) pairs have completion records and are never recomputed. With `dump.workers` > 1
+(a LocalCluster) or a scheduler address, each chunk is one Dask task; a worker process loads the backbone once
+and keeps it for the chunks that follow.
 """
 
 from __future__ import annotations
@@ -15,19 +17,20 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from distributed import as_completed as dask_as_completed
 from tqdm.auto import tqdm
 
 from aselect.pipelines.backbone import encode_images, load_backbone
-from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.cluster import dask_client
+from aselect.pipelines.config import DaskConfig, DumpConfig
 from aselect.pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
 from aselect.pipelines.models import Backbone
 from aselect.pipelines.scoring import radial_frequency
@@ -39,6 +42,7 @@ from aselect.storage.features import (
     FeatureLayout,
     create_store,
     item_damage,
+    item_finished,
     open_store,
     write_item,
     write_record,
@@ -149,9 +153,10 @@ _WORKER: _Worker | None = None
 
 
 def _init_worker(model_dir: str, dataset_path: str, stage_path: str, layout: FeatureLayout, cfg: DumpConfig,
-                 threads: int, backbone: Backbone | None = None) -> None:
+                 threads: int | None, backbone: Backbone | None = None) -> None:
     global _WORKER
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
     backbone = backbone or load_backbone(model_dir)
     backbone.transformer.to(device).eval()
@@ -377,17 +382,33 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
             yield from writer.collect()
 
 
-def _run_chunk_in_worker(ci: int, timestep_indices: list[int]) -> tuple[int, list[int], int, dict[str, float]]:
-    """A worker process's unit of work: one chunk, written before it returns; (ci, tis, bytes, phase seconds)."""
+def _run_chunk_on_worker(init_args: tuple, ci: int, timestep_indices: list[int]
+                         ) -> tuple[int, list[int], int, dict[str, float]]:
+    """A Dask task: one chunk, written before it returns; (ci, timesteps computed, bytes, phase seconds).
+
+    The worker process keeps its backbone between tasks of the same dump. A task rescheduled after its worker
+    died skips the timesteps the dead worker had already recorded.
+    """
+    global _WORKER_ARGS
+    if _WORKER is None or _WORKER_ARGS != init_args:
+        _init_worker(*init_args)
+        _WORKER_ARGS = init_args
+    stage_path = Path(init_args[2])
+    pending = [ti for ti in timestep_indices if not item_finished(stage_path, ti, ci)]
     times = PhaseTimes()
+    if not pending:
+        return ci, pending, 0, times.seconds
     writer = _Writer(times)
     try:
-        for _ in _run_chunk(ci, timestep_indices, writer, times):
+        for _ in _run_chunk(ci, pending, writer, times):
             pass
         written = sum(nbytes for _, nbytes in writer.collect(block=True))
     finally:
         writer.close()
-    return ci, timestep_indices, written, times.seconds
+    return ci, pending, written, times.seconds
+
+
+_WORKER_ARGS: tuple | None = None  # what this worker process's _WORKER was built from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,12 +417,17 @@ def _run_chunk_in_worker(ci: int, timestep_indices: list[int]) -> tuple[int, lis
 
 
 def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: FeatureLayout, cfg: DumpConfig,
-             progress: Callable[[int, int], None] | None = None, backbone: Backbone | None = None) -> DumpResult:
+             progress: Callable[[int, int], None] | None = None, backbone: Backbone | None = None,
+             dask: DaskConfig | None = None) -> DumpResult:
     """Compute every unfinished (timestep, chunk) of `layout` into the stage's Zarr store.
 
-    `backbone`, when the caller already loaded it from `model_dir`, is reused by an in-process dump
-    (workers=1) instead of being loaded a second time; worker processes always load their own.
+    In this process when `cfg.workers` is 1 and `dask` names no scheduler (or says `dump: false`); otherwise one
+    Dask task per chunk, on a LocalCluster of `cfg.workers` processes or on the scheduler at `dask.address`.
+    `backbone`, when the caller already loaded it from `model_dir`, is reused by an in-process dump instead of
+    being loaded a second time; Dask workers load their own.
     """
+    dask = dask or DaskConfig()
+    remote = bool(dask.address) and dask.dump
     started = time.perf_counter()
     create_store(stage_path, layout)
     damage = item_damage(stage_path)
@@ -415,27 +441,33 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
             pending.setdefault(ci, []).append(ti)
     total = len(layout.work_items())
     reused = total - sum(len(v) for v in pending.values())
-    log.info("dump: %d (timestep, chunk) items, %d already finished, %d to compute with %d worker(s)",
-             total, reused, total - reused, cfg.workers)
+    where = (f"the Dask cluster at {dask.address}" if remote else
+             "this process" if cfg.workers == 1 else f"a local Dask cluster of {cfg.workers} worker processes")
+    log.info("dump: %d (timestep, chunk) items, %d already finished, %d to compute in %s",
+             total, reused, total - reused, where)
     cores = os.cpu_count() or 1
-    threads = max(1, cores // cfg.workers)  # workers x threads <= cores
+    threads = dask.torch_threads if remote else max(1, cores // cfg.workers)  # local: workers x threads <= cores
     init_args = (model_dir, str(dataset_path), str(stage_path), layout, cfg, threads)
     bar = tqdm(total=total, initial=reused, desc="dump", unit="item", disable=None)
     finished, written, image_steps = reused, 0, 0
     times = PhaseTimes()
 
-    def account(ci: int, tis: list[int], nbytes: int) -> None:
+    def account(ci: int, tis: list[int], nbytes: int, computed: int | None = None) -> None:
+        """`tis` of chunk `ci` are finished, `computed` of them (default all) by this attempt's workers."""
         nonlocal finished, written, image_steps
         finished += len(tis)
         written += nbytes
         rows = layout.chunk_slice(ci)
-        image_steps += (rows.stop - rows.start) * len(tis) * layout.inputs_per_image
+        image_steps += (rows.stop - rows.start) * (len(tis) if computed is None else computed) * layout.inputs_per_image
         bar.update(len(tis))
         if progress is not None:
             progress(finished, total)
 
     try:
-        _compute(pending, cfg, init_args, backbone, account, times)
+        if remote or cfg.workers > 1:
+            _compute_on_dask(pending, dask if remote else None, cfg.workers, init_args, account, times)
+        else:
+            _compute_here(pending, init_args, backbone, account, times)
     except torch.cuda.OutOfMemoryError:
         raise AselectError(f"dump.images_per_chunk: {cfg.images_per_chunk} images do not fit in the GPU's memory "
                            f"(CUDA out of memory); lower it and rerun: finished chunks are kept") from None
@@ -454,28 +486,36 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
                       images_timesteps=image_steps, bytes_written=written, seconds=seconds, phases=times.summary())
 
 
-def _compute(pending: dict[int, list[int]], cfg: DumpConfig, init_args: tuple, backbone: Backbone | None,
-             account: Callable[..., None], times: PhaseTimes) -> None:
-    """Run the pending chunks in this process (workers=1) or in spawned worker processes."""
-    if cfg.workers == 1:
-        saved_threads = torch.get_num_threads()
-        _init_worker(*init_args, backbone=backbone)
-        writer = _Writer(times)  # one writer across chunks: chunk k+1 computes while chunk k is written
-        try:
-            for ci, tis in pending.items():
-                for meta, nbytes in _run_chunk(ci, tis, writer, times):
-                    account(*meta, nbytes)
-            for meta, nbytes in writer.collect(block=True):
+def _compute_here(pending: dict[int, list[int]], init_args: tuple, backbone: Backbone | None,
+                  account: Callable[..., None], times: PhaseTimes) -> None:
+    """Run the pending chunks in this process."""
+    saved_threads = torch.get_num_threads()
+    _init_worker(*init_args, backbone=backbone)
+    writer = _Writer(times)  # one writer across chunks: chunk k+1 computes while chunk k is written
+    try:
+        for ci, tis in pending.items():
+            for meta, nbytes in _run_chunk(ci, tis, writer, times):
                 account(*meta, nbytes)
-        finally:
-            writer.close()
-            torch.set_num_threads(saved_threads)
-    elif pending:
-        # spawn: a forked child would inherit torch's thread pools and any Prefect/Dask threads
-        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=init_args) as pool:
-            futures = [pool.submit(_run_chunk_in_worker, ci, tis) for ci, tis in pending.items()]
-            for future in as_completed(futures):
-                ci, tis, nbytes, seconds = future.result()
-                account(ci, tis, nbytes)
-                times.merge(seconds)
+        for meta, nbytes in writer.collect(block=True):
+            account(*meta, nbytes)
+    finally:
+        writer.close()
+        torch.set_num_threads(saved_threads)
+
+
+def _compute_on_dask(pending: dict[int, list[int]], dask: DaskConfig | None, workers: int, init_args: tuple,
+                     account: Callable[..., None], times: PhaseTimes) -> None:
+    """One Dask task per pending chunk, on the configured scheduler or a LocalCluster of `workers` processes."""
+    if not pending:
+        return
+    address = dask.address if dask is not None else None
+    resources = (dask.resources or None) if dask is not None else None
+    stage = Path(init_args[2]).name
+    with dask_client(address, workers, 1) as client:
+        futures = {client.submit(_run_chunk_on_worker, init_args, ci, tis, key=f"dump-{stage}-c{ci:05d}",
+                                 pure=False, resources=resources): tis for ci, tis in pending.items()}
+        for future in dask_as_completed(futures):
+            ci, computed, nbytes, seconds = future.result()
+            # a task rescheduled after its worker died computes only what that worker had not recorded
+            account(ci, futures[future], nbytes, computed=len(computed))
+            times.merge(seconds)

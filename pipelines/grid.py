@@ -1,22 +1,19 @@
 """Stage 4 (domain): score every (timestep, layer, site) pair of a dump, one Dask task per pair.
 
 Each task opens the feature store itself and reads only its pair's slice, so the scheduler ships
-pair indices and small label arrays, never feature arrays. A `LocalCluster` is started by default;
-`address` connects to an existing scheduler instead.
+pair indices and small label arrays, never feature arrays. The cluster comes from `pipelines/cluster.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, as_completed
 
 from aselect.pipelines.scoring import get_scorer, score_pair
 from aselect.storage.errors import AselectError
@@ -24,7 +21,6 @@ from aselect.storage.faults import failpoint
 from aselect.storage.features import open_store, read_hfr, read_samples
 
 log = logging.getLogger("aselect.score")
-CONNECT_SECONDS = 10  # an address nobody answers at fails in one line, not after retries
 
 
 @dataclass(frozen=True)
@@ -36,28 +32,6 @@ class Pair:
     site: str
     timestep: int
     layer: int
-
-
-# ---------------------------------------------------------------------------------------------
-#                                          Dask cluster
-# ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def dask_client(address: str | None, workers: int, threads_per_worker: int) -> Iterator[Client]:
-    """A client on an existing scheduler (`address`) or on a fresh local cluster of worker processes."""
-    if address:
-        try:
-            client = Client(address, timeout=f"{CONNECT_SECONDS}s")
-        except (OSError, TimeoutError) as exc:
-            raise AselectError(f"score.dask.address {address}: no Dask scheduler answered within {CONNECT_SECONDS} s "
-                               f"({type(exc).__name__})") from None
-        with client:
-            yield client
-        return
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
-        yield client
 
 
 # ---------------------------------------------------------------------------------------------

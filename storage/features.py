@@ -144,6 +144,13 @@ def item_damage(stage_path: Path, full: bool = False) -> dict[tuple[int, int], l
     return damage
 
 
+def item_finished(stage_path: Path, ti: int, ci: int) -> bool:
+    """Whether one item's completion record exists and its chunk files are intact (a rescheduled dump task asks
+    this before computing, so an item another worker finished is not computed again)."""
+    record = read_record(_marker(stage_path, ti, ci))
+    return bool(record) and not damaged_files(stage_path, record.get("files", {}))
+
+
 def finished_items(stage_path: Path, full: bool = False) -> set[tuple[int, int]]:
     """(timestep index, chunk index) pairs whose completion record exists and whose chunk files are intact.
 

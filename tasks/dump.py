@@ -12,7 +12,7 @@ import numpy as np
 from prefect import task
 
 from aselect.pipelines.backbone import load_backbone
-from aselect.pipelines.config import DumpConfig
+from aselect.pipelines.config import DaskConfig, DumpConfig
 from aselect.pipelines.dump import plan_layout, run_dump
 from aselect.pipelines.features import FEATURES_VERSION
 from aselect.pipelines.ingest import calibration_subset
@@ -41,7 +41,7 @@ def plan_dump(workdir: Workdir, cfg: DumpConfig, dataset: StageRef, model: Stage
 @task(name="dump")
 def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
          calibration_images: int | None = None, hfr: HfrStream | None = None,
-         keep_maps: bool = False) -> dict[str, Any]:
+         keep_maps: bool = False, dask: DaskConfig | None = None) -> dict[str, Any]:
     """Stream features of every (timestep, chunk) to the stage's Zarr store, resuming finished chunks.
 
     With `hfr` (the A-SelecT calibration) the forward hooks reduce each map to per-image HFR and only those
@@ -58,7 +58,8 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
         progress = ProgressArtifact(f"{stage.name}-progress",
                                     f"{stage.name}: {len(layout.timesteps)} timesteps x {len(samples)} images")
         result = run_dump(model_path, dataset.dir.path, stage_dir.path, layout, cfg,
-                          progress=lambda done, total: progress.update(done / total), backbone=model_backbone)
+                          progress=lambda done, total: progress.update(done / total), backbone=model_backbone,
+                          dask=dask)
         progress.update(1.0, force=True)
         # every image of a dump costs the same bytes per timestep, so this holds for a resumed dump too
         per_image = (result.bytes_written / max(1, result.images_timesteps) * len(layout.timesteps)

@@ -12,8 +12,9 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from aselect.pipelines import paths
-from aselect.pipelines.config import ScoreConfig
-from aselect.pipelines.grid import candidate_pairs, dask_client, score_grid, streamed_hfr_table
+from aselect.pipelines.cluster import dask_client
+from aselect.pipelines.config import DaskConfig, ScoreConfig
+from aselect.pipelines.grid import candidate_pairs, score_grid, streamed_hfr_table
 from aselect.pipelines.scoring import SCORING_VERSION, get_scorer
 from aselect.storage.datasets import read_masks, read_split
 from aselect.storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
@@ -46,7 +47,8 @@ def plan_score(workdir: Workdir, cfg: ScoreConfig, scorer: str, features: StageR
 
 
 @task(name="score")
-def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, dataset: StageRef) -> dict[str, Any]:
+def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, dataset: StageRef,
+          dask: DaskConfig | None = None) -> dict[str, Any]:
     """Score each pair of the dump as its own Dask task; labelled scorers see the train split only."""
 
     def work(stage_dir: StageDir) -> Finished:
@@ -68,7 +70,8 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         else:
             pairs = candidate_pairs(store, paths.scored_sites(spec.needs))
             progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
-            with dask_client(cfg.dask.address, cfg.dask.workers, cfg.dask.threads_per_worker) as client:
+            cluster = dask or DaskConfig()
+            with dask_client(cluster.address, cluster.workers, cluster.threads_per_worker) as client:
                 workers = len(client.scheduler_info()["workers"])
                 table = score_grid(client, store, scorer, pairs, scorer_params(cfg, scorer), labels=labels,
                                    masks=masks, rows=rows, progress=lambda done, total: progress.update(done / total))

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import DumpConfig
 from aselect.pipelines.dump import plan_layout, run_dump
-from aselect.pipelines.grid import candidate_pairs, dask_client, read_pair, score_grid
+from aselect.pipelines.grid import candidate_pairs, read_pair, score_grid
 from aselect.pipelines.scoring import score_pair
 from aselect.storage.datasets import read_split
 from aselect.storage.features import FEATURES_STORE

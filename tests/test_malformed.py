@@ -196,8 +196,8 @@ CASES = [
     Case("HFR cutoff below the token grid", ("--set", "score.hfr_cutoff=0.3"),
          "score.hfr_cutoff 0.3: every non-DC frequency of the 4x4 token grid is above it (the lowest is 0.500)"),
     Case("NaN weights", LOAD, "{model}: non-finite features (hfr) at t=0, layer 0", nan_weights),
-    Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "score.dask.address=tcp://127.0.0.1:9"),
-         "score.dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 10 s"),
+    Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "dask.address=tcp://127.0.0.1:9"),
+         "dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 10 s"),
 ]
 
 
