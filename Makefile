@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv run test bench serve inspect clean
+.PHONY: venv run test test-fast bench serve inspect clean
 
 $(BIN)/aselect: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The suite without the slow end-to-end tests (kills, real servers and clusters, the benchmark run).
+test-fast: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Every selector against the exhaustive oracle on the six benchmark configs, then the defaults chosen
 # leave-one-config-out; regenerates bench/results.json and README's results section. Pretrained backbones are

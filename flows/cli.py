@@ -21,6 +21,9 @@ from unittest import mock
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "aselect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect's temporary server gets 20 s to start by default; on a busy host (a benchmark beside a test run,
+# 2 cores) its first start with database migrations was measured taking longer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from aselect.storage.errors import AselectError  # noqa: E402
 from aselect.storage.stages import Workdir  # noqa: E402
@@ -323,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     except AselectError as exc:
         flush_prefect_services(stop_server)
         print(f"aselect: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        print(f"aselect: error: Prefect's temporary server did not answer within "
+              f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s; raise "
+              f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running server "
+              f"(`make serve`)", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `aselect inspect | head`: the reader left; nothing more to say
         devnull = os.open(os.devnull, os.O_WRONLY)

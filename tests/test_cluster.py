@@ -21,6 +21,8 @@ from aselect.flows.pipeline import aselect_exhaustive
 from aselect.pipelines.cluster import dask_client
 from aselect.storage.features import open_features
 
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 ITEMS = 13 * 4  # 200 images in chunks of 16 -> 13 chunks, x 4 timesteps
 OVERRIDES = ["dump.images_per_chunk=16"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aselect.pipelines.config import RunConfig, bundled_configs, load_config
+from aselect.pipelines.config import RunConfig, bundled_configs, load_config, resolve_config_path
 from aselect.storage.errors import AselectError
 
 
@@ -56,6 +56,24 @@ def test_bad_config_gives_one_line_naming_file_and_key(tmp_path: Path, text: str
         load_config(write(tmp_path, text))
     assert "\n" not in str(info.value)
     assert str(tmp_path / "run.yaml") in str(info.value)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("ingest.image_size=big", "ingest.image_size: Input should be a valid integer"),
+    ("dump.timesteps=[-5,10]", "dump: timesteps must be >= 0 (got [-5, 10])"),
+    ("dump.layers=[0,5]", "dump.layers [0, 5]: DiT-XS/2 has 2 layers (0..1)"),
+    ("ingest.source=cifar", "ingest.source: Input should be 'digits'"),
+    ("select.policy=greedy", "select.policy: Input should be 'aselect'"),
+    ("select.hfr_site=mlp", "select.hfr_site 'mlp' must be one of calibrate.sites ['attn']"),
+    ("calibrate.images=2", "calibrate.images: Input should be greater"),
+    ("dump.timesteps=[]", "dump.timesteps: List should have at least 1 item"),
+])
+def test_bad_override_of_a_bundled_config_is_one_line(override: str, message: str) -> None:
+    """What tests/test_malformed.py once ran end to end: refused while the config is read, before any stage."""
+    with pytest.raises(AselectError) as info:
+        load_config("smoke", [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith(str(resolve_config_path("smoke")))
 
 
 def test_bad_override_names_the_override() -> None:

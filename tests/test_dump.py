@@ -160,6 +160,16 @@ def test_attention_map_processor_leaves_outputs_unchanged(tiny) -> None:
     assert sink[1].shape == (2, 16, 16)
 
 
+@pytest.mark.parametrize(("cutoff", "message"), [
+    (1.45, r"score\.hfr_cutoff 1\.45: no frequency of the 4x4 token grid is above it \(the highest is 1\.414\)"),
+    (0.3, r"score\.hfr_cutoff 0\.3: every non-DC frequency of the 4x4 token grid is above it \(the lowest is 0\.500\)"),
+])
+def test_an_hfr_cutoff_outside_the_token_grid_is_refused(tiny, cutoff: float, message: str) -> None:
+    hfr = HfrStream(sites=("attn",), cutoff=cutoff, exclude_dc=True)
+    with pytest.raises(AselectError, match=message):
+        plan_layout(load_backbone(tiny[0]), np.arange(10), DumpConfig(), hfr=hfr)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"timesteps": [0, 1000]}, r"dump\.timesteps \[1000\] must be < the scheduler's num_train_timesteps \(1000\)"),
     ({"layers": [0, 5]}, r"dump\.layers \[0, 5\]: the backbone has 2 layers \(0\.\.1\)"),

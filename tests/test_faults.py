@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 # stage -> the failpoint inside it (storage/faults.py); two kills in each stretch of the run where one is hit
 STAGE_POINTS = {"ingest": "ingest", "pretrain": "pretrain", "dump": "chunk", "score": "pair", "probe": "fit"}

@@ -158,7 +158,7 @@ def test_a_selected_timestep_outside_the_dump_grid_is_dumped_for_every_image(smo
     assert features["accounting"]["images_timesteps"] == 200 and result["metrics"]["metric"] == "top1"
 
 
-def test_calibration_reduces_only_the_blocks_the_policy_reads(smoke_workdir: Path) -> None:
+def test_calibration_reduces_only_the_layers_the_policy_reads(smoke_workdir: Path) -> None:
     def calibrated_layers(result: dict) -> list[int]:
         path = Path(stages_by_name(result)["calibrate"]["path"])
         return json.loads((path / "manifest.json").read_text())["layout"]["layers"]
@@ -293,6 +293,7 @@ def stage_dirs(workdir: Path) -> list[Path]:
                                                                                                 ".prefect-results"))
 
 
+@pytest.mark.slow
 def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_workdir: Path, tmp_path: Path) -> None:
     before = stage_dirs(smoke_workdir)
     bench = smoke_workdir / "bench"

@@ -350,6 +350,16 @@ def test_corrupt_file(tree: Path):
     raises_one_line(folder_cfg(tree), rf"^{re.escape(str(bad))}: cannot read image \(.+\)$")
 
 
+def test_text_under_an_image_suffix_and_a_16_bit_image_are_named(tree: Path):
+    notes = tree / "dog" / "notes.png"
+    notes.write_text("these are notes, not pixels\n")
+    raises_one_line(folder_cfg(tree), rf"^{re.escape(str(notes))}: cannot read image \(unrecognised image format\)$")
+    notes.unlink()
+    deep = tree / "dog" / "deep.png"  # PIL would clip 16-bit values to 255 when converting: refused instead
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(deep)
+    raises_one_line(folder_cfg(tree), rf"^{re.escape(str(deep))}: cannot read image \(I;16 pixels, more than 8 bits")
+
+
 def test_truncated_file(tree: Path):
     good = save(tree / "full.png", (64, 64), "RGB", (1, 2, 3))
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

@@ -1,8 +1,11 @@
-"""The malformed-input catalogue: every case exits non-zero with one line naming the item, and touches no stage.
+"""The malformed-input catalogue end to end: every case exits non-zero with one line naming the item, and touches
+no stage.
 
 Each case runs `aselect run smoke ...` (the CLI's `main`, in-process against the session's Prefect server)
 on a workdir that already holds a complete smoke run, then checks that every file of that run is still
-there, byte for byte.
+there, byte for byte. A representative few per kind (config, data, model, storage, numbers, cluster) run here;
+the other malformed inputs are unit tests beside the code that refuses them (tests/test_config.py,
+tests/test_ingest.py, tests/test_backbone.py, tests/test_streamed.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from PIL import Image
@@ -59,44 +61,8 @@ def corrupt_png(tmp: Path) -> dict[str, str]:
     return {"root": str(root), "bad": str(bad)}
 
 
-def zero_byte(tmp: Path) -> dict[str, str]:
-    root = _folder(tmp)
-    (root / "dog" / "empty.png").write_bytes(b"")
-    return {"root": str(root), "bad": str(root / "dog" / "empty.png")}
-
-
-def not_an_image(tmp: Path) -> dict[str, str]:
-    root = _folder(tmp)
-    (root / "dog" / "notes.png").write_text("these are notes, not pixels\n")
-    return {"root": str(root), "bad": str(root / "dog" / "notes.png")}
-
-
-def empty_class(tmp: Path) -> dict[str, str]:
-    root = _folder(tmp)
-    (root / "bird").mkdir()
-    return {"root": str(root), "bad": str(root / "bird")}
-
-
 def single_class(tmp: Path) -> dict[str, str]:
     return {"root": str(_folder(tmp, classes=("cat",)))}
-
-
-def no_class_folders(tmp: Path) -> dict[str, str]:
-    root = tmp / "flat"
-    for i in range(4):
-        _png(root / f"{i}.png")
-    return {"root": str(root)}
-
-
-def mixed_sizes_and_modes(tmp: Path) -> dict[str, str]:
-    """8-bit images of any size and mode are converted (tests/test_ingest.py); a 16-bit one, which PIL
-    would clip, is refused and named."""
-    root = _folder(tmp)
-    _png(root / "cat" / "big.png", (40, 24), "RGB", (200, 10, 10))
-    _png(root / "dog" / "pal.png", (5, 9), "P", 3)
-    wide = root / "dog" / "deep.png"
-    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(wide)
-    return {"root": str(root), "bad": str(wide)}
 
 
 def not_a_dit(tmp: Path) -> dict[str, str]:
@@ -114,12 +80,6 @@ def truncated_weights(tmp: Path) -> dict[str, str]:
     weights = model / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     return {"model": str(model)}
-
-
-def bad_yaml(tmp: Path) -> dict[str, str]:
-    path = tmp / "broken.yaml"
-    path.write_text("name: broken\ningest:\n  source: [digits\n")
-    return {"config": str(path)}
 
 
 def workdir_is_a_file(tmp: Path) -> dict[str, str]:
@@ -151,33 +111,12 @@ LOAD = ("--set", "backbone.kind=load", "--set", "backbone.path={model}")
 CASES = [
     # config
     Case("unknown key", ("--set", "ingest.sourse=digits"), "ingest.sourse: unknown key"),
-    Case("wrong type", ("--set", "ingest.image_size=big"), "ingest.image_size: Input should be a valid integer"),
-    Case("negative timestep", ("--set", "dump.timesteps=[-5,10]"), "dump: timesteps must be >= 0 (got [-5, 10])"),
-    Case("timestep beyond the scheduler", ("--set", "dump.timesteps=[0,1000]"),
-         "dump.timesteps [1000] must be < backbone.num_train_timesteps (1000)"),
-    Case("layer out of range", ("--set", "dump.layers=[0,5]"), "dump.layers [0, 5]: DiT-XS/2 has 2 layers (0..1)"),
-    Case("empty timestep list", ("--set", "dump.timesteps=[]"), "dump.timesteps: List should have at least 1 item"),
-    Case("unknown source", ("--set", "ingest.source=cifar"), "ingest.source: Input should be 'digits'"),
-    Case("unknown policy", ("--set", "select.policy=greedy"), "select.policy: Input should be 'aselect'"),
-    Case("HFR site not calibrated", ("--set", "select.hfr_site=mlp"),
-         "select.hfr_site 'mlp' must be one of calibrate.sites ['attn']"),
-    Case("calibration too small", ("--set", "calibrate.images=2"), "calibrate.images: Input should be greater"),
     Case("missing config file", (), "{config}: config file not found",
          lambda tmp: {"config": str(tmp / "nope.yaml")}, config="{config}"),
-    Case("invalid YAML", (), "{config}: line 4 invalid YAML", bad_yaml, config="{config}"),
     # data
     Case("corrupt PNG", FOLDER, "{bad}: cannot read image (", corrupt_png),
-    Case("zero-byte file", FOLDER, "{bad}: zero-byte image file", zero_byte),
-    Case("non-image file", FOLDER, "{bad}: cannot read image (unrecognised image format)", not_an_image),
-    Case("empty class folder", FOLDER, "{bad}: empty class folder", empty_class),
     Case("a single class", FOLDER, "{root}: only 1 class (cat); need at least 2", single_class),
-    Case("no class folders", FOLDER, "{root}: no class folders", no_class_folders),
-    Case("mixed sizes and modes, one 16-bit", FOLDER, "{bad}: cannot read image (I;16 pixels", mixed_sizes_and_modes),
-    Case("missing image root", FOLDER, "{root}: imagefolder root does not exist",
-         lambda tmp: {"root": str(tmp / "absent")}),
     # model
-    Case("missing model directory", LOAD, "{model}: backbone directory does not exist",
-         lambda tmp: {"model": str(tmp / "no-model")}),
     Case("config.json is not a DiT", LOAD, "{model}/config.json: _class_name is 'UNet2DModel', expected "
          "DiTTransformer2DModel", not_a_dit),
     Case("truncated safetensors", LOAD, "{model}: cannot load weights (", truncated_weights),
@@ -193,8 +132,6 @@ CASES = [
          "select.feature_layer 7: DiT-XS/2 has 2 layers (0..1)"),
     Case("HFR cutoff above the token grid", ("--set", "score.hfr_cutoff=1.45"),
          "score.hfr_cutoff 1.45: no frequency of the 4x4 token grid is above it (the highest is 1.414)"),
-    Case("HFR cutoff below the token grid", ("--set", "score.hfr_cutoff=0.3"),
-         "score.hfr_cutoff 0.3: every non-DC frequency of the 4x4 token grid is above it (the lowest is 0.500)"),
     Case("NaN weights", LOAD, "{model}: non-finite features (hfr) at t=0, layer 0", nan_weights),
     Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "dask.address=tcp://127.0.0.1:9"),
          "dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 10 s"),
@@ -228,8 +165,8 @@ def run_case(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, lines[-1] if lines else ""
 
 
-def test_catalogue_has_twenty_cases() -> None:
-    assert len(CASES) >= 20 and len({c.name for c in CASES}) == len(CASES)
+def test_catalogue_covers_every_kind_of_input() -> None:
+    assert len(CASES) >= 12 and len({c.name for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
