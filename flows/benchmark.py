@@ -53,7 +53,7 @@ from aselect.tasks.ingest import DatasetCounts
 from aselect.tasks.probe import plan_probe, probe
 from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
-from aselect.tasks.stage import StageReport, run_stage
+from aselect.tasks.stage import StageReport, plan_and_run
 
 DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "mnist5k", "shapes", "mnist32")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
@@ -135,10 +135,10 @@ def _split_regrets(cfg: RunConfig, work: Workdir, dataset: StageRef, rows: list[
             probed[pair] = row["value"]
         if pair is not None and pair not in probed:
             selection = dict(zip(("timestep", "layer", "site"), pair, strict=True))
-            stage = plan_probe(work, cfg.probe, features, selection)
-            report = run_stage(probe, stage, work, cfg=cfg.probe, features=features, dataset=dataset,
-                               selection=selection)
-            probed[pair] = float(report.result["metrics"]["value"])
+            reports: list[StageReport] = []
+            plan_and_run(probe, plan_probe, work, reports, cfg=cfg.probe, features=features, dataset=dataset,
+                         selection=selection)
+            probed[pair] = float(reports[-1].result["metrics"]["value"])
         split_regret(row, oracle_value, probed.get(pair) if pair else None)
 
 

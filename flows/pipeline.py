@@ -26,7 +26,7 @@ from aselect.tasks.ingest import DatasetCounts, ingest, plan_ingest
 from aselect.tasks.probe import plan_probe, probe
 from aselect.tasks.score import plan_score, score
 from aselect.tasks.select import plan_select, select_pair
-from aselect.tasks.stage import StageCost, StageReport, run_stage
+from aselect.tasks.stage import StageCost, StageReport, plan_and_run
 
 # Flow parameters: Prefect turns these pydantic types into the deployment's parameter schema, so a
 # malformed override is refused when the run is submitted; a well-formed but wrong one (unknown key,
@@ -84,10 +84,8 @@ def _start(config: str, overrides: list[str] | None, workdir: str | None, path: 
 
 def run_foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tuple[StageRef, StageRef]:
     """Stages 1-2, shared by both paths."""
-    dataset = plan_ingest(work, cfg.ingest)
-    reports.append(run_stage(ingest, dataset, work, cfg=cfg.ingest))
-    model = plan_backbone(work, cfg.backbone, dataset)
-    reports.append(run_stage(backbone, model, work, cfg=cfg.backbone, dataset=dataset))
+    dataset = plan_and_run(ingest, plan_ingest, work, reports, cfg=cfg.ingest)
+    model = plan_and_run(backbone, plan_backbone, work, reports, cfg=cfg.backbone, dataset=dataset)
     return dataset, model
 
 
@@ -95,16 +93,14 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
                       scores: list[StageRef], table: list[dict], dataset: StageRef, model: StageRef,
                       features: StageRef | None) -> None:
     """Stages 5-6; `features=None` dumps the selected pair first (the A-SelecT path)."""
-    chosen = plan_select(work, select_cfg, scores)
-    reports.append(run_stage(select_pair, chosen, work, cfg=select_cfg, table=table, scores=scores))
+    plan_and_run(select_pair, plan_select, work, reports, cfg=select_cfg, table=table, scores=scores)
     selection = reports[-1].result["selection"]
     if features is None:
         pair_cfg = paths.selected_pair(cfg.dump, selection, is_segmentation(dataset))
-        features = plan_dump(work, pair_cfg, dataset, model)
-        reports.append(run_stage(dump, features, work, cfg=pair_cfg, dataset=dataset, model=model, dask=cfg.dask))
-    evaluation = plan_probe(work, cfg.probe, features, selection)
-    reports.append(run_stage(probe, evaluation, work, cfg=cfg.probe, features=features, dataset=dataset,
-                             selection=selection))
+        features = plan_and_run(dump, plan_dump, work, reports, cfg=pair_cfg, dataset=dataset, model=model,
+                                dask=cfg.dask)
+    plan_and_run(probe, plan_probe, work, reports, cfg=cfg.probe, features=features, dataset=dataset,
+                 selection=selection)
 
 
 def hfr_band(cfg: RunConfig, model: StageRef) -> list[int]:
@@ -135,14 +131,11 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
     """
     plan = paths.calibration(cfg, is_segmentation(dataset), calibration_layers(cfg, model))
     calib_cfg, hfr, scorer, keep_maps = plan.dump, plan.hfr, plan.scorer, plan.keep_maps
-    calibration = plan_dump(work, calib_cfg, dataset, model, name="calibrate",
-                            calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps)
-    reports.append(run_stage(dump, calibration, work, cfg=calib_cfg, dataset=dataset, model=model,
-                             calibration_images=cfg.calibrate.images, hfr=hfr, keep_maps=keep_maps, dask=cfg.dask))
-    scores = plan_score(work, cfg.score, scorer, calibration)
-    reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=calibration,
-                             dataset=dataset, dask=cfg.dask))
-    return scores
+    calibration = plan_and_run(dump, plan_dump, work, reports, stage_name="calibrate", cfg=calib_cfg,
+                               dataset=dataset, model=model, calibration_images=cfg.calibrate.images, hfr=hfr,
+                               keep_maps=keep_maps, dask=cfg.dask)
+    return plan_and_run(score, plan_score, work, reports, cfg=cfg.score, scorer=scorer, features=calibration,
+                        dataset=dataset, dask=cfg.dask)
 
 
 @flow(name="aselect-pipeline")
@@ -185,12 +178,10 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     dataset, model = run_foundation(cfg, work, reports)
     # 3. dump the grid for every image (token maps too for segmentation)
     grid_cfg, scorer = paths.exhaustive(cfg.dump, is_segmentation(dataset))
-    grid = plan_dump(work, grid_cfg, dataset, model)
-    reports.append(run_stage(dump, grid, work, cfg=grid_cfg, dataset=dataset, model=model, dask=cfg.dask))
+    grid = plan_and_run(dump, plan_dump, work, reports, cfg=grid_cfg, dataset=dataset, model=model, dask=cfg.dask)
     # 4. score every pair with the labelled probe (train split only)
-    scores = plan_score(work, cfg.score, scorer, grid)
-    reports.append(run_stage(score, scores, work, cfg=cfg.score, scorer=scorer, features=grid, dataset=dataset,
-                             dask=cfg.dask))
+    scores = plan_and_run(score, plan_score, work, reports, cfg=cfg.score, scorer=scorer, features=grid,
+                          dataset=dataset, dask=cfg.dask)
     # 5-6. select the best pair, probe it from the same dump
     oracle = cfg.select.model_copy(update={"policy": "oracle"})
     _select_and_probe(cfg, work, reports, oracle, [scores], reports[-1].result["rows"], dataset, model, grid)

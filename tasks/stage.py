@@ -3,6 +3,7 @@ against disk, and artifacts."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -121,6 +122,16 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
     )
     stage_artifact(report)
     return report
+
+
+def plan_and_run(stage_task: Task, plan: Callable[..., StageRef], workdir: Workdir, reports: list[StageReport],
+                 stage_name: str | None = None, **inputs: Any) -> StageRef:
+    """Plan a stage from the inputs its planner reads (what its key covers), run it with all of them through
+    `run_stage`, and append its report; `stage_name` names a stage that reuses another's task (calibrate)."""
+    keyed = {k: v for k, v in inputs.items() if k in inspect.signature(plan).parameters}
+    stage = plan(workdir, **keyed, **({"name": stage_name} if stage_name else {}))
+    reports.append(run_stage(stage_task, stage, workdir, **inputs))
+    return stage
 
 
 def stage_artifact(report: StageReport) -> None:
