@@ -95,7 +95,8 @@ class DatasetWriter:
         written, buffer = 0, rows[:0]
         for start in range(0, self.rows, DATASET_CHUNK):
             wanted = keep[(keep >= start) & (keep < start + DATASET_CHUNK)]
-            buffer = np.concatenate([buffer, rows[start:start + DATASET_CHUNK][wanted - start]])
+            if len(wanted):  # a scratch chunk with nothing kept is not read
+                buffer = np.concatenate([buffer, rows[start:start + DATASET_CHUNK][wanted - start]])
             last = start + DATASET_CHUNK >= self.rows
             while len(buffer) >= DATASET_CHUNK or (last and len(buffer)):
                 piece, buffer = buffer[:DATASET_CHUNK], buffer[DATASET_CHUNK:]

@@ -137,18 +137,20 @@ def _records(stage_path: Path) -> dict[tuple[int, int], Path]:
 def item_damage(stage_path: Path, full: bool = False) -> dict[tuple[int, int], list[str]]:
     """For every completion record, the chunk files it vouches for that are missing or changed (size; also
     sha256 with `full`); an intact item maps to []."""
-    damage = {}
-    for item, marker in _records(stage_path).items():
-        record = read_record(marker)
-        damage[item] = damaged_files(stage_path, record.get("files", {}), full) if record else ["its record"]
-    return damage
+    return {item: _record_damage(stage_path, marker, full) for item, marker in _records(stage_path).items()}
+
+
+def _record_damage(stage_path: Path, marker: Path, full: bool = False) -> list[str]:
+    """What one completion record vouches for that is missing or changed (["its record"] if unreadable)."""
+    record = read_record(marker)
+    return damaged_files(stage_path, record.get("files", {}), full) if record else ["its record"]
 
 
 def item_finished(stage_path: Path, ti: int, ci: int) -> bool:
     """Whether one item's completion record exists and its chunk files are intact (a rescheduled dump task asks
     this before computing, so an item another worker finished is not computed again)."""
-    record = read_record(_marker(stage_path, ti, ci))
-    return bool(record) and not damaged_files(stage_path, record.get("files", {}))
+    marker = _marker(stage_path, ti, ci)
+    return marker.is_file() and not _record_damage(stage_path, marker)
 
 
 def finished_items(stage_path: Path, full: bool = False) -> set[tuple[int, int]]:

@@ -54,6 +54,7 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
         test = np.asarray([position[int(i)] for i in test_idx])
         streamed = len(train) * reader.row_nbytes > cfg.memory_budget_mb * 2**20
         options = {"Cs": cfg.cs, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+        classes = len(read_mask_class_names(dataset.dir.path)) if segmentation else 0
         if streamed:
             rows = reader.windows(stream_window(cfg, reader.row_nbytes))
             get_run_logger().info("probe: %.0f MiB of train features > probe.memory_budget_mb %g: streaming them "
@@ -62,17 +63,14 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
                 result = classification_probe_streamed(rows, train, labels[train_idx], test, labels[test_idx],
                                                        **options)
             else:
-                names = read_mask_class_names(dataset.dir.path)
                 result = segmentation_probe_streamed(rows, reader.row_shape[0], train, masks[train_idx], test,
-                                                     masks[test_idx], len(names), **options)
+                                                     masks[test_idx], classes, **options)
         else:
             x = reader.read_all()
             if not segmentation:
                 result = classification_probe(x[train], labels[train_idx], x[test], labels[test_idx], **options)
             else:
-                names = read_mask_class_names(dataset.dir.path)
-                result = segmentation_probe(x[train], masks[train_idx], x[test], masks[test_idx], len(names),
-                                            **options)
+                result = segmentation_probe(x[train], masks[train_idx], x[test], masks[test_idx], classes, **options)
         metrics = asdict(result)
         write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
         pair = f"t={selection['timestep']} layer {selection['layer']} {selection['site']}"
