@@ -55,7 +55,7 @@ from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
 from aselect.tasks.stage import StageReport, plan_and_run
 
-DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "mnist5k", "shapes", "mnist32")
+DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "digits-noisy", "mnist5k", "shapes", "mnist32")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
 
 
@@ -111,7 +111,7 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
     calibration_images = min(cfg.calibrate.images, counts.train)
     grid = {"timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
             "oracle_timesteps": len(oracle_timesteps(cfg)), "images": counts.images,
-            "calibration_images": calibration_images}
+            "calibration_images": calibration_images, "calibration_inputs": cfg.calibrate.inputs_per_image()}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)
     baselines = _baselines(name, cfg, fresh, dataset, model, summaries["oracle"]["selection"])
@@ -150,7 +150,7 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, mode
     if cfg.backbone.kind == "pretrain" and cfg.backbone.latent is not None:  # a token covers patch x down pixels
         patch *= 2 ** (len(cfg.backbone.latent.vae_blocks) - 1)
     pixels = pixel_baseline(data.images, data.labels, data.train_idx, data.test_idx, data.masks, patch,
-                            cfg.probe.cs, cfg.probe.val_fraction, cfg.probe.seed)
+                            cfg.probe.cs, cfg.probe.val_fraction, cfg.probe.seed, cfg.dump.sensor_noise, cfg.dump.seed)
     out = {"pixels": {"label": "raw pixels (no DiT)", **pixels}}
     if cfg.backbone.kind != "pretrain":
         return out

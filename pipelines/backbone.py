@@ -240,9 +240,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_images(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,C,H,W) images -> the DiT's input space: [-1, 1] pixels or VAE latent mean * scaling_factor."""
+def encode_images(backbone: Backbone, images: torch.Tensor, pixel_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B,C,H,W) images -> the DiT's input space: [-1, 1] pixels or VAE latent mean * scaling_factor.
+
+    `pixel_noise` (same shape as the images, [-1, 1] units) is added to the pixels first: sensor noise.
+    """
     x = to_unit(images).to(model_device(backbone))
+    if pixel_noise is not None:
+        x = x + pixel_noise.to(x.device)
     # 1. Match the channels the backbone expects (grey <-> RGB), so e.g. digits can go through an RGB DiT.
     want = backbone.image_channels
     if x.shape[1] != want:

@@ -48,6 +48,13 @@ class Selector:
     label_free: bool = True  # a candidate default: it needs no labels (not the oracle or the few-shot probe)
 
 
+def _signal_words(signal: str, cfg: RunConfig) -> str:
+    """How a selector's label names its HFR signal: `plain` is the paper's, the others are ours."""
+    if signal == "plain":
+        return "plain"
+    return f"our {signal}" + (f" (K={cfg.calibrate.draws})" if signal in ("mean", "debiased") else "")
+
+
 def curve_images(cfg: RunConfig) -> int | None:
     """The calibration size the confidence-vs-C curve is bootstrapped from (None: no curve)."""
     return max(cfg.bench.confidence_images) if cfg.bench.confidence_images else None
@@ -63,22 +70,26 @@ def oracle_timesteps(cfg: RunConfig) -> list[int]:
 def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
     """A-SelecT as configured (and with the curve's larger calibration), its HFR feature variants, few-shot,
     a fixed common pair, and the oracle on the same candidate timesteps."""
-    site = cfg.select.hfr_site
+    site, configured = cfg.select.hfr_site, cfg.calibrate.signal
     largest = curve_images(cfg)
-    out = [Selector("aselect", f"A-SelecT, HFR of {site} (default)", ("select.policy=aselect",), hfr_site=site,
+    out = [Selector("aselect", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {site} (default)",
+                    ("select.policy=aselect",), hfr_site=site,
                     curve=largest is not None and largest <= cfg.calibrate.images)]
     if largest is not None and largest > cfg.calibrate.images:
-        out.append(Selector(f"aselect-c{largest}", f"A-SelecT, HFR of {site}, {largest} calibration images",
+        out.append(Selector(f"aselect-c{largest}", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {site}, "
+                                                   f"{largest} calibration images",
                             ("select.policy=aselect", f"calibrate.images={largest}"), hfr_site=site, curve=True))
     for variant in cfg.bench.hfr_variants:
         if variant != site:
-            out.append(Selector(f"aselect-{variant}", f"A-SelecT, HFR of {variant}",
+            out.append(Selector(f"aselect-{variant}", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {variant}",
                                 ("select.policy=aselect", f"calibrate.sites=[{variant}]",
                                  f"select.hfr_site={variant}"), hfr_site=variant))
     for signal in cfg.bench.hfr_signals:
-        draws = f", K={cfg.calibrate.draws}" if signal in ("mean", "debiased") else ""
-        out.append(Selector(f"aselect-{signal}", f"A-SelecT with our {signal} HFR of {site}{draws}",
-                            ("select.policy=aselect", f"calibrate.signal={signal}"), hfr_site=site))
+        if signal != configured:
+            label = (f"A-SelecT as published (plain HFR of {site})" if signal == "plain"
+                     else f"A-SelecT, {_signal_words(signal, cfg)} HFR of {site}")
+            out.append(Selector(f"aselect-{signal}", label,
+                                ("select.policy=aselect", f"calibrate.signal={signal}"), hfr_site=site))
     if cfg.bench.fewshot:
         out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.images} calibration images",
                             ("select.policy=fewshot",), label_free=False))
@@ -160,12 +171,16 @@ def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: floa
 
 def pixel_baseline(images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
                    masks: np.ndarray | None, patch: int, cs: Sequence[float], val_fraction: float,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, noise_std: float = 0.0, noise_seed: int = 0) -> dict[str, Any]:
     """The downstream probe on raw pixels, no DiT: flattened images (classification), or each patch x patch
-    block of pixels as a token on the DiT's own grid (segmentation). What DiT features must beat."""
+    block of pixels as a token on the DiT's own grid (segmentation). What DiT features must beat. `noise_std`:
+    the dump's sensor noise, the same draw per image the DiT saw."""
+    from aselect.pipelines.features import sensor_noise
     from aselect.pipelines.probe import classification_probe, segmentation_probe
 
     x = images.astype(np.float32) / 255.0  # (N, C, H, W)
+    if noise_std:  # [-1, 1] units -> [0, 1] units
+        x = x + sensor_noise(x.shape[1:], range(len(x)), noise_std, noise_seed).numpy() / 2
     if masks is None:
         flat = x.reshape(len(x), -1)
         result = classification_probe(flat[train_idx], labels[train_idx], flat[test_idx], labels[test_idx],
@@ -258,10 +273,11 @@ def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None
 
 
 def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
-                         oracle_timesteps: int | None = None) -> float:
-    """Exhaustive / A-SelecT forward passes: T_o*N / (C*T + N); on one grid (T_o = T) below both T and N / C."""
+                         oracle_timesteps: int | None = None, inputs_per_image: int = 1) -> float:
+    """Exhaustive / A-SelecT forward passes: T_o*N / (K*C*T + N), K the signal's DiT inputs per (image, t); on one
+    grid (T_o = T) below both T and N / (K*C)."""
     t_oracle = timesteps if oracle_timesteps is None else oracle_timesteps
-    return round(t_oracle * images / (calibration_images * timesteps + images), 2)
+    return round(t_oracle * images / (inputs_per_image * calibration_images * timesteps + images), 2)
 
 
 def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, Any] | None,
@@ -286,7 +302,8 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
                  "met": ratio is not None and ratio >= COST_GOAL,
                  "forward_pass_ceiling": forward_pass_ceiling(grid["timesteps"], grid["images"],
                                                               grid["calibration_images"],
-                                                              grid.get("oracle_timesteps"))},
+                                                              grid.get("oracle_timesteps"),
+                                                              grid.get("calibration_inputs", 1))},
         "cost_forward_passes": {"goal": f">= {COST_GOAL:g}x fewer forward passes", "measured": passes,
                                 "met": passes is not None and passes >= COST_GOAL},
         "regret": {"goal": f"<= {REGRET_GOAL_POINTS:g} point", "measured": default["regret_points"],
@@ -480,7 +497,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# aselect benchmark ({report['generated']})", "",
              f"Machine: {m['cores']} cores, torch {m['torch']}, {m['device']}. Command: `{report['command']}`.",
              "Costs exclude ingest and pretraining (shared by every selector). "
-             "Forward passes count images x timesteps.", ""]
+             "Forward passes count DiT inputs x timesteps (noise_relative runs 2 inputs per image).", ""]
     for c in report["configs"]:
         lines += [f"## {c['config']} ({c['metric']})", ""] + selector_table(c) + [""]
         for name, goal in c["goals"].items():
@@ -488,8 +505,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         g = c["grid"]
         lines.append(f"- grid: A-SelecT searched {g['timesteps']} timesteps, the oracle "
                      f"{g.get('oracle_timesteps', g['timesteps'])}; N={g['images']} images, "
-                     f"C={g['calibration_images']} calibration images: the forward-pass ratio can be at most "
-                     f"T_o*N/(C*T+N) = {c['goals']['cost']['forward_pass_ceiling']}x")
+                     f"C={g['calibration_images']} calibration images, K={g.get('calibration_inputs', 1)} DiT "
+                     f"inputs per calibration image and t: the forward-pass ratio can be at most "
+                     f"T_o*N/(K*C*T+N) = {c['goals']['cost']['forward_pass_ceiling']}x")
         if c.get("probe_vs_t"):
             lines.append(f"- probe score vs t: {_profile(c['probe_vs_t'])}")
         if c.get("seconds") is not None:
@@ -582,7 +600,8 @@ def readme_section(report: dict[str, Any]) -> str:
         g = c["grid"]
         lines.append(f"- {c['config']}: " + "; ".join(parts) + f". Ceiling of the forward-pass ratio with "
                      f"T={g['timesteps']} (oracle {g.get('oracle_timesteps', g['timesteps'])}), N={g['images']}, "
-                     f"C={g['calibration_images']}: {c['goals']['cost']['forward_pass_ceiling']}x")
+                     f"C={g['calibration_images']}, K={g.get('calibration_inputs', 1)}: "
+                     f"{c['goals']['cost']['forward_pass_ceiling']}x")
     curves = [c for c in report["configs"] if c.get("confidence_curve")]
     if curves:
         sizes = sorted({p["images"] for c in curves for p in c["confidence_curve"]})

@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 from aselect.pipelines.backbone import encode_images, load_backbone
 from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import DaskConfig, DumpConfig
-from aselect.pipelines.features import ATTN_MAP, SITES, TOKEN_SITES, Reduction, draw_noise, extract
+from aselect.pipelines.features import (
+    ATTN_MAP,
+    SITES,
+    TOKEN_SITES,
+    Reduction,
+    draw_noise,
+    extract,
+    sensor_noise,
+)
 from aselect.pipelines.models import Backbone
 from aselect.pipelines.scoring import radial_frequency
 from aselect.pipelines.streamed import MULTI_DRAW, HfrStream, signal_per_image
@@ -321,8 +329,9 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
     autocast = resolve_autocast(w.cfg.autocast, device)
     with times.phase("read"):
         pixels = torch.from_numpy(w.images.get_orthogonal_selection((np.asarray(sample_ids),)))
+    noisy = sensor_noise(pixels.shape[1:], sample_ids, w.cfg.sensor_noise, w.cfg.seed) if w.cfg.sensor_noise else None
     with times.phase("encode", device), _amp(device, autocast):  # the VAE too runs in the forward's precision
-        x0 = encode_images(w.backbone, pixels.to(device))
+        x0 = encode_images(w.backbone, pixels.to(device), noisy)
     layers = layout.layers
     # Maps leave the forward pass only when they are stored; pooling and HFR are reductions in the hooks, so a
     # layer's maps are dropped as soon as the next layer runs (memory: one layer's maps, not all of them).

@@ -55,6 +55,19 @@ def draw_noise(shape: Sequence[int], image_indices: Sequence[int], timestep: int
     return noise
 
 
+SENSOR_STREAM = 0x5E4502  # keeps the sensor noise's streams apart from every (timestep, draw) stream
+
+
+def sensor_noise(shape: Sequence[int], image_indices: Sequence[int], std: float, seed: int) -> torch.Tensor:
+    """Gaussian read noise (B, *shape) of `std` in [-1, 1] pixel units, one generator per image: the same image
+    gets the same noise in every dump, calibration and baseline (`dump.sensor_noise`)."""
+    noise = torch.empty((len(image_indices), *shape))
+    for row, i in enumerate(image_indices):
+        entropy = np.random.SeedSequence([SENSOR_STREAM, seed, int(i)]).generate_state(1)[0]
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(entropy)), out=noise[row])
+    return noise * std
+
+
 def add_noise(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
               seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
     """DDPM q(x_t | x_0) with noise drawn from one generator per image (or `draw_noise`'s, drawn ahead)."""

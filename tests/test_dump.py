@@ -316,3 +316,29 @@ def test_autocast_auto_is_bf16_on_cuda_and_full_precision_on_the_cpu() -> None:
     assert resolve_autocast("auto", torch.device("cuda")) is torch.bfloat16
     assert resolve_autocast("fp16", torch.device("cuda")) is torch.float16
     assert resolve_autocast("none", torch.device("cuda")) is None
+
+
+def test_sensor_noise_is_one_fixed_draw_per_image_in_every_dump(tiny, tmp_path: Path) -> None:
+    from aselect.pipelines.backbone import encode_images
+    from aselect.pipelines.benchmark import pixel_baseline
+    from aselect.pipelines.features import sensor_noise
+    from aselect.storage.datasets import read_dataset
+
+    clean, _ = dump_into(tiny, tmp_path / "clean", timesteps=[0, 400])
+    dump_into(tiny, tmp_path / "noisy", timesteps=[0, 400], sensor_noise=0.5)
+    dump_into(tiny, tmp_path / "rechunked", timesteps=[0, 400], sensor_noise=0.5, images_per_chunk=7)
+    clean, noisy, rechunked = (arrays(tmp_path / n)["pooled"] for n in ("clean", "noisy", "rechunked"))
+    # the noise depends on the image, not on its chunk; and it changes what the DiT sees
+    np.testing.assert_array_equal(noisy, rechunked)
+    assert np.abs(noisy - clean).mean() > 1e-3
+    # the DiT's input is exactly the clean pixels plus that image's draw, the same draw the pixel baseline takes
+    model_dir, data_dir = tiny
+    data = read_dataset(data_dir)
+    draw = sensor_noise(data.images.shape[1:], [3, 5], 0.5, seed=0)
+    assert 0.4 < float(draw.std()) < 0.6
+    np.testing.assert_array_equal(draw[1], sensor_noise(data.images.shape[1:], [5], 0.5, seed=0)[0])
+    backbone = load_backbone(model_dir)
+    unit = torch.from_numpy(data.images[[3, 5]]).float() / 127.5 - 1.0
+    torch.testing.assert_close(encode_images(backbone, torch.from_numpy(data.images[[3, 5]]), draw), unit + draw)
+    args = (data.labels, data.train_idx, data.test_idx, None, 2, [1.0], 0.2, 0)
+    assert pixel_baseline(data.images, *args)["value"] > pixel_baseline(data.images, *args, noise_std=3.0)["value"]

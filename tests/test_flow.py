@@ -309,7 +309,7 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     report = json.loads(proc.stdout)
     (config,) = report["configs"]
     rows = {r["selector"]: r for r in config["selectors"]}
-    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-debiased", "fewshot", "rankme", "fixed", "oracle"]
+    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "fewshot", "rankme", "fixed", "oracle"]
     oracle = rows["oracle"]
     for row in rows.values():
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
@@ -317,8 +317,9 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
             oracle["forward_passes"] / row["forward_passes"], abs=0.01)
     # forward passes are images x timesteps: 200 images, 64 calibration images, and the oracle searches the
     # same 10 candidate timesteps as A-SelecT (calibrate.timesteps), not the 4 of dump.timesteps
-    assert oracle["forward_passes"] == 200 * 10 and rows["aselect"]["forward_passes"] == 64 * 10 + 200
-    assert rows["aselect-debiased"]["forward_passes"] == 8 * 64 * 10 + 200  # K = 8 noise draws per image and t
+    # the default noise_relative signal runs each calibration image and its noise-only twin; plain runs the image
+    assert oracle["forward_passes"] == 200 * 10 and rows["aselect"]["forward_passes"] == 2 * 64 * 10 + 200
+    assert rows["aselect-plain"]["forward_passes"] == 64 * 10 + 200
     assert (rows["fixed"]["timestep"], rows["fixed"]["layer"], rows["fixed"]["site"]) == (100, 1, "block")
     assert rows["fixed"]["forward_passes"] == 200 and rows["fewshot"]["site"] in ("block", "attn", "mlp")
     assert "spearman_hfr_vs_probe" in rows["aselect-attn_map"] and "spearman_hfr_vs_probe" not in rows["fixed"]
@@ -327,10 +328,11 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     assert goals["regret"]["met"] == (rows["aselect"]["regret_points"] <= 1.0)
     assert goals["cost"]["measured"] == rows["aselect"]["cost_ratio"]["compute_seconds"]
     assert goals["cost_forward_passes"]["measured"] == rows["aselect"]["cost_ratio"]["forward_passes"]
-    # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (C*T + N)
-    assert config["grid"] == {"timesteps": 10, "oracle_timesteps": 10, "images": 200, "calibration_images": 64}
+    # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (K*C*T + N)
+    assert config["grid"] == {"timesteps": 10, "oracle_timesteps": 10, "images": 200, "calibration_images": 64,
+                              "calibration_inputs": 2}
     assert goals["cost"]["forward_pass_ceiling"] == rows["aselect"]["cost_ratio"]["forward_passes"] == round(
-        10 * 200 / (64 * 10 + 200), 2)
+        10 * 200 / (2 * 64 * 10 + 200), 2)
     # confidence vs C, bootstrapped from the default selector's 64 calibration images
     curve = config["confidence_curve"]
     assert [p["images"] for p in curve] == [16, 32, 64]
@@ -383,4 +385,4 @@ def test_readme_results_section_is_generated_from_the_committed_json() -> None:
     report = json.loads((ROOT / "bench" / "results.json").read_text())
     readme = (ROOT / "README.md").read_text()
     assert readme_section(report) in readme
-    assert [c["config"] for c in report["configs"]] == list(DEFAULT_CONFIGS)  # make bench's six
+    assert [c["config"] for c in report["configs"]] == list(DEFAULT_CONFIGS)  # make bench's seven
