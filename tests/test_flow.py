@@ -131,7 +131,8 @@ def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir
     assert not calibration["layout"]["pooled"] and calibration["layout"]["sites"] == []
     assert calibration["accounting"]["bytes_per_image"] == 10 * 2 * 1 * 8  # timesteps x layers x sites x float64
     assert calibration["accounting"]["forward_passes"] == 10  # 10 timesteps x 1 chunk
-    assert calibration["accounting"]["images_timesteps"] == 64 * 10
+    # the default signal, noise_relative, runs each image and its noise-only twin in the same batch
+    assert calibration["accounting"]["images_timesteps"] == 2 * 64 * 10
     selection = json.loads((first_stage("select") / "selection.json").read_text())
     hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
     assert len(hfr_rows) == 10 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, layer)
@@ -365,7 +366,7 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, smoke_wor
     assert report["regressions"] == [f"smoke aselect: top1 2.0000 -> {rows['aselect']['value']:.4f}"]
     assert json.loads((bench / "previous.json").read_text()) == previous
     assert json.loads((bench / "results.json").read_text())["configs"] == report["configs"]
-    assert "| A-SelecT, HFR of attn (default) |" in (bench / "results.md").read_text()
+    assert "| A-SelecT, our noise_relative HFR of attn (default) |" in (bench / "results.md").read_text()
     for picture in ("cost-vs-regret.png", "smoke-metric-vs-t.png"):
         assert (bench / picture).stat().st_size > 1000
     # the fresh workdir is gone, and the benchmark added no stage to the user's workdir
