@@ -18,7 +18,7 @@ from distributed import Client, as_completed
 from aselect.pipelines.scoring import get_scorer, score_pair
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
-from aselect.storage.features import open_store, read_hfr, read_samples
+from aselect.storage.features import PairReader, open_store, read_hfr, read_samples
 
 log = logging.getLogger("aselect.score")
 
@@ -41,17 +41,7 @@ class Pair:
 
 def read_pair(store: str, pair: Pair, needs: str, rows: np.ndarray | None = None) -> np.ndarray:
     """Only this pair's slice of the dump: pooled (n, D), spatial (n, T, D) or attn_map (n, T, T)."""
-    group = open_store(store)
-    sel = slice(None) if rows is None else rows
-    if pair.site == "attn_map":
-        data = group["attn_map"].get_orthogonal_selection((pair.ti, pair.li, sel))
-    elif needs == "pooled":
-        site_index = list(group["site"][:]).index(pair.site)
-        data = group["pooled"].get_orthogonal_selection((pair.ti, pair.li, site_index, sel))
-    else:
-        site_index = list(group["site"][:]).index(pair.site)
-        data = group["spatial"].get_orthogonal_selection((pair.ti, pair.li, site_index, sel))
-    return np.asarray(data, dtype=np.float32)
+    return PairReader(store, pair.timestep, pair.layer, pair.site, spatial=needs != "pooled").read(rows)
 
 
 def _score_one(store: str, pair: Pair, scorer: str, params: dict[str, Any], labels: np.ndarray | None,

@@ -231,16 +231,22 @@ def read_samples(stage_path: Path) -> np.ndarray:
 
 
 class PairReader:
-    """One (timestep, layer, site) slice of a finished dump: pooled (n, D) or token maps (n, T, D) rows, read whole
-    or a window of samples at a time (what a probe bigger than its memory budget streams from)."""
+    """One (timestep, layer, site) slice of a finished dump: pooled (n, D), token maps (n, T, D) or, for the site
+    `attn_map`, attention maps (n, T, T); read whole, as chosen rows, or a window of samples at a time (what a probe
+    bigger than its memory budget streams from). `source`: the dump's stage directory or its features store."""
 
-    def __init__(self, stage_path: Path, timestep: int, layer: int, site: str, spatial: bool):
-        group = open_features(stage_path)
-        self._where = (list(group["timestep"][:]).index(timestep), list(group["layer"][:]).index(layer),
-                       list(group["site"][:]).index(site))
-        self.array = group["spatial" if spatial else "pooled"]
+    def __init__(self, source: str | Path, timestep: int, layer: int, site: str, spatial: bool):
+        source = Path(source)
+        group = open_features(source) if (source / FEATURES_STORE).exists() else open_store(source)
+        where = [list(group["timestep"][:]).index(timestep), list(group["layer"][:]).index(layer)]
+        if site == "attn_map":  # its own array, with no site axis
+            self.array = group["attn_map"]
+        else:
+            where.append(list(group["site"][:]).index(site))
+            self.array = group["spatial" if spatial else "pooled"]
+        self._where = tuple(where)
         self.samples = np.asarray(group["sample"][:], dtype=np.int64)  # dataset index of each row
-        self.row_shape = tuple(int(v) for v in self.array.shape[4:])
+        self.row_shape = tuple(int(v) for v in self.array.shape[len(where) + 1:])
 
     @property
     def row_nbytes(self) -> int:
@@ -250,6 +256,12 @@ class PairReader:
     def read_all(self) -> np.ndarray:
         """Every row as float32, in dump order."""
         return np.asarray(self.array[self._where], dtype=np.float32)
+
+    def read(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The rows at these positions (all when None) as float32: one orthogonal selection."""
+        if rows is None:
+            return self.read_all()
+        return np.asarray(self.array.get_orthogonal_selection((*self._where, np.asarray(rows))), dtype=np.float32)
 
     def windows(self, window: int) -> Callable[[np.ndarray], Iterator[np.ndarray]]:
         """A reader of sorted row positions that reads at most `window` consecutive rows at a time (float32)."""

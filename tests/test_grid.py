@@ -19,7 +19,7 @@ from aselect.pipelines.dump import plan_layout, run_dump
 from aselect.pipelines.grid import candidate_pairs, read_pair, score_grid
 from aselect.pipelines.scoring import score_pair
 from aselect.storage.datasets import read_split
-from aselect.storage.features import FEATURES_STORE
+from aselect.storage.features import FEATURES_STORE, PairReader
 
 BIN = Path(sys.executable).parent
 
@@ -49,6 +49,14 @@ def test_pairs_cover_the_grid_and_read_only_their_slice(grid_store: Path) -> Non
     attn = next(p for p in pairs if p.site == "attn_map")
     assert read_pair(str(grid_store), attn, "spatial").shape == (120, 16, 16)
     assert len(candidate_pairs(grid_store, ["block"])) == 6
+    # chosen rows are those rows of the whole slice, read from the store directly or from its stage directory
+    rows = np.array([2, 3, 40, 119])
+    for pair, needs in ((mlp, "pooled"), (mlp, "spatial"), (attn, "spatial")):
+        whole = read_pair(str(grid_store), pair, needs)
+        np.testing.assert_array_equal(read_pair(str(grid_store), pair, needs, rows), whole[rows])
+        stage = PairReader(grid_store.parent, pair.timestep, pair.layer, pair.site, spatial=needs == "spatial")
+        np.testing.assert_array_equal(stage.read(rows), whole[rows])
+    assert not np.array_equal(read_pair(str(grid_store), mlp, "pooled"), read_pair(str(grid_store), pairs[0], "pooled"))
 
 
 def test_local_cluster_scores_match_in_process_scores(grid_store: Path, tiny) -> None:
