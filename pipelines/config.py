@@ -480,9 +480,8 @@ def validation_messages(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_config(name_or_path: str | Path = "digits", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config, apply `--set` overrides and validate it into a RunConfig."""
-    path = resolve_config_path(name_or_path)
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """One config file's mapping, or a one-line error naming the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except UnicodeDecodeError:
@@ -495,6 +494,38 @@ def load_config(name_or_path: str | Path = "digits", overrides: list[str] | tupl
         raise AselectError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise AselectError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (nested mappings merge; anything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config's mapping with its `extends:` chain applied (a bundled name or a path, relative to the file)."""
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise AselectError(f"{path}: extends: expected a config name or path, got {base!r}")
+    local = path.parent / base
+    base_path = resolve_config_path(local if local.suffix in (".yaml", ".yml") and local.is_file() else base)
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise AselectError(f"{path}: extends: {base!r} extends itself (a cycle)")
+    parent = _read_with_bases(base_path, seen + (path.resolve(),))
+    parent.pop("name", None)  # a config's name is its own
+    return _merged(parent, data)
+
+
+def load_config(name_or_path: str | Path = "digits", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (on top of the one it `extends:`), apply `--set` overrides and validate it."""
+    path = resolve_config_path(name_or_path)
+    data = _read_with_bases(path)
     for assignment in overrides:
         apply_override(data, assignment)
     data.setdefault("name", path.stem)

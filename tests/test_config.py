@@ -88,3 +88,27 @@ def test_missing_config_names_it() -> None:
         load_config("nope.yaml")
     with pytest.raises(AselectError, match=r"nope: no such config file or bundled config \(bundled: .*digits"):
         load_config("nope")
+
+
+def test_extends_merges_sections_over_the_base(tmp_path: Path) -> None:
+    digits, noisy = load_config("digits"), load_config("digits-noisy")
+    # the testbed differs from digits only by its name and the sensor noise, so it shares digits' stages
+    assert noisy.name == "digits-noisy" and noisy.dump.sensor_noise == 1.0 and digits.dump.sensor_noise == 0.0
+    assert noisy.model_dump(exclude={"name", "dump"}) == digits.model_dump(exclude={"name", "dump"})
+    assert noisy.dump.model_dump(exclude={"sensor_noise"}) == digits.dump.model_dump(exclude={"sensor_noise"})
+    # a local base by path, nested keys merged, --set on top of both
+    (tmp_path / "base.yaml").write_text("ingest:\n  source: digits\n  image_size: 8\nprobe:\n  seed: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ningest:\n  image_size: 12\n")
+    child = load_config(tmp_path / "child.yaml", ["probe.seed=4"])
+    assert (child.name, child.ingest.source, child.ingest.image_size, child.probe.seed) == ("child", "digits", 12, 4)
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    ("extends: nope\n", r"nope: no such config file or bundled config"),
+    ("extends: [digits]\n", r"loop\.yaml: extends: expected a config name or path, got \['digits'\]"),
+    ("extends: loop.yaml\n", r"loop\.yaml: extends: 'loop\.yaml' extends itself \(a cycle\)"),
+])
+def test_bad_extends_is_one_line(tmp_path: Path, text: str, pattern: str) -> None:
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(AselectError, match=pattern):
+        load_config(tmp_path / "loop.yaml")
