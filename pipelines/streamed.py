@@ -158,7 +158,9 @@ def _debiased(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tens
 
 def _noise_relative(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tensor:
     image, noise_only = (_per_map(maps[:, i], cutoff, exclude_dc).mean(dim=1) for i in (0, 1))
-    return torch.where(noise_only > 0, image / torch.where(noise_only > 0, noise_only, 1.0), 0.0)
+    ratio = torch.where(noise_only > 0, image / torch.where(noise_only > 0, noise_only, 1.0), 0.0)
+    # NaN in either input stays NaN (NaN > 0 is false, which would pass a broken map off as a flat one)
+    return torch.where(torch.isfinite(image) & torch.isfinite(noise_only), ratio, torch.nan)
 
 
 SignalFn = Callable[[torch.Tensor, float, bool], torch.Tensor]  # maps (B, K, h, w, c) -> per-image (B,)

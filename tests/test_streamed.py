@@ -153,6 +153,12 @@ def test_signals_of_identical_inputs_reduce_to_plain_hfr() -> None:
     twins = maps.repeat_interleave(2, dim=0)  # an image no different from its noise-only twin adds nothing
     relative = signal_per_image(twins, "attn", HfrStream(sites=("attn",), signal="noise_relative"))
     torch.testing.assert_close(relative, torch.ones(3, dtype=torch.float64))
+    # a non-finite image or twin has no value (NaN), never the 0 of a flat map
+    for broken in (0, 1):
+        bad = twins.clone()
+        bad[2 + broken, 0, 0] = float("nan")  # image 1's map (row 2) or its noise-only twin (row 3)
+        values = signal_per_image(bad, "attn", HfrStream(sites=("attn",), signal="noise_relative"))
+        assert torch.isnan(values[1]) and torch.isfinite(values[[0, 2]]).all()
 
 
 def test_debiased_hfr_recovers_the_clean_spectrum_under_noise() -> None:
