@@ -22,14 +22,18 @@ venv: $(BIN)/aselect
 run: venv
 	$(BIN)/aselect run $(CONFIG)
 
+# Test files run in parallel processes (pytest-xdist, one per core, at most 4), each file whole in one process so
+# that its module fixtures are built once; each process starts its own Prefect test server.
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 10
+
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The suite without the slow end-to-end tests (kills, real servers and clusters, the benchmark run).
 test-fast: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Every selector against the exhaustive oracle on the seven benchmark configs, then the defaults chosen
 # leave-one-config-out; regenerates bench/results.json and README's results section. Pretrained backbones are
