@@ -10,7 +10,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from aselect.pipelines.config import SelectConfig
 from aselect.pipelines.plots import score_heatmaps
-from aselect.pipelines.select import SELECT_VERSION, bootstrap_confidence, select, unstable_choice_advice
+from aselect.pipelines.select import (
+    LABELS_ADVICE,
+    SELECT_VERSION,
+    bootstrap_confidence,
+    select,
+    unstable_choice_advice,
+)
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.score import read_per_image
 from aselect.tasks.stage import Finished, stage_body
@@ -82,4 +88,6 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
     advice = unstable_choice_advice(result["selection"])
     if advice:
         get_run_logger().warning(advice)
+    elif cfg.policy == "aselect":
+        get_run_logger().info(LABELS_ADVICE)
     return result

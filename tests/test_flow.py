@@ -228,6 +228,8 @@ def test_cli_run_json_and_inspect(run_cli, tmp_path: Path) -> None:
     assert [s["name"] for s in result["stages"]] == ASELECT_STAGES
     assert set(result) >= {"stages", "selection", "metrics"}
     assert set(result["stages"][0]) >= {"name", "key", "status", "cached", "seconds", "path"}
+    # a label-free choice points to the few-shot selector (the benchmark's lower regret where labels exist)
+    assert "select.policy=fewshot" in proc.stderr
 
     listing = json.loads(run_cli("inspect", "--workdir", str(workdir), "--json", check=True).stdout)
     assert {(s["name"], s["status"]) for s in listing["stages"]} == {(name, "complete") for name in ASELECT_STAGES}
