@@ -22,10 +22,10 @@ venv: $(BIN)/aselect
 run: venv
 	$(BIN)/aselect run $(CONFIG)
 
-# Test files run in parallel processes (pytest-xdist, one per core, at most 4), each file whole in one process so
-# that its module fixtures are built once; each process starts its own Prefect test server. Not more processes
-# than cores: with 3 on 2 cores the suite was 30 s faster, but the Ctrl-C and dying-server tests failed.
-TEST_PROCS ?= $(shell $(PYTHON) -c "import os; print(min(4, os.cpu_count() or 1))")
+# TEST_PROCS=2 runs test files in parallel processes (pytest-xdist, each file whole in one process, each process
+# with its own Prefect test server): 5 min 22 s instead of 7 min 26 s on 2 cores. Serial is the default because in
+# parallel two timing-sensitive fault tests failed on fresh clones (a Ctrl-C that the loaded run never acted on).
+TEST_PROCS ?= 0
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --durations 10
 
 test: venv
