@@ -162,6 +162,12 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def _terminal_sigint() -> None:
+    """In the child before exec: SIGINT delivered and at its default, as in a shell's foreground job."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(tmp_path: Path) -> None:
     """SIGINT to the whole process group mid-pretraining, with Prefect's temporary server (no PREFECT_API_URL):
     the run exits 130 in seconds with one line, stops its server, and a rerun resumes from the checkpoint."""
@@ -170,8 +176,9 @@ def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(tmp_path: Path) -> 
     env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
     argv = [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir),
             "--set", "backbone.pretrain.steps=400", "--set", "backbone.pretrain.checkpoint_every=20"]
+    # what a terminal gives: Ctrl-C neither ignored nor blocked, whatever earlier tests left in this process
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_terminal_sigint)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if hits.exists() and hits.read_text().split().count("pretrain") >= 40:
