@@ -44,6 +44,7 @@ from aselect.pipelines.benchmark import (
 from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import RunConfig
 from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
+from aselect.pipelines.paths import hfr_stream
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.datasets import read_dataset
 from aselect.storage.stages import StageRef, Workdir, write_json_atomic
@@ -111,7 +112,7 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
     calibration_images = min(cfg.calibrate.images, counts.train)
     grid = {"timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
             "oracle_timesteps": len(oracle_timesteps(cfg)), "images": counts.images,
-            "calibration_images": calibration_images, "calibration_inputs": cfg.calibrate.inputs_per_image()}
+            "calibration_images": calibration_images, "calibration_inputs": hfr_stream(cfg).inputs_per_image}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)
     baselines = _baselines(name, cfg, fresh, dataset, model, summaries["oracle"]["selection"])

@@ -239,10 +239,6 @@ class CalibrateConfig(Section):
         """Noise draws per (image, t) the signal takes: `draws` for mean and debiased, else 1."""
         return self.draws if self.signal in ("mean", "debiased") else 1
 
-    def inputs_per_image(self) -> int:
-        """DiT inputs per (image, t): the draws, or the image and its noise-only twin for noise_relative."""
-        return 2 if self.signal == "noise_relative" else self.signal_draws()
-
     def candidate_timesteps(self, dump: DumpConfig) -> list[int]:
         """The timesteps calibration scores, ascending."""
         return sorted(dump.timesteps if self.timesteps is None else self.timesteps)

@@ -329,8 +329,9 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
     autocast = resolve_autocast(w.cfg.autocast, device)
     with times.phase("read"):
         pixels = torch.from_numpy(w.images.get_orthogonal_selection((np.asarray(sample_ids),)))
-    noisy = sensor_noise(pixels.shape[1:], sample_ids, w.cfg.sensor_noise, w.cfg.seed) if w.cfg.sensor_noise else None
     with times.phase("encode", device), _amp(device, autocast):  # the VAE too runs in the forward's precision
+        noisy = sensor_noise(pixels.shape[1:], sample_ids, w.cfg.sensor_noise, w.cfg.seed) if w.cfg.sensor_noise \
+            else None
         x0 = encode_images(w.backbone, pixels.to(device), noisy)
     layers = layout.layers
     # Maps leave the forward pass only when they are stored; pooling and HFR are reductions in the hooks, so a

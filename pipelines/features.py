@@ -48,10 +48,14 @@ def draw_noise(shape: Sequence[int], image_indices: Sequence[int], timestep: int
     Rows are image-major (image 0's draws first). Drawn on the CPU so that CPU and CUDA runs noise identically;
     `pin` puts it in page-locked memory, so the copy to the GPU is one asynchronous transfer per batch.
     """
-    noise = torch.empty((len(image_indices) * draws, *shape), pin_memory=pin)
-    for row, (i, k) in enumerate((i, k) for i in image_indices for k in range(draws)):
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(seed, i, timestep, k)),
-                    out=noise[row])
+    return _seeded_normal(shape, [noise_seed(seed, i, timestep, k) for i in image_indices for k in range(draws)], pin)
+
+
+def _seeded_normal(shape: Sequence[int], seeds: Sequence[int], pin: bool = False) -> torch.Tensor:
+    """Standard normal rows (len(seeds), *shape) on the CPU, row r from its own generator seeded `seeds[r]`."""
+    noise = torch.empty((len(seeds), *shape), pin_memory=pin)
+    for row, row_seed in enumerate(seeds):
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(row_seed)), out=noise[row])
     return noise
 
 
@@ -61,11 +65,8 @@ SENSOR_STREAM = 0x5E4502  # keeps the sensor noise's streams apart from every (t
 def sensor_noise(shape: Sequence[int], image_indices: Sequence[int], std: float, seed: int) -> torch.Tensor:
     """Gaussian read noise (B, *shape) of `std` in [-1, 1] pixel units, one generator per image: the same image
     gets the same noise in every dump, calibration and baseline (`dump.sensor_noise`)."""
-    noise = torch.empty((len(image_indices), *shape))
-    for row, i in enumerate(image_indices):
-        entropy = np.random.SeedSequence([SENSOR_STREAM, seed, int(i)]).generate_state(1)[0]
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(entropy)), out=noise[row])
-    return noise * std
+    seeds = [np.random.SeedSequence([SENSOR_STREAM, seed, int(i)]).generate_state(1)[0] for i in image_indices]
+    return _seeded_normal(shape, seeds) * std
 
 
 def add_noise(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,

@@ -42,9 +42,14 @@ def calibration(cfg: RunConfig, segmentation: bool, layers: list[int] | None) ->
         return Calibration(dump, None, scorer)
     dump = cfg.dump.model_copy(update={"timesteps": timesteps, "sites": list(cfg.calibrate.sites), "spatial": False,
                                        "layers": layers})
-    hfr = HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff, exclude_dc=cfg.score.hfr_exclude_dc,
-                    signal=cfg.calibrate.signal, draws=cfg.calibrate.signal_draws())
-    return Calibration(dump, hfr, "hfr", keep_maps=cfg.calibrate.keep_maps)
+    return Calibration(dump, hfr_stream(cfg), "hfr", keep_maps=cfg.calibrate.keep_maps)
+
+
+def hfr_stream(cfg: RunConfig) -> HfrStream:
+    """What an aselect calibration reduces in the forward pass: the signal of `calibrate.sites`, HFR's knobs."""
+    return HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff,
+                     exclude_dc=cfg.score.hfr_exclude_dc, signal=cfg.calibrate.signal,
+                     draws=cfg.calibrate.signal_draws())
 
 
 def exhaustive(dump: DumpConfig, segmentation: bool) -> tuple[DumpConfig, str]:
