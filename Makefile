@@ -22,10 +22,9 @@ venv: $(BIN)/aselect
 run: venv
 	$(BIN)/aselect run $(CONFIG)
 
-# TEST_PROCS=2 runs test files in parallel processes (pytest-xdist, each file whole in one process, each process
-# with its own Prefect test server): 5 min 22 s instead of 7 min 26 s on 2 cores. Serial is the default because in
-# parallel two timing-sensitive fault tests failed on fresh clones (a Ctrl-C that the loaded run never acted on).
-TEST_PROCS ?= 0
+# The test files run in 2 parallel processes (pytest-xdist; each file whole in one process, each process with its
+# own Prefect test server). TEST_PROCS=0 runs them serially in this process (about 7.5 minutes on 2 cores).
+TEST_PROCS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --durations 10
 
 test: venv

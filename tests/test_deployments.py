@@ -95,8 +95,8 @@ class Server:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
+            try:  # a test server needs no graceful exit: in full-suite runs one process once lingered 30 s
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
