@@ -22,9 +22,11 @@ venv: $(BIN)/aselect
 run: venv
 	$(BIN)/aselect run $(CONFIG)
 
-# The test files run in 2 parallel processes (pytest-xdist; each file whole in one process, each process with its
-# own Prefect test server). TEST_PROCS=0 runs them serially in this process (about 7.5 minutes on 2 cores).
-TEST_PROCS ?= 2
+# TEST_PROCS=2 runs the test files in 2 parallel processes (pytest-xdist; each file whole in one process, each with
+# its own Prefect test server): 6 min 17 s against about 8 min serial on a fresh clone on 2 idle cores. Serial stays
+# the default until parallel runs have a longer record of passing (two timing-sensitive fault tests failed in
+# parallel before their fixes; README, Development).
+TEST_PROCS ?= 0
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --durations 10
 
 test: venv
