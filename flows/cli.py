@@ -294,16 +294,16 @@ class ServerWatch:
                 self.died = process.returncode
                 _thread.interrupt_main()
                 if not self._stop.wait(self.GRACE):  # Prefect is retrying a dead server: do not limp on
-                    # on a line of its own: Prefect's "Error logging to API" lines can leave one unfinished
-                    print("\n" + self.message(), file=sys.stderr, flush=True)
+                    self.report()
                     if os.getpgrp() == os.getpid():  # our own group only: dump and Dask workers die with us
                         os.killpg(os.getpgrp(), signal.SIGTERM)  # (ours raises in the main thread: harmless)
                     os._exit(2)
                 return
 
-    def message(self) -> str:
-        return (f"aselect: error: the temporary Prefect server exited mid-run (code {self.died}); finished "
-                f"stages and chunks are kept, rerun to resume")
+    def report(self) -> None:
+        """The one-line error, on a line of its own: Prefect's "Error logging to API" lines can leave one unfinished."""
+        print(f"\naselect: error: the temporary Prefect server exited mid-run (code {self.died}); finished "
+              f"stages and chunks are kept, rerun to resume", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         watch.stop()
         flush_prefect_services(stop_server, timeout=3.0)
         if watch.died is not None:
-            print("\n" + watch.message(), file=sys.stderr)
+            watch.report()
             return 2
         print("aselect: interrupted: rerun to resume (finished stages and chunks are kept)", file=sys.stderr)
         return 130
