@@ -1,8 +1,6 @@
 """`python -m aselect ...` is the `aselect` command."""
 
-import sys
-
-from aselect.flows.cli import main
+from aselect.flows.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -88,7 +88,7 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
     rows, summaries, chosen = [], {}, selectors(cfg, depth)
     # One Dask cluster serves every selector's scoring, so its start-up is in no selector's cost.
     dask = cfg.dask
-    with dask_client(dask.address, dask.workers, dask.threads_per_worker) as client:
+    with dask_client(dask.address, dask.workers, dask.threads_per_worker, dask.connect_seconds) as client:
         # scoring only: the selectors' dumps run as the config says (in process, unless it names a cluster)
         shared = [f"dask.address={client.scheduler.address}", f"dask.dump={str(bool(dask.address)).lower()}"]
         for selector in chosen:

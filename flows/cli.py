@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import atexit
 import errno
 import functools
 import json
@@ -360,5 +361,23 @@ def main(argv: list[str] | None = None) -> int:
         watch.stop()
 
 
+def entry() -> None:
+    """The `aselect` command: `main`, then an exit that skips the interpreter's module teardown.
+
+    With torch, diffusers and Prefect loaded, that teardown (garbage collection while clearing ~10,000 modules)
+    was measured at 2.6 s after every command, and it only frees memory the exit frees anyway. Everything else
+    the interpreter does at exit still happens, in its order: threads joined, atexit handlers (Prefect drains its
+    workers and stops its temporary server), streams flushed."""
+    code = main()
+    threading._shutdown()  # type: ignore[attr-defined]  # what Py_Finalize runs first: executors, non-daemon threads
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader that left, or a closed stream: nothing to write to
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,6 +7,7 @@ the Dask scoring at fractions of the dataset; `to_markdown` and `readme_section`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -371,7 +372,8 @@ def measure_scaling(model_dir: str, dataset_path: Path, grid: DumpConfig, scorer
     """Seconds to dump and to score the grid at fractions of the dataset, and scoring at N with each worker count.
 
     Every measurement starts from an empty store in `scratch` (removed afterwards): nothing is cached.
-    Scoring is timed on an already started, warmed-up Dask cluster, so cluster start-up is not in the ratio.
+    Scoring is timed on an already started, warmed-up Dask cluster, so cluster start-up is not in the ratio; one
+    cluster of the most workers serves every fraction, the other worker counts get theirs at the full N only.
     """
     from aselect.pipelines.backbone import load_backbone  # torch and diffusers: only when measuring
     from aselect.pipelines.cluster import dask_client
@@ -387,35 +389,40 @@ def measure_scaling(model_dir: str, dataset_path: Path, grid: DumpConfig, scorer
     steps, done = len(fractions) + len(workers) - 1, 0
     points = []
     scoring_by_workers: dict[int, float] = {}
-    for fraction in fractions:
-        n = max(2, round(fraction * total))
-        samples = calibration_subset(labels, np.arange(total), n, grid.seed)
-        out = scratch / f"n{n}"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        layout = plan_layout(backbone, samples, grid)
-        dumped = run_dump(model_dir, dataset_path, out, layout, grid, backbone=backbone)
-        store = out / FEATURES_STORE
-        pairs = candidate_pairs(store, None if scorer == "probe_seg" else ["block", "attn", "mlp"])
-        truth = {"labels": labels[samples], "masks": masks[samples] if masks is not None else None}
-        for count in (workers if fraction == fractions[-1] else [most]):
-            with dask_client(None, count, 1) as client:
-                client.run(_warm_up)  # imports on each worker, outside the timing
-                started = time.perf_counter()
-                score_grid(client, store, scorer, pairs, params, **truth)
-                seconds = round(time.perf_counter() - started, 3)
-            if fraction == fractions[-1]:
-                scoring_by_workers[count] = seconds
-            if count == most:
-                score_seconds = seconds
-            done += 1
-            if progress:
-                progress(done / steps)
-            log.info("scaling: %d images, %d pairs, %d workers: dump %.1f s, scoring %.1f s", n, len(pairs), count,
-                     dumped.seconds, seconds)
-        points.append({"fraction": fraction, "images": n, "dump_seconds": dumped.seconds,
-                       "score_seconds": score_seconds, "pairs": len(pairs), "score_workers": most})
-        shutil.rmtree(out, ignore_errors=True)
+    with dask_client(None, most, 1) as widest:
+        widest.run(_warm_up)  # imports on each worker, outside the timing
+        for fraction in fractions:
+            n = max(2, round(fraction * total))
+            samples = calibration_subset(labels, np.arange(total), n, grid.seed)
+            out = scratch / f"n{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            layout = plan_layout(backbone, samples, grid)
+            dumped = run_dump(model_dir, dataset_path, out, layout, grid, backbone=backbone)
+            store = out / FEATURES_STORE
+            pairs = candidate_pairs(store, None if scorer == "probe_seg" else ["block", "attn", "mlp"])
+            truth = {"labels": labels[samples], "masks": masks[samples] if masks is not None else None}
+            for count in (workers if fraction == fractions[-1] else [most]):
+                with contextlib.ExitStack() as own:
+                    client = widest
+                    if count != most:
+                        client = own.enter_context(dask_client(None, count, 1))
+                        client.run(_warm_up)
+                    started = time.perf_counter()
+                    score_grid(client, store, scorer, pairs, params, **truth)
+                    seconds = round(time.perf_counter() - started, 3)
+                if fraction == fractions[-1]:
+                    scoring_by_workers[count] = seconds
+                if count == most:
+                    score_seconds = seconds
+                done += 1
+                if progress:
+                    progress(done / steps)
+                log.info("scaling: %d images, %d pairs, %d workers: dump %.1f s, scoring %.1f s", n, len(pairs), count,
+                         dumped.seconds, seconds)
+            points.append({"fraction": fraction, "images": n, "dump_seconds": dumped.seconds,
+                           "score_seconds": score_seconds, "pairs": len(pairs), "score_workers": most})
+            shutil.rmtree(out, ignore_errors=True)
     full = points[-1]
     for p in points:
         p["dump_ratio_to_full"] = _ratio(p["dump_seconds"], full["dump_seconds"])

@@ -15,17 +15,19 @@ from distributed import Client, LocalCluster
 
 from aselect.storage.errors import AselectError
 
-CONNECT_SECONDS = 10  # an address nobody answers at fails in one line, not after retries
+CONNECT_SECONDS = 10.0  # an address nobody answers at fails in one line, not after retries
 
 
 @contextlib.contextmanager
-def dask_client(address: str | None, workers: int, threads_per_worker: int) -> Iterator[Client]:
-    """A client on an existing scheduler (`address`) or on a fresh local cluster of worker processes."""
+def dask_client(address: str | None, workers: int, threads_per_worker: int,
+                connect_seconds: float = CONNECT_SECONDS) -> Iterator[Client]:
+    """A client on an existing scheduler (`address`, given up after `connect_seconds`) or on a fresh local
+    cluster of worker processes."""
     if address:
         try:
-            client = Client(address, timeout=f"{CONNECT_SECONDS}s")
+            client = Client(address, timeout=f"{connect_seconds}s")
         except (OSError, TimeoutError) as exc:
-            raise AselectError(f"dask.address {address}: no Dask scheduler answered within {CONNECT_SECONDS} s "
+            raise AselectError(f"dask.address {address}: no Dask scheduler answered within {connect_seconds:g} s "
                                f"({type(exc).__name__})") from None
         with client:
             yield client

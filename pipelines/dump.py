@@ -476,7 +476,7 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
     try:
         if remote or cfg.workers > 1:
             _compute_on_dask(pending, dask.address if remote else None, dask.resources if remote else {},
-                             cfg.workers, init_args, account, times)
+                             cfg.workers, dask.connect_seconds, init_args, account, times)
         else:
             _compute_here(pending, init_args, backbone, account, times)
     except torch.cuda.OutOfMemoryError:
@@ -515,13 +515,14 @@ def _compute_here(pending: dict[int, list[int]], init_args: tuple, backbone: Bac
 
 
 def _compute_on_dask(pending: dict[int, list[int]], address: str | None, resources: dict[str, float], workers: int,
-                     init_args: tuple, account: Callable[..., None], times: PhaseTimes) -> None:
+                     connect_seconds: float, init_args: tuple, account: Callable[..., None],
+                     times: PhaseTimes) -> None:
     """One Dask task per pending chunk (needing `resources` on each worker), on the scheduler at `address` or a
     LocalCluster of `workers` processes."""
     if not pending:
         return
     stage = Path(init_args[2]).name
-    with dask_client(address, workers, 1) as client:
+    with dask_client(address, workers, 1, connect_seconds) as client:
         futures = {client.submit(_run_chunk_on_worker, init_args, ci, tis, key=f"dump-{stage}-c{ci:05d}",
                                  pure=False, resources=resources or None): tis for ci, tis in pending.items()}
         for future in dask_as_completed(futures):

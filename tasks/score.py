@@ -71,7 +71,8 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
             pairs = candidate_pairs(store, paths.scored_sites(spec.needs))
             progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
             cluster = dask or DaskConfig()
-            with dask_client(cluster.address, cluster.workers, cluster.threads_per_worker) as client:
+            with dask_client(cluster.address, cluster.workers, cluster.threads_per_worker,
+                             cluster.connect_seconds) as client:
                 workers = len(client.scheduler_info()["workers"])
                 table = score_grid(client, store, scorer, pairs, scorer_params(cfg, scorer), labels=labels,
                                    masks=masks, rows=rows, progress=lambda done, total: progress.update(done / total))

@@ -34,7 +34,8 @@ class Server:
         self.port = free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "250"}
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "250",
+                    "PREFECT_WORKER_QUERY_SECONDS": "1"}  # the worker picks a triggered run up within 1 s, not 10
         self.env.pop("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", None)
         self.procs: list[subprocess.Popen] = []
         self.logs = home / "logs"
@@ -102,8 +103,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("prefect-home"))
+def server(new_prefect_home, tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(new_prefect_home(tmp_path_factory.mktemp("prefect-home")))
     srv.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(srv.port))
     try:
         srv.wait_healthy()

@@ -133,8 +133,9 @@ CASES = [
     Case("HFR cutoff above the token grid", ("--set", "score.hfr_cutoff=1.45"),
          "score.hfr_cutoff 1.45: no frequency of the 4x4 token grid is above it (the highest is 1.414)"),
     Case("NaN weights", LOAD, "{model}: non-finite features (hfr) at t=0, layer 0", nan_weights),
-    Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "dask.address=tcp://127.0.0.1:9"),
-         "dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 10 s"),
+    Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "dask.address=tcp://127.0.0.1:9",
+                                        "--set", "dask.connect_seconds=1.5"),
+         "dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 1.5 s"),
 ]
 
 
