@@ -176,7 +176,8 @@ def _terminal_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(new_prefect_home, tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(prefect_api_url: str, new_prefect_home,
+                                                             tmp_path: Path) -> None:
     """SIGINT to the whole process group mid-pretraining, with Prefect's temporary server (no PREFECT_API_URL):
     the run exits 130 in seconds with one line, stops its server, and a rerun resumes from the checkpoint."""
     home, workdir, hits = new_prefect_home(tmp_path / "prefect-home"), tmp_path / "work", tmp_path / "hits.log"
@@ -207,6 +208,7 @@ def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(new_prefect_home, t
     assert json.loads((backbone / "manifest.json").read_text())["status"] == "partial"
 
     env.pop("ASELECT_FAILPOINT_LOG")
+    env["PREFECT_API_URL"] = prefect_api_url  # the resume does not depend on the server: skip a temporary one
     done = subprocess.run(argv + ["--json"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = {s["name"]: s for s in json.loads(done.stdout)["stages"]}
