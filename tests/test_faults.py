@@ -184,7 +184,7 @@ def test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes(prefect_api_url: st
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
     argv = [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir),
-            "--set", "backbone.pretrain.steps=400", "--set", "backbone.pretrain.checkpoint_every=20"]
+            "--set", "backbone.pretrain.steps=200", "--set", "backbone.pretrain.checkpoint_every=20"]
     # what a terminal gives: Ctrl-C neither ignored nor blocked, whatever earlier tests left in this process
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, preexec_fn=_terminal_sigint)
