@@ -27,7 +27,7 @@ run: venv
 # the default until parallel runs have a longer record of passing (two timing-sensitive fault tests failed in
 # parallel before their fixes; README, Development).
 TEST_PROCS ?= 0
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --durations 10
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder --durations 10
 
 test: venv
 	$(BIN)/ruff check .

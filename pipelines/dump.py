@@ -13,7 +13,6 @@ import collections
 import contextlib
 import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -455,8 +454,8 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
              "this process" if cfg.workers == 1 else f"a local Dask cluster of {cfg.workers} worker processes")
     log.info("dump: %d (timestep, chunk) items, %d already finished, %d to compute in %s",
              total, reused, total - reused, where)
-    cores = os.cpu_count() or 1
-    threads = dask.torch_threads if remote else max(1, cores // cfg.workers)  # local: workers x threads <= cores
+    # local: workers x threads <= this process's torch threads (the cores, or what OMP_NUM_THREADS allows)
+    threads = dask.torch_threads if remote else max(1, torch.get_num_threads() // cfg.workers)
     init_args = (model_dir, str(dataset_path), str(stage_path), layout, cfg, threads)
     bar = tqdm(total=total, initial=reused, desc="dump", unit="item", disable=None)
     finished, written, image_steps = reused, 0, 0
