@@ -22,11 +22,10 @@ venv: $(BIN)/aselect
 run: venv
 	$(BIN)/aselect run $(CONFIG)
 
-# TEST_PROCS=2 runs the test files in 2 parallel processes (pytest-xdist; each file whole in one process, each with
-# its own Prefect test server): 6 min 17 s against about 8 min serial on a fresh clone on 2 idle cores. Serial stays
-# the default until parallel runs have a longer record of passing (two timing-sensitive fault tests failed in
-# parallel before their fixes; README, Development).
-TEST_PROCS ?= 0
+# The test files run in 2 processes (pytest-xdist: each file whole in one process, files with slow tests first;
+# each process has its own Prefect test server and one torch thread). TEST_PROCS=0: one process (README,
+# Development).
+TEST_PROCS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder --durations 10
 
 test: venv
