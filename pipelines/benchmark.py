@@ -403,11 +403,8 @@ def measure_scaling(model_dir: str, dataset_path: Path, grid: DumpConfig, scorer
             pairs = candidate_pairs(store, None if scorer == "probe_seg" else ["block", "attn", "mlp"])
             truth = {"labels": labels[samples], "masks": masks[samples] if masks is not None else None}
             for count in (workers if fraction == fractions[-1] else [most]):
-                with contextlib.ExitStack() as own:
-                    client = widest
-                    if count != most:
-                        client = own.enter_context(dask_client(None, count, 1))
-                        client.run(_warm_up)
+                with contextlib.nullcontext(widest) if count == most else dask_client(None, count, 1) as client:
+                    client.run(_warm_up)  # a no-op where already warm
                     started = time.perf_counter()
                     score_grid(client, store, scorer, pairs, params, **truth)
                     seconds = round(time.perf_counter() - started, 3)

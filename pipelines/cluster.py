@@ -15,7 +15,7 @@ from distributed import Client, LocalCluster
 
 from aselect.storage.errors import AselectError
 
-CONNECT_SECONDS = 10.0  # an address nobody answers at fails in one line, not after retries
+CONNECT_SECONDS = 10.0  # dask.connect_seconds' default: an address nobody answers at fails in one line
 
 
 @contextlib.contextmanager
