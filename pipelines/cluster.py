@@ -13,9 +13,8 @@ from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
+from aselect.pipelines.config import CONNECT_SECONDS
 from aselect.storage.errors import AselectError
-
-CONNECT_SECONDS = 10.0  # dask.connect_seconds' default: an address nobody answers at fails in one line
 
 
 @contextlib.contextmanager

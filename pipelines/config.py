@@ -244,12 +244,15 @@ class CalibrateConfig(Section):
         return sorted(dump.timesteps if self.timesteps is None else self.timesteps)
 
 
+CONNECT_SECONDS = 10.0  # an address nobody answers at fails in one line after this, not after retries
+
+
 class DaskConfig(Section):
     """The pipeline's Dask cluster: an existing scheduler by address (scoring and the dump both run on it), or
     LocalClusters started per stage (scoring: `workers`; the dump: `dump.workers` when above 1)."""
 
     address: str | None = None  # e.g. tcp://127.0.0.1:8786
-    connect_seconds: float = Field(10.0, gt=0)  # no scheduler answering at `address` within this: a one-line error
+    connect_seconds: float = Field(CONNECT_SECONDS, gt=0)  # no scheduler answering at `address` within this: an error
     workers: int = Field(2, ge=1)  # local scoring cluster: worker processes
     threads_per_worker: int = Field(1, ge=1)  # local scoring cluster: threads per worker
     # Abstract resources each dump task needs on an existing cluster, e.g. {GPU: 1} for workers started with

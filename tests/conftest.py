@@ -49,22 +49,23 @@ def prefect_api_url() -> str:
         with contextlib.closing(sqlite3.connect(database)) as source, \
                 contextlib.closing(sqlite3.connect(MIGRATED_DB)) as copy:
             source.backup(copy)  # consistent while the server writes
-        session_db = Path(os.environ["PREFECT_HOME"]) / "prefect.db"
-        if not session_db.exists():  # else a temporary server has made and migrated it already
-            shutil.copyfile(MIGRATED_DB, session_db)
+        session_home = Path(os.environ["PREFECT_HOME"])
+        if not (session_home / "prefect.db").exists():  # else a temporary server has made and migrated it already
+            seed_prefect_home(session_home)
         yield str(PREFECT_API_URL.value())
+
+
+def seed_prefect_home(home: Path) -> Path:
+    """`home` as a PREFECT_HOME whose database is already migrated (a copy of MIGRATED_DB)."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(MIGRATED_DB, home / "prefect.db")
+    return home
 
 
 @pytest.fixture(scope="session")
 def new_prefect_home(prefect_api_url: str) -> Callable[[Path], Path]:
-    """Make a directory a PREFECT_HOME whose database is already migrated."""
-
-    def seed(home: Path) -> Path:
-        home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(MIGRATED_DB, home / "prefect.db")
-        return home
-
-    return seed
+    """Make a directory a PREFECT_HOME whose database is already migrated (once the session server made it)."""
+    return seed_prefect_home
 
 
 @pytest.fixture(scope="session")
