@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= digits
+# torch's CPU build: PyPI's `torch` is the multi-GB CUDA build. A local wheel of it (pip's find-links) is used
+# when there is one, without asking any index; else it comes from this index.
+TORCH := torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
@@ -12,9 +16,12 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/aselect: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	# torch first, the CPU build (constraints.txt pins it): a local wheel, else TORCH_INDEX. An index that cannot
+	# be reached is not asked when a local wheel is there (pip retries one for minutes before giving up).
+	$(BIN)/pip install --quiet --no-index --no-deps '$(TORCH)' 2>/dev/null \
+		|| $(BIN)/pip install --quiet '$(TORCH)' --index-url $(TORCH_INDEX)
+	$(BIN)/pip install --quiet '$(TORCH)'  # its dependencies (for a local wheel), from the configured indexes
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'  # torch is already the pinned build: kept
 	touch $@
 
 venv: $(BIN)/aselect

@@ -25,7 +25,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from aselect.flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipeline, resolve_run_config, run_foundation
 from aselect.pipelines.backbone import load_backbone
 from aselect.pipelines.benchmark import (
-    BENCH_VERSION,
     Selector,
     best_pair_at,
     confidence_curve,
@@ -44,8 +43,9 @@ from aselect.pipelines.benchmark import (
 from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import RunConfig
 from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
-from aselect.pipelines.paths import hfr_stream
+from aselect.pipelines.plan import hfr_stream
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
+from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_dataset
 from aselect.storage.stages import StageRef, Workdir, write_json_atomic
 from aselect.tasks.backbone import ModelInfo, backbone_dir
@@ -56,6 +56,7 @@ from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
 from aselect.tasks.stage import StageReport, plan_and_run
 
+STAGE_TASKS = ("ingest", "backbone", "dump", "score", "select", "probe", "benchmark")
 DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "digits-noisy", "mnist5k", "shapes", "mnist32")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
 
@@ -196,11 +197,18 @@ def _confidence_curve(cfg: RunConfig, chosen: list[Selector], summaries: dict[st
                             cfg.select.bootstrap or 200, cfg.select.bootstrap_seed)
 
 
+def bench_code() -> str:
+    """The digest of the code a config's report comes from: this flow, the pipeline flows and every stage task
+    (with what they import from pipelines/ and storage/)."""
+    return code_digest(__name__, "aselect.flows.pipeline", *(f"aselect.tasks.{stage}" for stage in STAGE_TASKS))
+
+
 def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
-    """One config's report, kept under `<out>/configs/` by a key of its resolved config and the bench version, so
-    a rerun after an interruption (or with more configs) measures only the configs not finished yet."""
+    """One config's report, kept under `<out>/configs/` by a key of its resolved config and its code
+    (`bench_code`), so a rerun after an interruption (or with more configs) measures only the configs not finished
+    yet, and a code change measures them again."""
     cfg = resolve_run_config(name, None, workdir)
-    digest = hashlib.sha256(json.dumps([BENCH_VERSION, scaling, cfg.model_dump(mode="json", exclude={"workdir"})],
+    digest = hashlib.sha256(json.dumps([bench_code(), scaling, cfg.model_dump(mode="json", exclude={"workdir"})],
                                        sort_keys=True).encode()).hexdigest()[:16]
     saved = out / "configs" / f"{cfg.name}-{digest}.json"
     if saved.is_file():
@@ -227,7 +235,7 @@ def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | No
     if results.exists():
         results.replace(previous_path)
     picture = cost_vs_regret(reports, out / "cost-vs-regret.png")
-    report = {"bench_version": BENCH_VERSION, "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+    report = {"bench_code": bench_code(), "generated": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": _machine(), "command": command or f"aselect bench {' '.join(names)}", "configs": reports,
               "regressions": flag_regressions(reports, previous if isinstance(previous, dict) else None),
               "leave_one_config_out": leave_one_config_out(reports),
@@ -235,15 +243,21 @@ def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | No
     write_json_atomic(results, report)
     markdown = to_markdown(report) + f"\nCost vs regret: `{picture}`\n"
     (out / "results.md").write_text(markdown)
-    try:
-        create_markdown_artifact(key="benchmark-results", markdown=markdown,
-                                 description="every selector against the exhaustive oracle")
-        create_table_artifact(key="benchmark-selectors", description="one row per (config, selector)",
-                              table=[{"config": c["config"], **{k: v for k, v in r.items() if k != "cost_ratio"},
-                                      "cost_ratio_compute": r["cost_ratio"]["compute_seconds"]}
-                                     for c in reports for r in c["selectors"]])
-    except Exception:  # artifacts are a convenience; the files say the same
-        pass
+    artifacts = {
+        "benchmark-results": lambda: create_markdown_artifact(
+            key="benchmark-results", markdown=markdown, description="every selector against the exhaustive oracle"),
+        "benchmark-selectors": lambda: create_table_artifact(
+            key="benchmark-selectors", description="one row per (config, selector)",
+            table=[{"config": c["config"], **{k: v for k, v in r.items() if k != "cost_ratio"},
+                    "cost_ratio_compute": r["cost_ratio"]["compute_seconds"]}
+                   for c in reports for r in c["selectors"]]),
+    }
+    for key, create in artifacts.items():
+        try:
+            create()
+        except Exception as exc:  # artifacts are a convenience; results.json and results.md say the same
+            logger.warning("benchmark artifact %s not written (%s: %s); %s has the same", key,
+                           type(exc).__name__, exc, results)
     for flag in report["regressions"]:
         logger.warning("regression: %s", flag)
     for c in reports:

@@ -88,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=str))
         return 0
-    print(f"aselect run {result['config']} ({result['path']} path, workdir {result['workdir']})")
+    policy = (result.get("selection") or {}).get("policy", "-")
+    print(f"aselect run {result['config']} ({result['flow']}, policy {policy}, workdir {result['workdir']})")
     for s in result["stages"]:
         print(f"  {s['name']:<10} {s['key']}  {s['status']:<10} {s['seconds']:>8.2f}s  {s['summary']}")
     if result.get("selection"):
@@ -100,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from aselect.flows.benchmark import DEFAULT_CONFIGS, aselect_benchmark  # Prefect, torch, diffusers
     from aselect.flows.pipeline import resolve_run_config
-    from aselect.pipelines.benchmark import to_markdown, update_readme
+    from aselect.pipelines.benchmark import results_json_copy, to_markdown, write_results_page
 
     configs = args.configs or list(DEFAULT_CONFIGS)
     for name in configs:  # a bad config fails here, before anything runs
@@ -110,12 +111,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = aselect_benchmark(configs=configs, workdir=args.workdir, scaling=args.scaling,
                                keep_work=args.keep_work, command=command)
     if args.readme:
-        readme = Path(args.readme)
-        copy = readme.parent / "bench" / "results.json"
+        page = Path(args.readme)
+        copy = results_json_copy(page)
         copy.parent.mkdir(parents=True, exist_ok=True)
         clean = {k: v for k, v in report.items() if k not in ("results", "markdown")}
         copy.write_text(json.dumps(clean, indent=1) + "\n")
-        update_readme(readme, clean)
+        write_results_page(page, clean)
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -203,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-scaling", dest="scaling", action="store_false",
                        help="skip the dump/scoring scaling measurements")
     bench.add_argument("--keep-work", action="store_true", help="keep the fresh per-config workdirs for inspection")
-    bench.add_argument("--readme", metavar="README", help="also copy results.json to bench/ beside README and "
-                       "regenerate README's results section from it")
+    bench.add_argument("--readme", metavar="PAGE", help="also write the results page PAGE (e.g. docs/results.md: "
+                       "its section between the bench markers, or the whole page when it has none) and copy "
+                       "results.json to bench/ beside it (beside docs/ for a page in docs/)")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench.set_defaults(func=cmd_bench)
 
@@ -277,6 +279,11 @@ class ServerWatch:
         if getattr(original, "aselect_shielded", False):
             return
 
+        # Prefect (3.9) has no public setting or hook for how it spawns its temporary server: the private
+        # `_run_uvicorn_command` calls `subprocess.Popen` itself. So that method is wrapped, and Popen patched for
+        # the call, to start the server in its own process group. Guarded by tests/test_faults.py:
+        # test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes (Ctrl-C to our group spares the server until
+        # it is stopped last; none outlives the run) and test_a_run_whose_temporary_server_dies_fails_fast_in_one_line.
         def in_own_process_group(server: Any) -> Any:
             with mock.patch.object(prefect_server.subprocess, "Popen",
                                    functools.partial(subprocess.Popen, process_group=0)):
@@ -301,6 +308,9 @@ class ServerWatch:
                     self.report()
                     if os.getpgrp() == os.getpid():  # our own group only: dump and Dask workers die with us
                         os.killpg(os.getpgrp(), signal.SIGTERM)  # (ours raises in the main thread: harmless)
+                    # A thread cannot end the process otherwise (sys.exit ends only this thread, and the main one is
+                    # stuck in Prefect's retries): os._exit is Python's way. Guarded by tests/test_faults.py::
+                    # test_a_run_whose_temporary_server_dies_fails_fast_in_one_line (exit 2, one line, in seconds).
                     os._exit(2)
                 return
 
@@ -370,10 +380,21 @@ def entry() -> None:
     With torch, diffusers and Prefect loaded, that teardown (garbage collection while clearing ~10,000 modules)
     was measured at 2.6 s after every command, and it only frees memory the exit frees anyway. Everything else
     the interpreter does at exit still happens, in its order: threads joined, atexit handlers (Prefect drains its
-    workers and stops its temporary server), streams flushed."""
+    workers and stops its temporary server), streams flushed.
+
+    Python has no public API for "the exit, without the module teardown": `threading._shutdown` (what Py_Finalize
+    runs first: executors, non-daemon threads joined) and `atexit._run_exitfuncs` are CPython internals, used here
+    where they exist (a Python without them gets the ordinary exit). Guarded by every `run_cli` test in
+    tests/test_cli.py (`python -m aselect` is this entry: exit status, stdout's JSON complete, e.g.
+    test_cli_run_json_and_inspect, test_cli_config_errors_are_one_line_without_traceback) and by
+    tests/test_faults.py::test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes (exit 130, the temporary
+    server stopped by Prefect's atexit handler)."""
     code = main()
-    threading._shutdown()  # type: ignore[attr-defined]  # what Py_Finalize runs first: executors, non-daemon threads
-    atexit._run_exitfuncs()
+    shutdown, run_exitfuncs = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exitfuncs is None:
+        sys.exit(code)
+    shutdown()
+    run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

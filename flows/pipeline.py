@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from aselect.pipelines import paths
+from aselect.pipelines import plan
 from aselect.pipelines.config import RunConfig, load_config
 from aselect.pipelines.select import middle_third
 from aselect.storage.errors import AselectError
@@ -50,11 +50,11 @@ def is_segmentation(dataset: StageRef) -> bool:
     return DatasetCounts.of(dataset).segmentation
 
 
-def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageReport]) -> dict[str, Any]:
-    """The JSON a run prints: stages, the selection, the metric and what it cost."""
+def run_summary(cfg: RunConfig, work: Workdir, flow_name: str, reports: list[StageReport]) -> dict[str, Any]:
+    """The JSON a run prints: the flow, stages, the selection (its `policy` too), the metric and what it cost."""
     selection = next((r.result["selection"] for r in reports if r.name == "select"), None)
     metrics = next((dict(r.result["metrics"]) for r in reports if r.name == "probe"), None)
-    # What selecting and evaluating cost; ingest and the backbone are left out (every path shares them).
+    # What selecting and evaluating cost; ingest and the backbone are left out (every flow shares them).
     # Forward passes count images x timesteps; compute seconds are the stages' own recorded seconds, whether
     # or not this run recomputed them; wall seconds are this run's time in its stages (small when cached).
     cost = {"forward_passes": 0, "probe_fits": 0, "compute_seconds": 0.0, "wall_seconds": 0.0, "cached_stages": 0}
@@ -69,21 +69,21 @@ def run_summary(cfg: RunConfig, work: Workdir, path: str, reports: list[StageRep
         cost["cached_stages"] += int(r.cached)
     cost["compute_seconds"] = round(cost["compute_seconds"], 3)
     cost["wall_seconds"] = round(cost["wall_seconds"], 3)
-    return {"config": cfg.name, "path": path, "workdir": str(work.root), "stages": [r.as_dict() for r in reports],
+    return {"config": cfg.name, "flow": flow_name, "workdir": str(work.root), "stages": [r.as_dict() for r in reports],
             "selection": selection, "metrics": metrics, "cost": cost}
 
 
-def _start(config: str, overrides: list[str] | None, workdir: str | None, path: str) -> tuple[RunConfig, Workdir]:
+def _start(config: str, overrides: list[str] | None, workdir: str | None, label: str) -> tuple[RunConfig, Workdir]:
     """Resolve the config and check the workdir before any stage runs."""
     cfg = resolve_run_config(config, overrides, workdir)
     work = Workdir(cfg.workdir)
     work.check_writable()
-    get_run_logger().info("%s path: config %s, workdir %s", path, cfg.name, work.root)
+    get_run_logger().info("%s: config %s, workdir %s", label, cfg.name, work.root)
     return cfg, work
 
 
 def run_foundation(cfg: RunConfig, work: Workdir, reports: list[StageReport]) -> tuple[StageRef, StageRef]:
-    """Stages 1-2, shared by both paths."""
+    """Stages 1-2, shared by both flows."""
     dataset = plan_and_run(ingest, plan_ingest, work, reports, cfg=cfg.ingest)
     model = plan_and_run(backbone, plan_backbone, work, reports, cfg=cfg.backbone, dataset=dataset)
     return dataset, model
@@ -96,7 +96,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
     plan_and_run(select_pair, plan_select, work, reports, cfg=select_cfg, table=table, scores=scores)
     selection = reports[-1].result["selection"]
     if features is None:
-        pair_cfg = paths.selected_pair(cfg.dump, selection, is_segmentation(dataset))
+        pair_cfg = plan.selected_pair(cfg.dump, selection, is_segmentation(dataset))
         features = plan_and_run(dump, plan_dump, work, reports, cfg=pair_cfg, dataset=dataset, model=model,
                                 dask=cfg.dask)
     plan_and_run(probe, plan_probe, work, reports, cfg=cfg.probe, features=features, dataset=dataset,
@@ -122,15 +122,15 @@ def calibration_layers(cfg: RunConfig, model: StageRef) -> list[int] | None:
 
 def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageReport], dataset: StageRef,
                          model: StageRef) -> StageRef:
-    """Stages 3-4 of the cheap path: every candidate timestep (`calibrate.timesteps`) on the calibration subset.
+    """Stages 3-4 of the cheap flow: every candidate timestep (`calibrate.timesteps`) on the calibration subset.
 
     `aselect` streams HFR (label-free) of the `calibrate.sites` token or attention maps: the forward hooks reduce
     each map to one number per image, and scoring averages them. `fewshot` dumps pooled features (token maps
     for segmentation) of the same few images and scores a probe with their labels (nearest class mean for
     classification, a per-token probe for segmentation).
     """
-    plan = paths.calibration(cfg, is_segmentation(dataset), calibration_layers(cfg, model))
-    calib_cfg, hfr, scorer, keep_maps = plan.dump, plan.hfr, plan.scorer, plan.keep_maps
+    calib = plan.calibration(cfg, is_segmentation(dataset), calibration_layers(cfg, model))
+    calib_cfg, hfr, scorer, keep_maps = calib.dump, calib.hfr, calib.scorer, calib.keep_maps
     calibration = plan_and_run(dump, plan_dump, work, reports, stage_name="calibrate", cfg=calib_cfg,
                                dataset=dataset, model=model, calibration_images=cfg.calibrate.images, hfr=hfr,
                                keep_maps=keep_maps, dask=cfg.dask)
@@ -165,7 +165,7 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
     if select_cfg.policy == "aselect" and select_cfg.layers is None:
         select_cfg = select_cfg.model_copy(update={"layers": hfr_band(cfg, model)})
     _select_and_probe(cfg, work, reports, select_cfg, scored, table, dataset, model, None)
-    return run_summary(cfg, work, cfg.select.policy, reports)  # aselect, fewshot, rankme or fixed
+    return run_summary(cfg, work, "aselect-pipeline", reports)
 
 
 @flow(name="aselect-exhaustive")
@@ -177,7 +177,7 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     # 1-2. ingest, backbone
     dataset, model = run_foundation(cfg, work, reports)
     # 3. dump the grid for every image (token maps too for segmentation)
-    grid_cfg, scorer = paths.exhaustive(cfg.dump, is_segmentation(dataset))
+    grid_cfg, scorer = plan.exhaustive(cfg.dump, is_segmentation(dataset))
     grid = plan_and_run(dump, plan_dump, work, reports, cfg=grid_cfg, dataset=dataset, model=model, dask=cfg.dask)
     # 4. score every pair with the labelled probe (train split only)
     scores = plan_and_run(score, plan_score, work, reports, cfg=cfg.score, scorer=scorer, features=grid,
@@ -185,7 +185,7 @@ def aselect_exhaustive(config: ConfigName = "digits", overrides: list[Override] 
     # 5-6. select the best pair, probe it from the same dump
     oracle = cfg.select.model_copy(update={"policy": "oracle"})
     _select_and_probe(cfg, work, reports, oracle, [scores], reports[-1].result["rows"], dataset, model, grid)
-    return run_summary(cfg, work, "exhaustive", reports)
+    return run_summary(cfg, work, "aselect-exhaustive", reports)
 
 
 if __name__ == "__main__":

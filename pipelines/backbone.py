@@ -19,8 +19,6 @@ from diffusers.utils import logging as diffusers_logging
 from aselect.pipelines.models import Backbone, make_scheduler
 from aselect.storage.errors import AselectError
 
-BACKBONE_VERSION = 2
-
 logger = logging.getLogger("aselect.backbone")
 
 # Class names in a transformer config.json that we accept as a DiT (old hub DiTs say Transformer2DModel).

@@ -2,7 +2,8 @@
 
 No Prefect here. flows/benchmark.py runs the two flows once per selector and hands their run summaries
 (`flows.pipeline.run_summary`) to `selector_row` and `config_report`; `measure_scaling` times the dump and
-the Dask scoring at fractions of the dataset; `to_markdown` and `readme_section` render the report.
+the Dask scoring at fractions of the dataset; `to_markdown` renders the whole report, `readme_section` the
+generated section of the results page (docs/results.md) and `write_results_page` writes it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from typing import Any
 import numpy as np
 
 from aselect.pipelines.config import DumpConfig, RunConfig
-from aselect.storage.errors import AselectError
 
 log = logging.getLogger("aselect.bench")
 
-BENCH_VERSION = 1
 COST_GOAL = 21.0  # the paper: ~21x less compute than exhaustive timestep search
 REGRET_GOAL_POINTS = 1.0
 DASK_SPEEDUP_GOAL = 1.7  # scoring with 2 workers vs 1
@@ -126,7 +125,7 @@ def confidence_curve(table: list[dict[str, Any]], per_image: np.ndarray, policy_
         draws = [np.arange(pool)] if size == pool else [np.sort(rng.permutation(pool)[:size]) for _ in range(subsets)]
         runs = [bootstrap_confidence("aselect", table, per_image[:, cols], policy_params, resamples, seed)
                 for cols in draws]
-        points.append({"images": size, "subsets": len(runs),
+        points.append({"images": size, "subsets": len(runs), "resamples": resamples,
                        **{k: round(float(np.mean([r[key] for r in runs])), 4)
                           for k, key in (("confidence", "value"), ("timestep", "timestep"), ("layer", "layer"))},
                        "agrees": round(float(np.mean([r["selected"] == full for r in runs])), 4),
@@ -521,8 +520,9 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- baseline {b['label']}: {b['metric']} {b['value']:.4f} (regret {b['regret_points']:.2f}; "
                          f"the A-SelecT default {'beats' if b['beaten_by_default'] else 'does not beat'} it)")
         if c.get("confidence_curve"):
-            lines += ["", "Confidence vs calibration size C (200 bootstrap resamples at each C, one calibration of "
-                          "the largest C; measured in this run):", ""] + curve_table(c["confidence_curve"])
+            curve = c["confidence_curve"]
+            lines += ["", f"Confidence vs calibration size C ({_resamples_words(curve)} at each C, one calibration "
+                          "of the largest C; measured in this run):", ""] + curve_table(curve)
         if c["scaling"]:
             lines += ["", "Scaling (measured in this run, fresh stores):", ""] + scaling_table(c["scaling"])
         if c["pictures"]:
@@ -532,6 +532,21 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += loco_table(report["leave_one_config_out"]) + [""]
     lines.append("Regressions against the previous run: " + ("; ".join(report["regressions"]) or "none"))
     return "\n".join(lines) + "\n"
+
+
+def _resamples_words(curve: list[dict[str, Any]]) -> str:
+    """`200 bootstrap resamples`, from the curve's own points (reports written before they recorded it: the
+    config's `select.bootstrap`)."""
+    counts = sorted({p["resamples"] for p in curve if p.get("resamples")})
+    return (f"{'/'.join(str(n) for n in counts)} bootstrap resamples" if counts
+            else "the config's `select.bootstrap` bootstrap resamples")
+
+
+def _subsets_words(curves: list[list[dict[str, Any]]]) -> str:
+    """`8 random C-image subsets`, from the curves' points below the whole calibration."""
+    counts = sorted({p["subsets"] for curve in curves for p in curve[:-1] if p.get("subsets")})
+    n = "/".join(str(k) for k in counts) or "several"
+    return f"{n} random C-image subset{'' if counts == [1] else 's'}"
 
 
 def _profile(p: dict[str, Any]) -> str:
@@ -566,11 +581,21 @@ def loco_table(loco: dict[str, Any]) -> list[str]:
     return lines
 
 
+RESULTS_PAGE = "docs/results.md"  # where `make bench` writes the results page (`aselect bench --readme`)
+
+
+def _measured_on(report: dict[str, Any]) -> str:
+    """`2 CPU cores, no GPU, 2026-11-27`: the machine and date a report was measured on."""
+    m = report["machine"]
+    return f"{m['cores']} CPU cores, {m['device']}, {report['generated'][:10]}"
+
+
 def readme_section(report: dict[str, Any]) -> str:
-    """The README's results section: one table of A-SelecT vs the oracle per config, the goals, and the command."""
-    lines = [README_START, "", f"Measured {report['generated'][:10]} on {report['machine']['cores']} CPU cores "
-             f"({report['machine']['device']}); generated from `bench/results.json` by:", "", "```sh",
-             f"{report['command']} --readme README.md", "```", "",
+    """The generated section of the results page: one table of every selector vs the oracle per config, the
+    baselines, the default chosen leave-one-config-out, the goals, and the command that regenerates it."""
+    command = report["command"] if "--readme" in report["command"] else f"{report['command']} --readme {RESULTS_PAGE}"
+    lines = [README_START, "", f"Measured on {_measured_on(report)}; generated from `bench/results.json` by:", "",
+             "```sh", command, "```", "",
              "| config | selector | pair | metric | regret (pts) | = timestep + feature regret | confidence | "
              "forward passes | compute s | exhaustive / this (forward passes) | exhaustive / this (compute s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -609,9 +634,10 @@ def readme_section(report: dict[str, Any]) -> str:
     curves = [c for c in report["configs"] if c.get("confidence_curve")]
     if curves:
         sizes = sorted({p["images"] for c in curves for p in c["confidence_curve"]})
-        lines += ["", "Stability of the A-SelecT choice vs calibration size C: share of 200 bootstrap resamples of "
-                      "C images that pick the same timestep / the same (timestep, layer) pair, averaged over 8 random "
-                      "C-image subsets of one calibration:", "",
+        resamples = _resamples_words([p for c in curves for p in c["confidence_curve"]])
+        lines += ["", f"Stability of the A-SelecT choice vs calibration size C: share of {resamples} of C images that "
+                      f"pick the same timestep / the same (timestep, layer) pair, averaged over "
+                      f"{_subsets_words([c['confidence_curve'] for c in curves])} of one calibration:", "",
                   "| config | " + " | ".join(f"C={n}" for n in sizes) + " |",
                   "| --- |" + " --- |" * len(sizes)]
         for c in curves:
@@ -620,22 +646,41 @@ def readme_section(report: dict[str, Any]) -> str:
             lines.append(f"| {c['config']} | " + " | ".join(cells) + " |")
     scaled = [c for c in report["configs"] if c["scaling"]]
     if scaled:
-        lines += ["", "Scaling (dump and scoring seconds at 1/4, 1/2 and all images, relative to all images; "
-                  "scoring speedup with 2 Dask workers):", ""]
+        lines += ["", "Scaling (dump and scoring seconds at fractions of the N images, relative to all N; scoring "
+                  "speedup with the most Dask workers over 1):", ""]
         for c in scaled:
             s = c["scaling"]
+            fractions = ", ".join(f"{p['fraction']:g} N" for p in s["points"])
             dumps = ", ".join(_fmt(p["dump_ratio_to_full"], 2) for p in s["points"])
             scores = ", ".join(_fmt(p["score_ratio_to_full"], 2) for p in s["points"])
-            lines.append(f"- {c['config']}: dump {dumps}; scoring {scores}; 2-worker speedup "
-                         f"{_fmt(s['dask_speedup'], 2, 'x')}")
+            workers = s.get("speedup_workers") or max(int(w) for w in s["scoring_seconds_by_workers"])
+            lines.append(f"- {c['config']} (at {fractions}): dump {dumps}; scoring {scores}; {workers}-worker "
+                         f"speedup {_fmt(s['dask_speedup'], 2, 'x')}")
     lines += ["", README_END]
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, report: dict[str, Any]) -> None:
-    """Replace the section between the bench markers of `readme` with `readme_section(report)`."""
-    text = readme.read_text()
+def results_page(report: dict[str, Any]) -> str:
+    """A whole results page: a title, and the generated section (which names the machine and date)."""
+    return ("# Benchmark results\n\nEvery selector against the exhaustive linear-probe oracle. The section between "
+            "the `bench:start` and `bench:end` markers is generated by `aselect bench --readme`; a rerun replaces "
+            f"only that section.\n\n{readme_section(report)}\n")
+
+
+def results_json_copy(page: Path) -> Path:
+    """Where `aselect bench --readme PAGE` copies results.json: `bench/` beside the page, or beside `docs/` for a
+    page in a `docs/` folder (docs/results.md -> bench/results.json)."""
+    root = page.parent.parent if page.parent.name == "docs" else page.parent
+    return root / "bench" / "results.json"
+
+
+def write_results_page(page: Path, report: dict[str, Any]) -> None:
+    """Write the results page: replace the section between the bench markers when `page` has them, else write
+    the whole page (`results_page`)."""
+    text = page.read_text() if page.is_file() else ""
     start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise AselectError(f"{readme}: no '{README_START}' ... '{README_END}' section to replace")
-    readme.write_text(text[:start] + readme_section(report) + text[end + len(README_END):])
+    if 0 <= start < end:
+        page.write_text(text[:start] + readme_section(report) + text[end + len(README_END):])
+        return
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(results_page(report))

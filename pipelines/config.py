@@ -183,14 +183,14 @@ class CalibrateConfig(Section):
     # Calibration is a reduction over a small subset, so it can afford a far denser grid than the dump.
     timesteps: list[int] | None = None
     # What HFR is computed on. `attn` (self-attention output token maps) had the lowest regret across the
-    # bundled configs (README, "Results"); attention maps did best on digits only.
+    # bundled configs (docs/results.md); attention maps (`attn_map`) had the worst on digits.
     sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
         default_factory=lambda: ["attn"], min_length=1)
     keep_maps: bool = False  # also store the token / attention maps (float16) the HFR was computed from
     # The label-free signal (pipelines.streamed.SIGNALS): `plain` is A-SelecT as published; `mean`, `debiased`
     # (K = `draws` noise draws per image and t, K times the forward passes) and `noise_relative` (2 inputs per
     # image) are ours and separate the image's structure from the injected noise. Default `noise_relative`: the
-    # lowest worst-case regret chosen leave-one-config-out (README, "Results"); plain HFR lost up to 77.6 points.
+    # lowest worst-case regret chosen leave-one-config-out (docs/results.md), far below plain HFR's.
     signal: Literal["plain", "mean", "debiased", "noise_relative"] = "noise_relative"
     draws: int = Field(8, ge=2)  # K for `mean` and `debiased`
     # Which layers calibration runs the DiT to and reduces: default (None) the layers the aselect policy reads
@@ -314,8 +314,8 @@ class BenchConfig(Section):
 
     hfr_variants: list[SiteName] = Field(default_factory=lambda: ["attn_map", "block", "mlp"])  # besides hfr_site
     # Label-free signals (calibrate.signal) besides the configured one, each on hfr_site. Default: `plain`, A-SelecT
-    # as published. `mean` and `debiased` take K forward passes per (image, t) and lost to noise_relative in
-    # session 6's six-config run (README), so they are opt-in.
+    # as published. `mean` and `debiased` take K forward passes per (image, t) and had higher regret than
+    # noise_relative where they were benchmarked (list them here to measure them again), so they are opt-in.
     hfr_signals: list[Literal["plain", "mean", "debiased", "noise_relative"]] = Field(
         default_factory=lambda: ["plain"])
     fewshot: bool = True  # the few-shot probe on the calibration subset as a selector

@@ -42,6 +42,7 @@ from aselect.pipelines.features import (
 from aselect.pipelines.models import Backbone
 from aselect.pipelines.scoring import radial_frequency
 from aselect.pipelines.streamed import MULTI_DRAW, HfrStream, signal_per_image
+from aselect.pipelines.threads import torch_threads
 from aselect.storage.datasets import open_images
 from aselect.storage.errors import AselectError
 from aselect.storage.features import (
@@ -66,7 +67,7 @@ class DumpResult:
     items_total: int
     items_computed: int
     items_reused: int  # finished by an earlier attempt
-    forward_passes: int
+    batches: int  # batched forward passes computed in this attempt: one per (timestep, chunk) item
     images_timesteps: int  # images x timesteps x inputs per image (forward-pass inputs) computed in this attempt
     bytes_written: int
     seconds: float
@@ -161,9 +162,9 @@ _WORKER: _Worker | None = None
 
 def _init_worker(model_dir: str, dataset_path: str, stage_path: str, layout: FeatureLayout, cfg: DumpConfig,
                  threads: int | None, backbone: Backbone | None = None) -> None:
+    """Load what this process's chunks need; `threads` is applied by the callers, around the work
+    (`torch_threads`), so the count is restored when it ends."""
     global _WORKER
-    if threads is not None:
-        torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
     backbone = backbone or load_backbone(model_dir)
     backbone.transformer.to(device).eval()
@@ -399,21 +400,23 @@ def _run_chunk_on_worker(init_args: tuple, ci: int, timestep_indices: list[int]
     died skips the timesteps the dead worker had already recorded.
     """
     global _WORKER_ARGS
-    if _WORKER is None or _WORKER_ARGS != init_args:
-        _init_worker(*init_args)
-        _WORKER_ARGS = init_args
-    stage_path = Path(init_args[2])
-    pending = [ti for ti in timestep_indices if not item_finished(stage_path, ti, ci)]
-    times = PhaseTimes()
-    if not pending:
-        return ci, pending, 0, times.seconds
-    writer = _Writer(times)
-    try:
-        for _ in _run_chunk(ci, pending, writer, times):
-            pass
-        written = sum(nbytes for _, nbytes in writer.collect(block=True))
-    finally:
-        writer.close()
+    # the dump's torch threads for this task only: a worker of an existing cluster runs other work too
+    with torch_threads(init_args[5]):
+        if _WORKER is None or _WORKER_ARGS != init_args:
+            _init_worker(*init_args)
+            _WORKER_ARGS = init_args
+        stage_path = Path(init_args[2])
+        pending = [ti for ti in timestep_indices if not item_finished(stage_path, ti, ci)]
+        times = PhaseTimes()
+        if not pending:
+            return ci, pending, 0, times.seconds
+        writer = _Writer(times)
+        try:
+            for _ in _run_chunk(ci, pending, writer, times):
+                pass
+            written = sum(nbytes for _, nbytes in writer.collect(block=True))
+        finally:
+            writer.close()
     return ci, pending, written, times.seconds
 
 
@@ -492,25 +495,24 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
     seconds = round(time.perf_counter() - started, 3)
     if computed:
         log.info("dump: %.1f s; %s", seconds, times.describe())
-    return DumpResult(items_total=total, items_computed=computed, items_reused=reused, forward_passes=computed,
+    return DumpResult(items_total=total, items_computed=computed, items_reused=reused, batches=computed,
                       images_timesteps=image_steps, bytes_written=written, seconds=seconds, phases=times.summary())
 
 
 def _compute_here(pending: dict[int, list[int]], init_args: tuple, backbone: Backbone | None,
                   account: Callable[..., None], times: PhaseTimes) -> None:
-    """Run the pending chunks in this process."""
-    saved_threads = torch.get_num_threads()
-    _init_worker(*init_args, backbone=backbone)
-    writer = _Writer(times)  # one writer across chunks: chunk k+1 computes while chunk k is written
-    try:
-        for ci, tis in pending.items():
-            for meta, nbytes in _run_chunk(ci, tis, writer, times):
+    """Run the pending chunks in this process (with the dump's torch threads, restored afterwards)."""
+    with torch_threads(init_args[5]):
+        _init_worker(*init_args, backbone=backbone)
+        writer = _Writer(times)  # one writer across chunks: chunk k+1 computes while chunk k is written
+        try:
+            for ci, tis in pending.items():
+                for meta, nbytes in _run_chunk(ci, tis, writer, times):
+                    account(*meta, nbytes)
+            for meta, nbytes in writer.collect(block=True):
                 account(*meta, nbytes)
-        for meta, nbytes in writer.collect(block=True):
-            account(*meta, nbytes)
-    finally:
-        writer.close()
-        torch.set_num_threads(saved_threads)
+        finally:
+            writer.close()
 
 
 def _compute_on_dask(pending: dict[int, list[int]], address: str | None, resources: dict[str, float], workers: int,

@@ -21,7 +21,6 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from aselect.pipelines.models import Backbone
 
-FEATURES_VERSION = 1
 TOKEN_SITES = ("block", "attn", "mlp")
 ATTN_MAP = "attn_map"
 SITES = (*TOKEN_SITES, ATTN_MAP)

@@ -16,6 +16,7 @@ import numpy as np
 from distributed import Client, as_completed
 
 from aselect.pipelines.scoring import get_scorer, score_pair
+from aselect.pipelines.threads import torch_threads
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
 from aselect.storage.features import PairReader, open_store, read_hfr, read_samples
@@ -47,17 +48,18 @@ def read_pair(store: str, pair: Pair, needs: str, rows: np.ndarray | None = None
 def _score_one(store: str, pair: Pair, scorer: str, params: dict[str, Any], labels: np.ndarray | None,
                masks: np.ndarray | None, rows: np.ndarray | None) -> dict[str, Any]:
     """Runs on a Dask worker: read one pair, score it, return a table row."""
-    import torch
     from distributed import get_worker
 
-    torch.set_num_threads(1)  # one task per thread: no oversubscription inside a worker
-    needs = get_scorer(scorer).needs
-    started = time.perf_counter()
-    features = read_pair(store, pair, "pooled" if needs == "pooled" else "spatial", rows)
-    extra = dict(params)
-    if scorer == "hfr":
-        extra["kind"] = "attn_map" if pair.site == "attn_map" else "tokens"
-    value = score_pair(scorer, features, labels=labels, masks=masks, **extra)
+    # one torch thread per task (one task per worker thread: no oversubscription inside a worker), restored
+    # after it: a worker of an existing cluster runs other work too
+    with torch_threads(1):
+        needs = get_scorer(scorer).needs
+        started = time.perf_counter()
+        features = read_pair(store, pair, "pooled" if needs == "pooled" else "spatial", rows)
+        extra = dict(params)
+        if scorer == "hfr":
+            extra["kind"] = "attn_map" if pair.site == "attn_map" else "tokens"
+        value = score_pair(scorer, features, labels=labels, masks=masks, **extra)
     return {"timestep": pair.timestep, "layer": pair.layer, "site": pair.site, "scorer": scorer,
             "score": float(value), "seconds": round(time.perf_counter() - started, 4), "worker": get_worker().address}
 

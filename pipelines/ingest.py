@@ -16,8 +16,6 @@ from aselect.pipelines.config import IngestConfig
 from aselect.storage.datasets import DATASET_CHUNK, Dataset, DatasetWriter, read_dataset, write_dataset
 from aselect.storage.errors import AselectError
 
-INGEST_VERSION = 1  # bump when the output of a source changes
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SHAPE_KINDS = ["circle", "rectangle", "triangle", "ellipse"]  # mask id = index + 1, label id = index
 MASK_CLASS_NAMES = ["background", *SHAPE_KINDS]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -11,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from aselect.pipelines.backbone import (
-    BACKBONE_VERSION,
     load_model_part,
     model_device,
     quiet_diffusers,
@@ -34,6 +32,8 @@ from aselect.pipelines.backbone import (
 )
 from aselect.pipelines.config import BackboneConfig, LatentConfig
 from aselect.pipelines.models import Backbone, build_dit, build_vae, make_scheduler, save_backbone
+from aselect.pipelines.threads import torch_threads
+from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
 
@@ -80,7 +80,7 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: 
     data.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     train = cfg.pretrain.model_dump(exclude={"checkpoint_every", "sample_steps", "guidance_scale"})
     return dict(
-        version=BACKBONE_VERSION,
+        code=code_digest(__name__),  # a checkpoint from other training code is not resumed
         variant=cfg.variant,
         shape=list(images.shape),
         num_classes=num_classes,
@@ -95,7 +95,7 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: 
 
 def _vae_fingerprint(fingerprint: dict) -> dict:
     """The part of a latent run's fingerprint that the VAE depends on (not the DiT's settings)."""
-    return {key: fingerprint[key] for key in ("version", "shape", "data", "latent")}
+    return {key: fingerprint[key] for key in ("code", "shape", "data", "latent")}
 
 
 @dataclass
@@ -198,20 +198,10 @@ def _finished(out_dir: Path, fingerprint: dict) -> PretrainResult | None:
             seconds=done["seconds"],
             vae=None if vae is None else _vae_result(vae),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s: unreadable record of the finished model, retraining (%s)", model_dir / "done.json",
+                       short_error(exc))
         return None
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Use `threads` intra-op threads for the duration (results are only bit-identical per thread count)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pretrain(
@@ -242,7 +232,7 @@ def pretrain(
         logger.info("%s: already trained (%d steps); reusing", out_dir / "model", result.steps)
         return result
 
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         data = to_unit(torch.from_numpy(np.ascontiguousarray(images)))  # the whole (small) set in [-1, 1]
         if cfg.latent is None:
             return _train(data, labels, num_classes, cfg, out_dir, fingerprint, progress)

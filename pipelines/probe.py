@@ -28,7 +28,6 @@ from threadpoolctl import threadpool_limits
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
 
-PROBE_VERSION = 1
 MAX_ITER = 1000
 EVAL_BATCH = 64  # images per upsampling batch: bounds memory at EVAL_BATCH * K * H * W floats
 

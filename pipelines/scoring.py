@@ -7,7 +7,7 @@ Scorers, by name (see `SCORERS`; add more with `register_scorer`):
 - `rankme`: label-free, RankMe's effective rank of pooled features (n, D) (Garrido et al. 2023).
 - `probe_seg`: the exhaustive oracle for segmentation, mIoU of the per-token probe on spatial tokens (n, T, D).
 
-HFR (a reconstruction, see DESIGN.md): per 2-D map, P = |FFT2|^2, rho = |f| / 0.5 with f in cycles per sample
+HFR (a reconstruction, see docs/method.md): per 2-D map, P = |FFT2|^2, rho = |f| / 0.5 with f in cycles per sample
 (so rho is in [0, sqrt(2)]), HFR = sum_{rho > cutoff} P / sum_{rho > 0} P; maps without non-DC power score 0.
 
 Pure numpy / scikit-learn: no Prefect, Dask or Zarr, so one Dask task can call `score_pair` on plain arrays.
@@ -25,7 +25,6 @@ from sklearn.model_selection import StratifiedKFold
 from aselect.pipelines.probe import blas_threads, grid_side, linear_top1, segmentation_probe, split_indices
 from aselect.storage.errors import AselectError
 
-SCORING_VERSION = 1
 SCORER_THREADS: int | None = 1  # BLAS / OpenMP threads per score_pair call (None: leave the process setting)
 FFT_BATCH = 1 << 21  # map elements per FFT batch: ~50 MB of float64 + complex128 temporaries
 FLAT_POWER = 1e-24  # non-DC power below this share of the total is FFT round-off: the map is flat
@@ -143,7 +142,7 @@ def get_scorer(name: str) -> Scorer:
     return SCORERS[name]
 
 
-def scorer_params(scorer: Scorer) -> tuple[str, ...] | None:
+def scorer_param_names(scorer: Scorer) -> tuple[str, ...] | None:
     """Names of the keyword parameters a scorer takes (None: it takes any)."""
     params = inspect.signature(scorer.fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
@@ -161,7 +160,7 @@ def score_pair(name: str, features: np.ndarray, labels: np.ndarray | None = None
     features = np.asarray(features)
     _check_features(scorer, features)
     labels, masks = _check_truth(scorer, len(features), labels, masks)
-    known = scorer_params(scorer)
+    known = scorer_param_names(scorer)
     unknown = sorted(set(params) - set(known)) if known is not None else []
     if unknown:
         raise AselectError(f"scorer '{name}' got unknown parameter(s) {', '.join(unknown)}; "

@@ -20,12 +20,11 @@ import numpy as np
 from aselect.pipelines.scoring import get_scorer
 from aselect.storage.errors import AselectError
 
-SELECT_VERSION = 1
 # pipelines.features.SITES, repeated here so selection does not import torch and diffusers
 SITE_ORDER = ("block", "attn", "mlp", "attn_map")
 ROW_KEYS = ("timestep", "layer", "site", "scorer", "score")
 
-Pair = tuple[int, int, str]
+PairKey = tuple[int, int, str]  # (timestep, layer, site) values, as a table row names them
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Selection:
 # ---------------------------------------------------------------------------------------------
 
 
-def pair_order(pair: Pair) -> tuple:
+def pair_order(pair: PairKey) -> tuple:
     """Sort key of a pair: timestep, then layer, then site (known sites in SITE_ORDER, others by name after)."""
     t, layer, site = pair
     site_rank = (SITE_ORDER.index(site), "") if site in SITE_ORDER else (len(SITE_ORDER), site)
@@ -77,14 +76,14 @@ def normalise_table(table: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def candidates(rows: list[dict]) -> list[Pair]:
+def candidates(rows: list[dict]) -> list[PairKey]:
     """Every (timestep, layer, site) in the table, in tie-break order."""
     return sorted({(r["timestep"], r["layer"], r["site"]) for r in rows}, key=pair_order)
 
 
-def scores_of(rows: list[dict], scorer: str) -> dict[Pair, float]:
+def scores_of(rows: list[dict], scorer: str) -> dict[PairKey, float]:
     """{pair: score} of one scorer; non-finite scores (failed scoring) are left out."""
-    scores: dict[Pair, float] = {}
+    scores: dict[PairKey, float] = {}
     for r in rows:
         if r["scorer"] != scorer or not math.isfinite(r["score"]):
             continue
@@ -108,17 +107,17 @@ def require_signal(policy: str, rows: list[dict], scorer: str, values: dict) -> 
                                f"to select from (a constant backbone, or a cutoff above every frequency?)")
 
 
-def ranked(scores: dict[Pair, float], higher_is_better: bool = True) -> list[Pair]:
+def ranked(scores: dict[PairKey, float], higher_is_better: bool = True) -> list[PairKey]:
     """Pairs best first; ties in tie-break order."""
     sign = -1.0 if higher_is_better else 1.0
     return sorted(scores, key=lambda p: (sign * scores[p], pair_order(p)))
 
 
-def _pair_dict(pair: Pair, score: float) -> dict:
+def _pair_dict(pair: PairKey, score: float) -> dict:
     return {"timestep": pair[0], "layer": pair[1], "site": pair[2], "score": score}
 
 
-def _describe(pair: Pair) -> str:
+def _describe(pair: PairKey) -> str:
     return f"t={pair[0]} layer {pair[1]} site {pair[2]}"
 
 
@@ -286,14 +285,14 @@ def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, 
 
 
 # Below this share of bootstrap resamples agreeing on the timestep, the HFR curve does not single out a t on these
-# images; the benchmark measured the few-shot probe as the safer selector where labels exist (README, Results).
+# images; the benchmark measured the few-shot probe as the safer selector where labels exist (docs/results.md).
 LOW_CONFIDENCE = 0.5
 
 
-# Leave-one-config-out on the seven benchmark configs: the few-shot probe's held-out mean and worst regret (2.51,
-# 11.55 points) were below the label-free default's (2.69, 14.00). Logged with every label-free choice.
+# Leave-one-config-out on the bundled benchmark configs, the few-shot probe's held-out regret was below the
+# label-free default's (docs/results.md; the figures live there, not here). Logged with every label-free choice.
 LABELS_ADVICE = ("the label-free choice (select.policy=aselect); where the calibration images have labels, "
-                 "select.policy=fewshot had the lower held-out regret in the benchmark (README, Results)")
+                 "select.policy=fewshot had the lower held-out regret in the bundled benchmark (docs/results.md)")
 
 
 def unstable_choice_advice(selection: dict[str, Any]) -> str | None:
@@ -303,7 +302,7 @@ def unstable_choice_advice(selection: dict[str, Any]) -> str | None:
         return None
     return (f"aselect: only {100 * share:.0f}% of bootstrap resamples of the calibration images pick "
             f"t={selection['timestep']}: the label-free choice is unstable on these images; with a few labels, "
-            f"select.policy=fewshot is the safer selector (README, Results)")
+            f"select.policy=fewshot is the safer selector (docs/results.md)")
 
 
 def select(policy: str, table: list[dict], **params: object) -> Selection:

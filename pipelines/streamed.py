@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from aselect.pipelines.probe import grid_side
 from aselect.pipelines.scoring import FLAT_POWER, radial_frequency
 
-STREAMED_VERSION = 1
 HFR_SLICE = 1 << 22  # map elements per FFT slice: ~100 MB of float64 + complex128 temporaries
 Signal = Literal["plain", "mean", "debiased", "noise_relative"]
 MULTI_DRAW = ("mean", "debiased")  # signals that take K noise draws per (image, t)

@@ -41,11 +41,12 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def stage_key(name: str, section: Mapping[str, Any], upstream: Mapping[str, str], version: int,
+def stage_key(name: str, section: Mapping[str, Any], upstream: Mapping[str, str], code: str,
               extra: str = "") -> str:
-    """Key of a stage: a hash of its config section, its upstream keys, its code version and `extra`."""
+    """Key of a stage: a hash of its config section, its upstream keys, the digest of the code that computes it
+    (`storage.code.code_digest`) and `extra` (e.g. the content of a source it reads)."""
     payload = canonical_json({"stage": name, "section": section, "upstream": dict(upstream),
-                              "version": version, "extra": extra})
+                              "code": code, "extra": extra})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -56,10 +57,6 @@ class StageRef:
     name: str
     key: str
     path: str
-
-    @property
-    def cache_key(self) -> str:
-        return f"aselect-{self.name}-{self.key}"
 
     @property
     def dir(self) -> StageDir:
@@ -298,10 +295,6 @@ class Workdir:
         except OSError as exc:
             reason = "read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else exc.strerror
             raise AselectError(f"{self.root}: workdir is not writable ({reason})") from None
-
-    @property
-    def results_dir(self) -> Path:
-        return self.root / ".prefect-results"
 
     def stage(self, name: str, key: str) -> StageDir:
         return StageDir(self.root / name / key, name, key)

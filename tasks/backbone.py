@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from prefect import task
+from prefect.states import State
 
 from aselect.pipelines import backbone as bb
 from aselect.pipelines.config import BackboneConfig
 from aselect.pipelines.pretrain import pretrain, sample_images, save_grid
+from aselect.pipelines.threads import torch_threads
+from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_dataset
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
@@ -25,10 +26,10 @@ def plan_backbone(workdir: Workdir, cfg: BackboneConfig, dataset: StageRef) -> S
         # latent is left out while unset, so pixel-space runs keep the keys they had before it existed
         unused = {"path", "threads"} | ({"latent"} if cfg.latent is None else set())
         section = cfg.model_dump(mode="json", exclude=unused)
-        key = stage_key("backbone", section, {"ingest": dataset.key}, bb.BACKBONE_VERSION)
+        key = stage_key("backbone", section, {"ingest": dataset.key}, code_digest(__name__))
     else:
         section = cfg.model_dump(mode="json", include={"kind", "path"})
-        key = stage_key("backbone", section, {}, bb.BACKBONE_VERSION, extra=bb.backbone_fingerprint(cfg.path))
+        key = stage_key("backbone", section, {}, code_digest(__name__), extra=bb.backbone_fingerprint(cfg.path))
     return workdir.stage("backbone", key).ref()
 
 
@@ -56,17 +57,17 @@ def backbone_dir(stage: StageRef) -> str:
 
 
 @task(name="backbone")
-def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> dict[str, Any]:
-    """Load the configured DiT, or pretrain one on the dataset's train split."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> State:
+    """Load the configured DiT, or pretrain one on the dataset's train split (with `backbone.threads` torch
+    threads, restored afterwards: a cached rerun and a first run leave the process alike)."""
 
     def work(stage_dir: StageDir) -> Finished:
-        if cfg.kind == "load":
-            model = bb.load_backbone(cfg.path)
-            return Finished(f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}",
-                            {"kind": "load", "model_path": cfg.path, "model": bb.describe(model)})
-        return _pretrained(stage_dir, cfg, dataset)
+        with torch_threads(cfg.threads):
+            if cfg.kind == "load":
+                model = bb.load_backbone(cfg.path)
+                return Finished(f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}",
+                                {"kind": "load", "model_path": cfg.path, "model": bb.describe(model)})
+            return _pretrained(stage_dir, cfg, dataset)
 
     return stage_body(stage, {"config": cfg.model_dump(mode="json"), "upstream": {"ingest": dataset.key}}, work)
 

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from aselect.pipelines import paths
+from aselect.pipelines import plan
 from aselect.pipelines.benchmark import measure_scaling
 from aselect.pipelines.config import RunConfig
 from aselect.storage.datasets import read_masks, read_split
@@ -24,7 +24,7 @@ def scaling(cfg: RunConfig, dataset: StageRef, model: StageRef, scratch: Path) -
     logger = get_run_logger()
     labels, _, _ = read_split(dataset.dir.path)
     masks = read_masks(dataset.dir.path)
-    grid, scorer = paths.exhaustive(cfg.dump, segmentation=masks is not None)
+    grid, scorer = plan.exhaustive(cfg.dump, segmentation=masks is not None)
     progress = ProgressArtifact("scaling-progress", f"scaling of dump and scoring on {cfg.name}")
     result = measure_scaling(backbone_dir(model), dataset.dir.path, grid, scorer, scorer_params(cfg.score, scorer),
                              labels, masks, cfg.bench.scaling_fractions, cfg.bench.scaling_workers, scratch,

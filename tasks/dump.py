@@ -6,17 +6,16 @@ The same task serves three stages: `calibrate` (every candidate timestep on a sm
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from prefect import task
+from prefect.states import State
 
 from aselect.pipelines.backbone import load_backbone
 from aselect.pipelines.config import DaskConfig, DumpConfig
 from aselect.pipelines.dump import plan_layout, run_dump
-from aselect.pipelines.features import FEATURES_VERSION
 from aselect.pipelines.ingest import calibration_subset
-from aselect.pipelines.streamed import STREAMED_VERSION, HfrStream
+from aselect.pipelines.streamed import HfrStream
+from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_split
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
 from aselect.tasks.backbone import backbone_dir
@@ -28,20 +27,21 @@ NOT_IN_KEY = {"workers", "device"}
 
 def plan_dump(workdir: Workdir, cfg: DumpConfig, dataset: StageRef, model: StageRef, name: str = "dump",
               calibration_images: int | None = None, hfr: HfrStream | None = None,
-              keep_maps: bool = False) -> StageRef:
-    """The dump's key: its section (minus placement knobs), the sample subset, what is streamed, the upstreams."""
+              keep_maps: bool = False, dask: DaskConfig | None = None) -> StageRef:
+    """The dump's key: its section (minus placement knobs), the sample subset, what is streamed, the upstreams.
+    Not `dask`: where the dump runs does not change the features."""
     section = {**cfg.model_dump(mode="json", exclude=NOT_IN_KEY), "calibration_images": calibration_images}
     if hfr is not None:  # a streamed calibration: its reduction's knobs decide what is stored
         section |= {"hfr": hfr.model_dump(mode="json"), "keep_maps": keep_maps}
-    extra = "" if hfr is None else f"streamed-{STREAMED_VERSION}"
-    key = stage_key(name, section, {"ingest": dataset.key, "backbone": model.key}, FEATURES_VERSION, extra)
+    key = stage_key(name, section, {"ingest": dataset.key, "backbone": model.key}, code_digest(__name__),
+                    "streamed" if hfr is not None else "")
     return workdir.stage(name, key).ref()
 
 
 @task(name="dump")
 def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
          calibration_images: int | None = None, hfr: HfrStream | None = None,
-         keep_maps: bool = False, dask: DaskConfig | None = None) -> dict[str, Any]:
+         keep_maps: bool = False, dask: DaskConfig | None = None) -> State:
     """Stream features of every (timestep, chunk) to the stage's Zarr store, resuming finished chunks.
 
     With `hfr` (the A-SelecT calibration) the forward hooks reduce each map to per-image HFR and only those
@@ -80,7 +80,7 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
             "tokens": layout.tokens, "chunk": layout.chunk,
         }, "accounting": {
             "items_total": result.items_total, "items_computed": result.items_computed,
-            "items_reused": result.items_reused, "forward_passes": result.forward_passes,
+            "items_reused": result.items_reused, "batches": result.batches,
             "images_timesteps": result.images_timesteps,
             "images_timesteps_per_second": round(result.rate, 2), "bytes_written": result.bytes_written,
             "bytes_per_image": round(per_image, 1),

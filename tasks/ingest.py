@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 from prefect import task
+from prefect.states import State
 
 from aselect.pipelines.config import IngestConfig
-from aselect.pipelines.ingest import INGEST_VERSION, ingest_dataset, source_fingerprint
+from aselect.pipelines.ingest import ingest_dataset, source_fingerprint
+from aselect.storage.code import code_digest
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
@@ -37,13 +38,13 @@ class DatasetCounts:
 
 
 def plan_ingest(workdir: Workdir, cfg: IngestConfig) -> StageRef:
-    """The ingest stage's key: its config section, the source's content fingerprint and code version."""
-    key = stage_key("ingest", cfg.model_dump(mode="json"), {}, INGEST_VERSION, extra=source_fingerprint(cfg))
+    """The ingest stage's key: its config section, the source's content fingerprint and its code."""
+    key = stage_key("ingest", cfg.model_dump(mode="json"), {}, code_digest(__name__), extra=source_fingerprint(cfg))
     return workdir.stage("ingest", key).ref()
 
 
 @task(name="ingest")
-def ingest(stage: StageRef, cfg: IngestConfig) -> dict[str, Any]:
+def ingest(stage: StageRef, cfg: IngestConfig) -> State:
     """Read the configured image source into the stage's Zarr group."""
 
     def work(stage_dir: StageDir) -> Finished:

@@ -8,15 +8,16 @@ from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.states import State
 
 from aselect.pipelines.config import ProbeConfig
 from aselect.pipelines.probe import (
-    PROBE_VERSION,
     classification_probe,
     classification_probe_streamed,
     segmentation_probe,
     segmentation_probe_streamed,
 )
+from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
 from aselect.storage.features import PairReader
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
@@ -25,11 +26,13 @@ from aselect.tasks.stage import Finished, stage_body
 METRICS_JSON = "metrics.json"
 
 
-def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection: dict[str, Any]) -> StageRef:
-    """The probe's key: its section, the features it reads and the selected pair."""
+def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection: dict[str, Any],
+               dataset: StageRef | None = None) -> StageRef:
+    """The probe's key: its section, the features it reads and the selected pair. Not `dataset` (labels, masks,
+    split): the dump's key holds the dataset's."""
     pair = {k: selection[k] for k in ("timestep", "layer", "site")}
     key = stage_key("probe", {**cfg.model_dump(mode="json"), "pair": pair}, {"features": features.key},
-                    PROBE_VERSION)
+                    code_digest(__name__))
     return workdir.stage("probe", key).ref()
 
 
@@ -40,7 +43,7 @@ def stream_window(cfg: ProbeConfig, row_nbytes: int) -> int:
 
 @task(name="probe")
 def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageRef,
-          selection: dict[str, Any]) -> dict[str, Any]:
+          selection: dict[str, Any]) -> State:
     """Classification top-1 (pooled features) or segmentation mIoU (token maps) on the test split."""
 
     def work(stage_dir: StageDir) -> Finished:

@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.states import State
 
-from aselect.pipelines import paths
+from aselect.pipelines import plan
 from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import DaskConfig, ScoreConfig
 from aselect.pipelines.grid import candidate_pairs, score_grid, streamed_hfr_table
-from aselect.pipelines.scoring import SCORING_VERSION, get_scorer
+from aselect.pipelines.scoring import get_scorer
+from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_masks, read_split
 from aselect.storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
@@ -39,16 +41,18 @@ def probe_fits(cfg: ScoreConfig, scorer: str, pairs: int) -> int:
     return pairs * {"probe": cfg.probe_folds, "probe_seg": 1}.get(scorer, 0)
 
 
-def plan_score(workdir: Workdir, cfg: ScoreConfig, scorer: str, features: StageRef) -> StageRef:
-    """The score stage's key: the scorer, its parameters and the dump it reads (not where Dask runs)."""
+def plan_score(workdir: Workdir, cfg: ScoreConfig, scorer: str, features: StageRef, dataset: StageRef | None = None,
+               dask: DaskConfig | None = None) -> StageRef:
+    """The score stage's key: the scorer, its parameters and the dump it reads. Not `dataset` (its labels and
+    split): the dump's key holds the dataset's. Not `dask`: where scoring runs does not change a score."""
     section = {"scorer": scorer, "params": scorer_params(cfg, scorer)}
-    key = stage_key("score", section, {"features": features.key}, SCORING_VERSION)
+    key = stage_key("score", section, {"features": features.key}, code_digest(__name__))
     return workdir.stage("score", key).ref()
 
 
 @task(name="score")
 def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, dataset: StageRef,
-          dask: DaskConfig | None = None) -> dict[str, Any]:
+          dask: DaskConfig | None = None) -> State:
     """Score each pair of the dump as its own Dask task; labelled scorers see the train split only."""
 
     def work(stage_dir: StageDir) -> Finished:
@@ -68,7 +72,7 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
             write_per_image(stage_dir.path, per_image, samples)
             workers, how = 0, f"streamed per-image values of {per_image.shape[1]} images"
         else:
-            pairs = candidate_pairs(store, paths.scored_sites(spec.needs))
+            pairs = candidate_pairs(store, plan.scored_sites(spec.needs))
             progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
             cluster = dask or DaskConfig()
             with dask_client(cluster.address, cluster.workers, cluster.threads_per_worker,

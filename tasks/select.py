@@ -7,16 +7,17 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import State
 
 from aselect.pipelines.config import SelectConfig
 from aselect.pipelines.plots import score_heatmaps
 from aselect.pipelines.select import (
     LABELS_ADVICE,
-    SELECT_VERSION,
     bootstrap_confidence,
     select,
     unstable_choice_advice,
 )
+from aselect.storage.code import code_digest
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.score import read_per_image
 from aselect.tasks.stage import Finished, stage_body
@@ -24,10 +25,12 @@ from aselect.tasks.stage import Finished, stage_body
 SELECTION_JSON = "selection.json"
 
 
-def plan_select(workdir: Workdir, cfg: SelectConfig, scores: list[StageRef]) -> StageRef:
-    """The selection's key: the policy section and the score tables it reads."""
+def plan_select(workdir: Workdir, cfg: SelectConfig, scores: list[StageRef],
+                table: list[dict[str, Any]] | None = None) -> StageRef:
+    """The selection's key: the policy section and the score stages it reads. Not `table`: it is those stages'
+    rows, covered by their keys."""
     key = stage_key("select", cfg.model_dump(mode="json"), {s.name + str(i): s.key for i, s in enumerate(scores)},
-                    SELECT_VERSION)
+                    code_digest(__name__))
     return workdir.stage("select", key).ref()
 
 
@@ -58,7 +61,7 @@ def _confidence(cfg: SelectConfig, table: list[dict[str, Any]], scores: list[Sta
 
 @task(name="select")
 def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
-                scores: list[StageRef] | None = None) -> dict[str, Any]:
+                scores: list[StageRef] | None = None) -> State:
     """Apply the selection policy to the score table; aselect also records its bootstrap confidence."""
 
     def work(stage_dir: StageDir) -> Finished:
@@ -84,10 +87,10 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
                                  markdown=f"## Selection\n\n{done.summary}\n\nrunner-up: "
                                           f"`{done.result['selection']['runner_up']}`\n\nheatmaps: {heatmaps}\n")
 
-    result = stage_body(stage, {"config": cfg.model_dump(mode="json")}, work, reuse=reuse, artifact=artifact)
-    advice = unstable_choice_advice(result["selection"])
+    state = stage_body(stage, {"config": cfg.model_dump(mode="json")}, work, reuse=reuse, artifact=artifact)
+    advice = unstable_choice_advice(state.data["selection"])
     if advice:
         get_run_logger().warning(advice)
     elif cfg.policy == "aselect":
         get_run_logger().info(LABELS_ADVICE)
-    return result
+    return state

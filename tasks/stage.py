@@ -1,9 +1,13 @@
-"""What every stage task shares: the lock-check-begin-work-complete body, the cache key, cache validation
-against disk, and artifacts."""
+"""What every stage task shares: the lock-check-begin-work-complete body, validation of finished stages against
+disk, and artifacts.
+
+Whether a stage is done is decided in one place: its manifest (`storage.stages.StageDir.is_complete`). The task
+always runs; a finished stage's task reads its results back from the stage directory and ends in a Completed
+state named `Cached`, so Prefect's UI and API show the reuse, while Prefect keeps no result records of its own
+that could disagree with the files."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +17,8 @@ from uuid import UUID
 
 from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from aselect.storage.stages import StageDir, StageRef, Workdir
 
@@ -30,25 +35,31 @@ class Finished:
     result: dict[str, Any] = field(default_factory=dict)
 
 
+CACHED = "Cached"  # the state name of a task whose stage was already finished on disk
+
+
 def stage_body(stage: StageRef, inputs: dict[str, Any], work: Callable[[StageDir], Finished],
                reuse: Callable[[StageDir], dict[str, Any]] | None = None,
-               artifact: Callable[[Finished], None] | None = None) -> dict[str, Any]:
-    """The body of every stage task: under the stage's lock, reuse what another run finished meanwhile (`reuse`
-    reads the task's extra return values back from disk), else begin with `inputs`, `work`, and complete with
-    its manifest fields; then the optional artifact (never fatal) and the log line."""
+               artifact: Callable[[Finished], None] | None = None) -> State:
+    """The body of every stage task: under the stage's lock, a finished stage is read back (`reuse` reads the
+    task's extra return values from disk) into a `Cached` state; else begin with `inputs`, `work`, and complete
+    with its manifest fields; then the optional artifact (never fatal) and the log line. The state's data is
+    the task's result: `{"summary", **extra}`."""
     with stage.dir.lock():
-        if stage.dir.is_complete():  # another run finished it while we waited for the lock
-            return {"summary": stage.dir.read_manifest()["summary"], **(reuse(stage.dir) if reuse else {})}
+        if stage.dir.is_complete():  # finished by an earlier run, or by another run while we waited for the lock
+            result = {"summary": stage.dir.read_manifest()["summary"], **(reuse(stage.dir) if reuse else {})}
+            get_run_logger().info("%s %s: finished earlier, reused: %s", stage.name, stage.key, result["summary"])
+            return Completed(name=CACHED, message="finished earlier; read from the stage directory", data=result)
         stage.dir.begin(inputs)
         done = work(stage.dir)
         stage.dir.complete(done.summary, **done.manifest)
     if artifact is not None:
         try:
             artifact(done)
-        except Exception:  # artifacts are a convenience: the stage directory says the same
-            pass
+        except Exception as exc:  # artifacts are a convenience: the stage directory says the same
+            log.warning("%s %s: its artifact was not written (%s)", stage.name, stage.key, exc)
     get_run_logger().info("%s %s: %s", stage.name, stage.key, done.summary)
-    return {"summary": done.summary, **done.result}
+    return Completed(data={"summary": done.summary, **done.result})
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,6 @@ class StageCost:
         manifest = stage.dir.read_manifest() or {}
         return cls(int((manifest.get("accounting") or {}).get("images_timesteps", 0)),
                    int(manifest.get("probe_fits", 0)), float(manifest.get("seconds", 0.0)))
-
-
-def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key is the stage key: no run id, so a new run reuses finished stages."""
-    return parameters["stage"].cache_key
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,9 @@ class StageReport:
 
 
 def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any) -> StageReport:
-    """Run a stage task through Prefect's cache, refreshing it when the stage's data is gone."""
-    # A cached result only points at data on disk: if that data was deleted, damaged (a file missing or
-    # resized since the stage finished) or never finished, the cache record is stale, so the task must run
-    # again and overwrite it. A dump recomputes only its damaged items; other stages start over.
+    """Run a stage task; a finished stage whose files are intact is reused, a damaged one computed again."""
+    # A finished stage is only as good as its files: one missing or resized since the stage finished reopens it.
+    # A dump recomputes only its damaged items; other stages start over.
     if stage.dir.is_complete():
         with stage.dir.lock():  # not while another run is finishing or repairing it
             damaged = stage.dir.damage()
@@ -103,21 +108,14 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
                 log.warning("%s %s: %s missing or changed since the stage finished: computing it again",
                             stage.name, stage.key, shown)
                 stage.dir.reopen()
-    fresh_on_disk = stage.dir.is_complete()
-    configured = stage_task.with_options(
-        name=stage.name,
-        cache_key_fn=stage_cache_key,
-        refresh_cache=not fresh_on_disk,
-        persist_result=True,
-        result_storage=workdir.results_dir,
-        result_serializer="json",
-    )
+    # The manifest decides what is done (stage_body): no Prefect cache or result records beside it.
+    configured = stage_task.with_options(name=stage.name, cache_policy=NO_CACHE, persist_result=False)
     started = time.perf_counter()
     state = configured(stage=stage, return_state=True, **inputs)
     result = state.result()  # raises the task's exception when it failed
     report = StageReport(
         name=stage.name, key=stage.key, status=state.name or state.type.value,
-        cached=state.name == "Cached", seconds=round(time.perf_counter() - started, 3),
+        cached=state.name == CACHED, seconds=round(time.perf_counter() - started, 3),
         path=stage.path, summary=str((result or {}).get("summary", "")), result=result or {},
     )
     stage_artifact(report)
@@ -126,10 +124,11 @@ def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any
 
 def plan_and_run(stage_task: Task, plan: Callable[..., StageRef], workdir: Workdir, reports: list[StageReport],
                  stage_name: str | None = None, **inputs: Any) -> StageRef:
-    """Plan a stage from the inputs its planner reads (what its key covers), run it with all of them through
-    `run_stage`, and append its report; `stage_name` names a stage that reuses another's task (calibrate)."""
-    keyed = {k: v for k, v in inputs.items() if k in inspect.signature(plan).parameters}
-    stage = plan(workdir, **keyed, **({"name": stage_name} if stage_name else {}))
+    """Plan a stage from every input its task gets, run it with them through `run_stage`, and append its report;
+    `stage_name` names a stage that reuses another's task (calibrate). The planner takes every input of its task
+    and decides, input by input, what enters the key; one it does not know fails here rather than being left out
+    of the key unseen."""
+    stage = plan(workdir, **inputs, **({"name": stage_name} if stage_name else {}))
     reports.append(run_stage(stage_task, stage, workdir, **inputs))
     return stage
 
@@ -151,8 +150,8 @@ def stage_artifact(report: StageReport) -> None:
     try:
         create_markdown_artifact(key=f"stage-{report.name}", markdown="\n".join(lines) + "\n",
                                  description=f"{report.name}: {report.summary[:120]}")
-    except Exception:  # artifacts are a convenience: the manifest on disk says the same
-        pass
+    except Exception as exc:  # artifacts are a convenience: the manifest on disk says the same
+        log.warning("%s %s: its stage artifact was not written (%s)", report.name, report.key, exc)
 
 
 class ProgressArtifact:
@@ -164,7 +163,8 @@ class ProgressArtifact:
         self._id: UUID | None = None
         try:
             self._id = create_progress_artifact(progress=0.0, key=key, description=description)
-        except Exception:  # progress is a convenience: never fail a stage over it
+        except Exception as exc:  # progress is a convenience: never fail a stage over it
+            log.warning("progress artifact %s not created (%s): progress shows in the logs only", key, exc)
             self._id = None
 
     def update(self, fraction: float, force: bool = False) -> None:
@@ -174,5 +174,6 @@ class ProgressArtifact:
         self._last = now
         try:
             update_progress_artifact(artifact_id=self._id, progress=round(100.0 * min(max(fraction, 0.0), 1.0), 2))
-        except Exception:
-            pass
+        except Exception as exc:  # as above; stop updating rather than log every step
+            log.warning("progress artifact not updated (%s): no further updates this stage", exc)
+            self._id = None

@@ -23,11 +23,11 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-import aselect.pipelines.backbone as bb
 from aselect.pipelines.backbone import describe, encode_images, load_backbone
 from aselect.pipelines.config import BackboneConfig, LatentConfig, PretrainConfig, load_config
 from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler
 from aselect.pipelines.pretrain import pretrain, sample_images, save_grid
+from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,6 +322,51 @@ def test_pretrain_learns_and_saves_a_loadable_model(tmp_path: Path) -> None:
     assert again == result and not calls
 
 
+def test_torch_threads_restores_the_count_it_found() -> None:
+    from aselect.pipelines.threads import torch_threads
+
+    found = torch.get_num_threads()
+    with torch_threads(found + 2):
+        assert torch.get_num_threads() == found + 2
+        torch.set_num_threads(found + 1)  # whatever the work sets in between
+    assert torch.get_num_threads() == found
+    with pytest.raises(RuntimeError), torch_threads(found + 2):
+        raise RuntimeError("the work failed")
+    assert torch.get_num_threads() == found
+    with torch_threads(None):
+        assert torch.get_num_threads() == found
+
+
+def test_backbone_stage_leaves_the_torch_thread_count_as_it_found_it(
+        prefect_api_url: str, tiny: tuple[str, Path], tmp_path: Path) -> None:
+    """A first run (pretraining with `backbone.threads`) and a cached rerun leave the process alike."""
+    from prefect import flow
+
+    from aselect.storage.stages import StageRef, Workdir
+    from aselect.tasks.backbone import backbone, plan_backbone
+
+    dataset = StageRef("ingest", "0123456789abcdef", str(tiny[1]))
+    cfg = xs_config(4).model_copy(update={"pretrain": PretrainConfig(steps=4, batch_size=16, warmup_steps=1,
+                                                                    checkpoint_every=1000, sample_steps=2)})
+    stage = plan_backbone(Workdir(tmp_path), cfg, dataset)
+
+    @flow(name="backbone-threads")
+    def backbone_only() -> None:
+        backbone(stage, cfg, dataset)
+
+    found = torch.get_num_threads()
+    process = found + 1  # neither what the stage sets (backbone.threads=1) nor torch's default here
+    torch.set_num_threads(process)
+    try:
+        backbone_only()
+        assert torch.get_num_threads() == process and stage.dir.is_complete()
+        manifest = stage.dir.read_manifest()
+        backbone_only()  # read back from the stage directory: no work, no thread change
+        assert torch.get_num_threads() == process and stage.dir.read_manifest() == manifest
+    finally:
+        torch.set_num_threads(found)
+
+
 CHILD = """
 import sys, time
 from pathlib import Path
@@ -503,7 +548,7 @@ def test_latent_section_changes_the_stage_key(tmp_path: Path) -> None:
     assert len(keys) == 3
     # A pixel-space config keeps the key it had before `latent` existed (existing workdirs stay valid).
     before = stage_key("backbone", pixel.model_dump(mode="json", exclude={"path", "threads", "latent"}),
-                       {"ingest": dataset.key}, bb.BACKBONE_VERSION)
+                       {"ingest": dataset.key}, code_digest("aselect.tasks.backbone"))
     assert plan_backbone(work, pixel, dataset).key == before
 
 

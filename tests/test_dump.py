@@ -47,7 +47,7 @@ def arrays(stage: Path) -> dict[str, np.ndarray]:
 
 def test_dump_writes_labelled_arrays(tiny, tmp_path: Path) -> None:
     result, layout = dump_into(tiny, tmp_path, sites=["block", "attn", "mlp", "attn_map"], spatial=True)
-    assert result.items_total == 4 * 4 and result.items_computed == 16 and result.forward_passes == 16
+    assert result.items_total == 4 * 4 and result.items_computed == 16 and result.batches == 16
     assert result.images_timesteps == 4 * 120 and result.bytes_written > 0
     got = arrays(tmp_path)
     assert got["pooled"].shape == (4, 2, 3, 120, 32)  # (timestep, layer, site, sample, feature)

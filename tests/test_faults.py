@@ -26,7 +26,7 @@ STAGE_POINTS = {"ingest": "ingest", "pretrain": "pretrain", "dump": "chunk", "sc
 # the stage each stretch of a smoke run between failpoints belongs to, in order
 SEGMENT_STAGES = ["ingest", "backbone", "calibrate", "score", "dump", "probe"]
 VOLATILE = {"seconds", "worker", "resumed_from", "started", "finished", "attempts", "pid", "bytes", "train_seconds",
-            "dump_seconds", "images_timesteps_per_second", "items_reused", "items_computed", "forward_passes",
+            "dump_seconds", "images_timesteps_per_second", "items_reused", "items_computed", "batches",
             "images_timesteps", "bytes_written", "summary", "task_seconds"}
 
 

@@ -127,7 +127,7 @@ def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir
     assert calibration["layout"]["hfr_sites"] == ["attn"] and not calibration["layout"]["spatial"]
     assert not calibration["layout"]["pooled"] and calibration["layout"]["sites"] == []
     assert calibration["accounting"]["bytes_per_image"] == 10 * 2 * 1 * 8  # timesteps x layers x sites x float64
-    assert calibration["accounting"]["forward_passes"] == 10  # 10 timesteps x 1 chunk
+    assert calibration["accounting"]["batches"] == 10  # 10 timesteps x 1 chunk
     # the default signal, noise_relative, runs each image and its noise-only twin in the same batch
     assert calibration["accounting"]["images_timesteps"] == 2 * 64 * 10
     selection = json.loads((first_stage("select") / "selection.json").read_text())
@@ -217,8 +217,8 @@ def test_a_copied_workdir_reads_only_itself(smoke_workdir: Path, tmp_path: Path)
     assert Path(result["calibrate"]["path"]).is_relative_to(moved)
 
 
-def test_readme_results_section_is_generated_from_the_committed_json() -> None:
+def test_results_page_section_is_generated_from_the_committed_json() -> None:
     report = json.loads((ROOT / "bench" / "results.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    assert readme_section(report) in readme
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert readme_section(report) in page
     assert [c["config"] for c in report["configs"]] == list(DEFAULT_CONFIGS)  # make bench's seven

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from aselect.pipelines.config import IngestConfig
-from aselect.pipelines.ingest import INGEST_VERSION, load_dataset, source_fingerprint
+from aselect.pipelines.ingest import load_dataset, source_fingerprint
 from aselect.storage.datasets import Dataset
 from aselect.storage.errors import AselectError
 
@@ -135,7 +135,6 @@ def test_bundled_fingerprints_name_source_and_package_version():
     assert skimage.__version__ in source_fingerprint(IngestConfig(source="textures"))
     assert source_fingerprint(IngestConfig(source="textures")).startswith("textures")
     assert source_fingerprint(IngestConfig(source="digits")).startswith("digits")
-    assert isinstance(INGEST_VERSION, int)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ CASES = [
     Case("truncated safetensors", LOAD, "{model}: cannot load weights (", truncated_weights),
     # storage
     Case("workdir is a file", ("--workdir", "{workdir}"), "{workdir}: workdir path is a file", workdir_is_a_file),
-    # never silently wrong (issue 15): undecodable input, impossible settings, non-finite numbers, unreachable
+    # never silently wrong: undecodable input, impossible settings, non-finite numbers, unreachable
     Case("config file is not text", (), "{config}: not a text file", binary_config, config="{config}"),
     Case("--set value is not YAML", ("--set", "dump.timesteps=[0, 1"),
          "--set 'dump.timesteps=[0, 1': the value is not valid YAML"),
@@ -153,10 +153,9 @@ def finished_workdir(prefect_api_url: str, tmp_path_factory: pytest.TempPathFact
 
 
 def snapshot(workdir: Path) -> dict[str, str]:
-    """sha256 of every file the finished run wrote (Prefect's cache records and lock files aside)."""
+    """sha256 of every file the finished run wrote (lock files aside)."""
     return {p.relative_to(workdir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in workdir.rglob("*") if p.is_file() and p.relative_to(workdir).parts[0] not in
-            (".prefect-results", ".locks")}
+            for p in workdir.rglob("*") if p.is_file() and p.relative_to(workdir).parts[0] != ".locks"}
 
 
 def run_case(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

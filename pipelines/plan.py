@@ -1,4 +1,4 @@
-"""Which dump and which scorer each path uses: the one place that decides it.
+"""The plan of each flow and selection policy: which dump it takes and which scorer reads it, decided here alone.
 
 - A-SelecT (`select.policy: aselect`): calibrate = streamed HFR (`calibrate.signal`) of `calibrate.sites` on the
   calibration subset at every candidate timestep, only the layers the policy reads; scorer `hfr`.
@@ -7,7 +7,7 @@
 - Exhaustive (the oracle): every pooled site (and token maps for segmentation) of the dump grid for every image;
   scorer `probe` / `probe_seg`.
 - After a selection: the selected pair alone, for every image (token maps for segmentation).
-The benchmark's selectors are these paths with `--set` overrides (pipelines/benchmark.py).
+The benchmark's selectors are these plans with `--set` overrides (pipelines/benchmark.py).
 """
 
 from __future__ import annotations
