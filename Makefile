@@ -45,11 +45,11 @@ test-fast: venv
 	$(PYTEST) -m "not slow"
 
 # Every selector against the exhaustive oracle on the seven benchmark configs, then the defaults chosen
-# leave-one-config-out; regenerates bench/results.json and README's results section. Pretrained backbones are
+# leave-one-config-out; regenerates bench/results.json and docs/results.md. Pretrained backbones are
 # cached in the workdir (an interrupted run resumes without pretraining again). BENCH_FLAGS= also measures scaling.
 BENCH_FLAGS ?= --no-scaling
 bench: venv
-	$(BIN)/aselect bench textures digits-latent digits digits-noisy mnist5k shapes mnist32 $(BENCH_FLAGS) --readme README.md
+	$(BIN)/aselect bench textures digits-latent digits digits-noisy mnist5k shapes mnist32 $(BENCH_FLAGS) --readme docs/results.md
 
 # A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1, the process work pool, every
 # deployment in prefect.yaml, and a worker. Stop with Ctrl-C. Then, in another shell:
