@@ -56,7 +56,7 @@ from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
 from aselect.tasks.stage import StageReport, plan_and_run
 
-STAGE_TASKS = ("ingest", "backbone", "dump", "score", "select", "probe", "benchmark")
+REPORT_TASKS = ("ingest", "backbone", "dump", "score", "select", "probe", "benchmark")  # what a report runs
 DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "digits-noisy", "mnist5k", "shapes", "mnist32")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
 
@@ -200,7 +200,7 @@ def _confidence_curve(cfg: RunConfig, chosen: list[Selector], summaries: dict[st
 def bench_code() -> str:
     """The digest of the code a config's report comes from: this flow, the pipeline flows and every stage task
     (with what they import from pipelines/ and storage/)."""
-    return code_digest(__name__, "aselect.flows.pipeline", *(f"aselect.tasks.{stage}" for stage in STAGE_TASKS))
+    return code_digest(__name__, "aselect.flows.pipeline", *(f"aselect.tasks.{stage}" for stage in REPORT_TASKS))
 
 
 def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:

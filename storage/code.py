@@ -35,16 +35,26 @@ NOT_COMPUTING = frozenset({
 # ---------------------------------------------------------------------------------------------
 
 
-def module_file(name: str) -> Path:
-    """The source file of a module (the loaded module's `__file__`, else where the import system finds it)."""
+def source_file(name: str) -> Path | None:
+    """The source file of a module (the loaded module's `__file__`, else where the import system finds it); None
+    when `name` is no module (`from aselect.x import some_function` names a function)."""
     module = sys.modules.get(name)
     origin = getattr(module, "__file__", None) if module is not None else None
     if origin is None:
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
         origin = spec.origin if spec is not None else None
-    if origin is None:
+    return Path(origin) if origin is not None else None
+
+
+def module_file(name: str) -> Path:
+    """The source file of a module that must have one."""
+    path = source_file(name)
+    if path is None:
         raise ModuleNotFoundError(f"{name}: no source file to hash")
-    return Path(origin)
+    return path
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -79,15 +89,6 @@ def _module_tree(name: str) -> tuple[str, tuple[str, ...]]:
     return _parsed(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _is_module(name: str) -> bool:
-    if name in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 #                                   A stage's code
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def code_modules(*roots: str) -> list[str]:
         name = todo.pop()
         if name in seen or (name not in roots and (name in NOT_COMPUTING or not name.startswith(FOLLOWED))):
             continue
-        if not _is_module(name):  # `from aselect.pipelines.x import some_function`
+        if source_file(name) is None:  # `from aselect.pipelines.x import some_function`
             continue
         seen.add(name)
         todo += _module_tree(name)[1]
