@@ -6,4 +6,10 @@ The layers live in the repository's top-level folders and install as one namespa
 the bundled run configs.
 """
 
+import os
+
+# transformers (which diffusers imports when present) warns at import time about optional image backends
+# (torchvision) that aselect never uses; its errors still show.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ from aselect.pipelines.benchmark import (
 )
 from aselect.pipelines.cluster import dask_client
 from aselect.pipelines.config import RunConfig
-from aselect.pipelines.models import VARIANTS, Backbone, build_dit, make_scheduler, save_backbone
+from aselect.pipelines.models import VARIANTS, Backbone, build_dit, build_mmdit, make_scheduler, save_backbone
 from aselect.pipelines.plan import hfr_stream
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.code import code_digest
@@ -111,7 +111,7 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
                                 hfr_site=cfg.select.hfr_site, metric_name=oracle_rows[0]["scorer"])
     counts = DatasetCounts.of(dataset)
     calibration_images = min(cfg.calibrate.images, counts.train)
-    grid = {"timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
+    grid = {"family": ModelInfo.of(model).family, "timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
             "oracle_timesteps": len(oracle_timesteps(cfg)), "images": counts.images,
             "calibration_images": calibration_images, "calibration_inputs": hfr_stream(cfg).inputs_per_image}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
@@ -158,7 +158,13 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, mode
         return out
     random_dir = work.root / "random-dit"
     torch.manual_seed(cfg.backbone.pretrain.seed)
-    if cfg.backbone.latent is None:
+    if cfg.backbone.pretrain_family == "sd3":  # an untrained MMDiT under the trained one's VAE and empty prompt
+        trained = load_backbone(backbone_dir(model))
+        side, channels = int(trained.transformer.config.sample_size), int(trained.transformer.config.in_channels)
+        untrained = build_mmdit(cfg.backbone.variant, side, channels)
+        save_backbone(Backbone(transformer=untrained, scheduler=trained.scheduler, vae=trained.vae,
+                               source="random-dit", conditioning=trained.conditioning), random_dir)
+    elif cfg.backbone.latent is None:
         build_dit(cfg.backbone.variant, cfg.ingest.image_size, cfg.ingest.channels, len(data.class_names)) \
             .save_pretrained(random_dir / "transformer")
         make_scheduler(cfg.backbone.num_train_timesteps, cfg.backbone.beta_schedule).save_pretrained(
@@ -175,7 +181,8 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, mode
         "backbone.kind=load", f"backbone.path={random_dir}", "backbone.latent=null", "select.policy=fixed",
         f"select.timestep={t}",
         f"select.layer={layer}", f"select.site={site}"])
-    out["random_dit"] = {"label": f"random-weight {cfg.backbone.variant} (DiT init, untrained), at the oracle's "
+    kind = "MMDiT" if cfg.backbone.pretrain_family == "sd3" else "DiT"
+    out["random_dit"] = {"label": f"random-weight {cfg.backbone.variant} ({kind} init, untrained), at the oracle's "
                                   f"pair t={t} layer {layer} {site}",
                          "metric": summary["metrics"]["metric"], "value": round(float(summary["metrics"]["value"]), 4)}
     return out

@@ -93,7 +93,8 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
                       scores: list[StageRef], table: list[dict], dataset: StageRef, model: StageRef,
                       features: StageRef | None) -> None:
     """Stages 5-6; `features=None` dumps the selected pair first (the A-SelecT path)."""
-    plan_and_run(select_pair, plan_select, work, reports, cfg=select_cfg, table=table, scores=scores)
+    plan_and_run(select_pair, plan_select, work, reports, cfg=select_cfg, table=table, scores=scores,
+                 schedule=ModelInfo.of(model).scheduler)
     selection = reports[-1].result["selection"]
     if features is None:
         pair_cfg = plan.selected_pair(cfg.dump, selection, is_segmentation(dataset))
@@ -151,8 +152,10 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
         raise AselectError("select.policy 'oracle' is the exhaustive path: run it with --exhaustive "
                            "(the aselect-exhaustive flow)")
     reports: list[StageReport] = []
-    # 1-2. ingest, backbone
+    # 1-2. ingest, backbone; a select.preset needs the backbone's depth and token grid
     dataset, model = run_foundation(cfg, work, reports)
+    info = ModelInfo.of(model)
+    cfg = cfg.resolved(info.num_layers, info.token_grid)
     # 3-4. calibrate: every candidate timestep and layer on a small subset; score it (HFR, or the few-shot probe)
     if cfg.select.policy == "fixed":
         scored, table = [], []

@@ -90,6 +90,9 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
                      else f"A-SelecT, {_signal_words(signal, cfg)} HFR of {site}")
             out.append(Selector(f"aselect-{signal}", label,
                                 ("select.policy=aselect", f"calibrate.signal={signal}"), hfr_site=site))
+    out.append(Selector("aselect-published", "A-SelecT as the authors configured it (plain HFR of query, axis "
+                                             "band, cutoff 0.15, the block at 9/24 depth)",
+                        ("select.policy=aselect", "select.preset=aselect-published"), hfr_site="query"))
     if cfg.bench.fewshot:
         out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.images} calibration images",
                             ("select.policy=fewshot",), label_free=False))
@@ -590,6 +593,15 @@ def _measured_on(report: dict[str, Any]) -> str:
     return f"{m['cores']} CPU cores, {m['device']}, {report['generated'][:10]}"
 
 
+FAMILY_WORDS = {"dit": "DiT, DDPM", "sd3": "MMDiT, flow"}
+
+
+def _named(config: dict[str, Any]) -> str:
+    """A config's name with its backbone family, when the report recorded it."""
+    family = config.get("grid", {}).get("family")
+    return f"{config['config']} ({FAMILY_WORDS.get(family, family)})" if family else config["config"]
+
+
 def readme_section(report: dict[str, Any]) -> str:
     """The generated section of the results page: one table of every selector vs the oracle per config, the
     baselines, the default chosen leave-one-config-out, the goals, and the command that regenerates it."""
@@ -601,7 +613,7 @@ def readme_section(report: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in report["configs"]:
         for r in c["selectors"]:
-            lines.append(f"| {c['config']} | {r['label']} | t={r['timestep']} layer {r['layer']} {r['site']} | "
+            lines.append(f"| {_named(c)} | {r['label']} | t={r['timestep']} layer {r['layer']} {r['site']} | "
                          f"{c['metric']} {r['value']:.4f} | {r['regret_points']:.2f} | {_split(r)} | "
                          f"{_fmt(r.get('confidence'), 2)} | {r['forward_passes']} | {r['compute_seconds']:.1f} | "
                          f"{_fmt(r['cost_ratio']['forward_passes'], 2, 'x')} | "

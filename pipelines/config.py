@@ -87,15 +87,24 @@ class LatentConfig(Section):
 
 
 class BackboneConfig(Section):
-    """Stage 2: load a diffusers DiT (local dir or hub id) or pretrain a tiny one."""
+    """Stage 2: load a diffusers DiT or SD3-family MMDiT (local dir or hub id), or pretrain a tiny one."""
 
     kind: Literal["pretrain", "load"] = "pretrain"
+    # dit: DiTTransformer2DModel + DDPM; sd3: SD3Transformer2DModel (MMDiT) + rectified flow, under the empty
+    # prompt. load: detected from the directory when unset (and checked when set); pretrain: unset means dit.
+    family: Literal["dit", "sd3"] | None = None
     path: str | None = None  # load only: local directory or hub id
-    variant: str = "DiT-T/2"  # pretrain only: a name registered in pipelines.models
+    variant: str = "DiT-T/2"  # pretrain only: a name registered in pipelines.models (its shape, either family)
     num_train_timesteps: int = Field(1000, ge=2)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"  # pretrain dit only
+    flow_shift: float = Field(3.0, gt=0.0)  # pretrain sd3 only: the sigma shift of its rectified flow (SD3's 3)
+    # load sd3 only: a safetensors file with prompt_embeds (1, L, joint_attention_dim) and pooled_prompt_embeds
+    # (1, pooled_projection_dim), used instead of encoding "" with the directory's text encoders
+    prompt_embeds: str | None = None
+    image_size: int | None = Field(None, ge=8)  # load sd3 only: pixels fed (default: the model's sample size)
+    use_t5: bool = False  # load sd3 only: also encode with text_encoder_3 (the published setting drops T5)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    latent: LatentConfig | None = None  # pretrain only: None = a pixel-space DiT; else a latent DiT behind a VAE
+    latent: LatentConfig | None = None  # pretrain only: None = a pixel-space model; else a latent one behind a VAE
     threads: int | None = Field(None, ge=1)  # torch threads; default: all cores
 
     @model_validator(mode="after")
@@ -103,14 +112,29 @@ class BackboneConfig(Section):
         if self.kind == "load" and not self.path:
             raise ValueError("path is required when kind is 'load'")
         if self.kind == "load" and self.latent is not None:
-            raise ValueError("latent is only used by kind 'pretrain' (a loaded DiT brings its own VAE)")
+            raise ValueError("latent is only used by kind 'pretrain' (a loaded model brings its own VAE)")
         if self.kind == "pretrain":
             from aselect.pipelines.models import VARIANTS  # late: keeps config import light
 
             if self.variant not in VARIANTS:
                 raise ValueError(f"unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+            for name in ("prompt_embeds", "image_size"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only used by kind 'load' (a pretrained model is fed "
+                                     f"ingest.image_size and conditions itself)")
+        if self.family == "dit" and (self.prompt_embeds or self.image_size or self.use_t5):
+            raise ValueError("prompt_embeds, image_size and use_t5 are for family 'sd3' (an MMDiT), not 'dit'")
         return self
 
+    @property
+    def pretrain_family(self) -> str:
+        """The family a pretrained model has: dit unless sd3 is asked for."""
+        return self.family or "dit"
+
+
+# Feature sites (pipelines.features): token sites have a pooled form; attention maps do not.
+TokenSite = Literal["block", "attn", "mlp", "query", "key", "value"]
+SiteName = Literal["block", "attn", "mlp", "query", "key", "value", "attn_map"]
 
 DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 300, 500, 700, 900)
 # A pretrained tiny DiT attends over every token pair: past a 32x32 grid a CPU step takes minutes.
@@ -130,8 +154,7 @@ class DumpConfig(Section):
 
     timesteps: list[int] = Field(default_factory=lambda: list(DEFAULT_TIMESTEPS), min_length=1)
     layers: list[int] | None = None  # transformer block indices; default: every layer
-    sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
-        default_factory=lambda: ["block", "attn", "mlp"], min_length=1)
+    sites: list[SiteName] = Field(default_factory=lambda: ["block", "attn", "mlp"], min_length=1)
     spatial: bool = False  # also keep per-token maps (float16), for segmentation probes
     images_per_chunk: int = Field(64, ge=1)
     workers: int = Field(1, ge=1)  # processes, each owning whole chunks
@@ -184,8 +207,7 @@ class CalibrateConfig(Section):
     timesteps: list[int] | None = None
     # What HFR is computed on. `attn` (self-attention output token maps) had the lowest regret across the
     # bundled configs (docs/results.md); attention maps (`attn_map`) had the worst on digits.
-    sites: list[Literal["block", "attn", "mlp", "attn_map"]] = Field(
-        default_factory=lambda: ["attn"], min_length=1)
+    sites: list[SiteName] = Field(default_factory=lambda: ["attn"], min_length=1)
     keep_maps: bool = False  # also store the token / attention maps (float16) the HFR was computed from
     # The label-free signal (pipelines.streamed.SIGNALS): `plain` is A-SelecT as published; `mean`, `debiased`
     # (K = `draws` noise draws per image and t, K times the forward passes) and `noise_relative` (2 inputs per
@@ -268,6 +290,9 @@ class ScoreConfig(Section):
 
     hfr_cutoff: float = Field(0.5, gt=0.0, lt=1.5)  # radial frequency threshold, 1 = Nyquist
     hfr_exclude_dc: bool = True
+    # Which frequencies count as low: `radial` (|f| <= cutoff, a disc) or `axis` (|f_x| and |f_y| <= cutoff each,
+    # a square: the per-axis 1-D band, the authors' LOW_FREQ_1D reading)
+    hfr_band: Literal["radial", "axis"] = "radial"
     probe_folds: int = Field(3, ge=2)
     probe_c: float = Field(1.0, gt=0.0)
 
@@ -276,22 +301,28 @@ class SelectConfig(Section):
     """Stage 5: how scores become one (timestep, layer, site)."""
 
     policy: Literal["aselect", "oracle", "fixed", "fewshot", "rankme"] = "aselect"
-    hfr_site: Literal["block", "attn", "mlp", "attn_map"] = "attn"  # must be among calibrate.sites
+    hfr_site: SiteName = "attn"  # must be among calibrate.sites
     layers: list[int] | None = None  # layers HFR is averaged over; default: the middle third
-    feature_site: Literal["block", "attn", "mlp"] = "block"
+    feature_site: TokenSite = "block"
     feature_layer: Literal["argmax"] | int = "argmax"
     timestep: int | None = None  # fixed policy
     layer: int | None = None  # fixed policy
-    site: Literal["block", "attn", "mlp"] | None = None  # fixed policy
+    site: TokenSite | None = None  # fixed policy
     # aselect: resample the calibration images this many times (no new forward passes) and record the share
     # of resamples that pick the same timestep and layer (`confidence`); 0 turns it off.
     bootstrap: int = Field(200, ge=0)
     bootstrap_seed: int = 0
+    # `aselect-published`: A-SelecT as the authors configured it, expanded once the backbone is known
+    # (RunConfig.resolved): plain HFR of `query`, axis band, cutoff 0.15, argmax over t, features `query` of one
+    # fixed block at their relative depth (block 9 of 24). It sets the keys it names, whatever they were.
+    preset: Literal["aselect-published"] | None = None
 
     @model_validator(mode="after")
     def _fixed_needs_a_pair(self) -> SelectConfig:
         if self.policy == "fixed" and None in (self.timestep, self.layer, self.site):
             raise ValueError("policy 'fixed' needs timestep, layer and site")
+        if self.preset is not None and self.policy != "aselect":
+            raise ValueError(f"preset {self.preset!r} is an aselect selection (got policy {self.policy!r})")
         return self
 
 
@@ -304,9 +335,6 @@ class ProbeConfig(Section):
     # Train features bigger than this (as float32) are not loaded: the probe streams them from the dump a batch at
     # a time (same objective and optimum, one pass per L-BFGS step, so slower). 0 always streams.
     memory_budget_mb: float = Field(2048.0, ge=0.0)
-
-
-SiteName = Literal["block", "attn", "mlp", "attn_map"]
 
 
 class BenchConfig(Section):
@@ -324,7 +352,7 @@ class BenchConfig(Section):
     # features. None -> the middle layer.
     fixed_timestep: int = Field(100, ge=0)
     fixed_layer: int | None = Field(None, ge=0)
-    fixed_site: Literal["block", "attn", "mlp"] = "block"
+    fixed_site: TokenSite = "block"
     scaling_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1)
     scaling_workers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
     # The oracle's candidate timesteps: `calibrate` = the grid A-SelecT searched (so the cost ratio is the one a
@@ -379,6 +407,18 @@ class RunConfig(Section):
             self._fits_variant()
         return self
 
+    def resolved(self, depth: int, token_grid: int) -> RunConfig:
+        """This run with `select.preset` expanded for a backbone of `depth` blocks and a `token_grid`-wide grid."""
+        if self.select.preset is None:
+            return self
+        block = published_block(depth)
+        return self.model_copy(update={
+            "calibrate": self.calibrate.model_copy(update={"signal": "plain", "sites": ["query"]}),
+            "score": self.score.model_copy(update={"hfr_cutoff": published_cutoff(token_grid), "hfr_band": "axis"}),
+            "select": self.select.model_copy(update={"hfr_site": "query", "layers": [block], "feature_layer": block,
+                                                     "feature_site": "query"}),
+        })
+
     def _fits_variant(self) -> None:
         """Block indices within the pretrained variant's depth, and a token grid it can train on."""
         from aselect.pipelines.models import VARIANTS
@@ -411,6 +451,21 @@ class RunConfig(Section):
                              f"{variant} (patch {patch}{f', latent downsampling {down}' if down > 1 else ''}); "
                              f"pretraining here supports up to {MAX_PRETRAIN_TOKENS} "
                              f"(image_size <= {int(MAX_PRETRAIN_TOKENS ** 0.5) * patch * down})")
+
+
+PUBLISHED_CUTOFF = 0.15  # the authors' CUTOFF
+PUBLISHED_DEPTH = 9 / 24  # their block: 9 of SD3-Medium's 24
+
+
+def published_block(depth: int) -> int:
+    """The authors' block at the same relative depth (9 of 24; our rule for other depths)."""
+    return min(depth - 1, int(PUBLISHED_DEPTH * depth + 0.5))
+
+
+def published_cutoff(token_grid: int) -> float:
+    """0.15, or on grids too small for it (below 14 tokens a side, 0.15 leaves no low frequency but DC) the
+    lowest non-DC frequency, 2 / grid (our rule)."""
+    return max(PUBLISHED_CUTOFF, 2.0 / token_grid)
 
 
 # ---------------------------------------------------------------------------------------------

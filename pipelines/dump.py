@@ -40,7 +40,7 @@ from aselect.pipelines.features import (
     sensor_noise,
 )
 from aselect.pipelines.models import Backbone
-from aselect.pipelines.scoring import radial_frequency
+from aselect.pipelines.scoring import band_frequency, hfr_masks
 from aselect.pipelines.streamed import MULTI_DRAW, HfrStream, signal_per_image
 from aselect.pipelines.threads import torch_threads
 from aselect.storage.datasets import open_images
@@ -105,7 +105,7 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     With `hfr` (a streamed calibration) the dump keeps per-image HFR of `hfr.sites` and no pooled features;
     the maps HFR reads are stored only with `keep_maps`.
     """
-    train_steps = int(backbone.scheduler.config.num_train_timesteps)
+    train_steps = backbone.num_train_timesteps
     late = [t for t in cfg.timesteps if t >= train_steps]
     if late:
         raise AselectError(f"dump.timesteps {late} must be < the scheduler's num_train_timesteps ({train_steps})")
@@ -113,30 +113,31 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
     layers = tuple(cfg.layers) if cfg.layers is not None else tuple(range(depth))
     if max(layers) >= depth:
         raise AselectError(f"dump.layers {list(layers)}: the backbone has {depth} layers (0..{depth - 1})")
-    config = backbone.transformer.config
-    side = int(config.sample_size) // int(config.patch_size)
-    width = int(config.num_attention_heads) * int(config.attention_head_dim)
+    side, width = backbone.token_grid, backbone.width
     common = dict(timesteps=tuple(sorted(cfg.timesteps)), layers=layers, samples=tuple(int(i) for i in samples),
                   width=width, tokens=side * side, chunk=cfg.images_per_chunk)
     if hfr is None:
         return FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites), spatial=cfg.spatial,
                              attn_map=ATTN_MAP in cfg.sites)
-    rho = radial_frequency(side, side)
-    highest, lowest = float(rho.max()), float(rho[rho > 0].min())
-    if hfr.cutoff >= highest:  # HFR would be 0 for every map: a "selection" by tie-break
-        raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: no frequency of the {side}x{side} token grid is above "
-                           f"it (the highest is {highest:.3f}); lower it")
+    high, non_dc = hfr_masks(side, side, hfr.cutoff, hfr.band)
+    freq = band_frequency(side, side, hfr.band)
+    highest, lowest = float(freq.max()), float(freq[non_dc].min())
+    band = "" if hfr.band == "radial" else f" (score.hfr_band {hfr.band})"
+    if not high.any():  # HFR would be 0 for every map: a "selection" by tie-break
+        raise AselectError(f"score.hfr_cutoff {hfr.cutoff}{band}: no frequency of the {side}x{side} token grid is "
+                           f"above it (the highest is {highest:.3f}); lower it")
     if keep_maps and hfr.inputs_per_image > 1:
         raise AselectError(f"calibrate.keep_maps: signal {hfr.signal!r} runs {hfr.inputs_per_image} inputs per image; "
                            f"maps are kept only for signal 'plain'")
-    if hfr.exclude_dc and hfr.cutoff < lowest:  # every non-DC frequency is "high": HFR would be 1 everywhere
-        raise AselectError(f"score.hfr_cutoff {hfr.cutoff}: every non-DC frequency of the {side}x{side} token grid "
-                           f"is above it (the lowest is {lowest:.3f}), so HFR is 1 for every map; raise it")
+    if hfr.exclude_dc and (high == non_dc).all():  # every non-DC frequency is "high": HFR would be 1 everywhere
+        raise AselectError(f"score.hfr_cutoff {hfr.cutoff}{band}: every non-DC frequency of the {side}x{side} token "
+                           f"grid is above it (the lowest is {lowest:.3f}), so HFR is 1 for every map; raise it")
     token_sites = tuple(s for s in TOKEN_SITES if s in hfr.sites)
     return FeatureLayout(**common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
                          attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False,
                          hfr_sites=tuple(s for s in SITES if s in hfr.sites), hfr_cutoff=hfr.cutoff,
-                         hfr_exclude_dc=hfr.exclude_dc, hfr_signal=hfr.signal, inputs_per_image=hfr.inputs_per_image)
+                         hfr_exclude_dc=hfr.exclude_dc, hfr_band=hfr.band, hfr_signal=hfr.signal,
+                         inputs_per_image=hfr.inputs_per_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
     if layout.hfr_sites:
         draws = layout.inputs_per_image if layout.hfr_signal in MULTI_DRAW else 1
         stream = HfrStream(sites=layout.hfr_sites, cutoff=layout.hfr_cutoff, exclude_dc=layout.hfr_exclude_dc,
-                           signal=layout.hfr_signal, draws=draws)
+                           band=layout.hfr_band, signal=layout.hfr_signal, draws=draws)
         reductions["hfr"] = Reduction(layout.hfr_sites, partial(signal_per_image, stream=stream))
         x0 = stream.expand_inputs(x0)
     if layout.pooled and layout.sites:

@@ -1,11 +1,14 @@
-"""Stage 3 (domain): noise images to x_t and capture DiT features at every block and site.
+"""Stage 3 (domain): noise images to x_t and capture transformer features at every block and site.
 
-Sites, per transformer block `l`:
+Sites, per transformer block `l` (for an MMDiT, always the image-token stream: context tokens are not features):
 - `block`: the residual stream after the block, (B, T, D)
 - `attn`: the self-attention output before its adaLN gate, (B, T, D)
 - `mlp`: the feed-forward output before its adaLN gate, (B, T, D)
+- `query`, `key`, `value`: the attention's projections of the (adaLN-modulated) block input, heads concatenated,
+  (B, T, D), as the attention module computes them (`to_q`, `to_k`, `to_v`; before any q/k norm)
 - `attn_map`: attention probabilities averaged over heads, (B, T, T) — query x key grid; captured by a
-  diffusers attention processor, not by patching library internals.
+  diffusers attention processor, not by patching library internals. An MMDiT attends jointly over image and
+  prompt tokens: its map is the image-query x image-key block of that softmax (the mass on prompt keys is left out).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from aselect.pipelines.models import Backbone
 
-TOKEN_SITES = ("block", "attn", "mlp")
+TOKEN_SITES = ("block", "attn", "mlp", "query", "key", "value")
+PROJECTIONS = {"query": "to_q", "key": "to_k", "value": "to_v"}  # site -> the attention module's linear
 ATTN_MAP = "attn_map"
 SITES = (*TOKEN_SITES, ATTN_MAP)
 
@@ -70,12 +75,12 @@ def sensor_noise(shape: Sequence[int], image_indices: Sequence[int], std: float,
 
 def add_noise(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], timestep: int,
               seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """DDPM q(x_t | x_0) with noise drawn from one generator per image (or `draw_noise`'s, drawn ahead)."""
+    """x_t of the backbone's schedule (DDPM or rectified flow) with noise drawn from one generator per image (or
+    `draw_noise`'s, drawn ahead)."""
     if noise is None:
         noise = draw_noise(x0.shape[1:], image_indices, timestep, seed)
     noise = noise.to(device=x0.device, dtype=x0.dtype, non_blocking=True)
-    t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
-    return backbone.scheduler.add_noise(x0, noise, t)
+    return backbone.add_noise(x0, noise, timestep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +114,42 @@ class AttentionMapProcessor(AttnProcessor):
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+class JointAttentionMapProcessor:
+    """An MMDiT's joint attention (image + prompt tokens, as diffusers' JointAttnProcessor2_0) that also records
+    the image-query x image-key probabilities (mean over heads) into `sink[layer]`."""
+
+    def __init__(self, sink: dict[int, torch.Tensor], layer: int) -> None:
+        self.sink = sink
+        self.layer = layer
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: object,
+                 **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = hidden_states.shape
+
+        def heads(x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
+            x = x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        query = heads(attn.to_q(hidden_states), attn.norm_q)
+        key = heads(attn.to_k(hidden_states), attn.norm_k)
+        value = heads(attn.to_v(hidden_states), None)
+        if encoder_hidden_states is not None:
+            query = torch.cat([query, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+            key = torch.cat([key, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+            value = torch.cat([value, heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
+        probs = F.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1)  # (B, heads, T + L, T + L)
+        self.sink[self.layer] = probs[:, :, :tokens, :tokens].mean(dim=1)
+        out = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * value.shape[-1]).to(query.dtype)
+        image, context = out[:, :tokens], out[:, tokens:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return image, context
 
 
 Reducer = Callable[[torch.Tensor, str], torch.Tensor]  # (features of one site, site name) -> per-image values
@@ -148,19 +189,22 @@ class FeatureCapture:
     @contextlib.contextmanager
     def attached(self) -> Iterator[FeatureCapture]:
         blocks = self.backbone.transformer.transformer_blocks
+        mmdit = self.backbone.family == "sd3"
         handles, saved_processors, maps = [], {}, {}
         last = max(self.layers)
         wanted = set(self.sites).union(*(r.sites for r in self.reductions.values()))
+        map_processor = JointAttentionMapProcessor if mmdit else AttentionMapProcessor
 
         def keep(layer: int, site: str):
             def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+                # an MMDiT's attention returns (image, prompt) outputs: the image stream comes first
                 self._put(layer, site, output[0] if isinstance(output, tuple) else output)
             return hook
 
         def finish(layer: int):
             def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-                if "block" in wanted:
-                    self._put(layer, "block", output)
+                if "block" in wanted:  # an MMDiT block returns (prompt, image) streams
+                    self._put(layer, "block", output[1] if mmdit else output)
                 if ATTN_MAP in wanted:
                     self._put(layer, ATTN_MAP, maps.pop(layer))
                 if layer == last:
@@ -170,20 +214,24 @@ class FeatureCapture:
         try:
             for layer in self.layers:
                 block = blocks[layer]
+                attention = block.attn if mmdit else block.attn1
                 if "attn" in wanted:
-                    handles.append(block.attn1.register_forward_hook(keep(layer, "attn")))
+                    handles.append(attention.register_forward_hook(keep(layer, "attn")))
                 if "mlp" in wanted:
                     handles.append(block.ff.register_forward_hook(keep(layer, "mlp")))
+                for site, linear in PROJECTIONS.items():
+                    if site in wanted:  # image tokens only: an MMDiT projects the prompt with add_*_proj
+                        handles.append(getattr(attention, linear).register_forward_hook(keep(layer, site)))
                 if ATTN_MAP in wanted:
-                    saved_processors[layer] = block.attn1.processor
-                    block.attn1.set_processor(AttentionMapProcessor(maps, layer))
+                    saved_processors[layer] = attention.processor
+                    attention.set_processor(map_processor(maps, layer))
                 handles.append(block.register_forward_hook(finish(layer)))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             for layer, processor in saved_processors.items():
-                blocks[layer].attn1.set_processor(processor)
+                (blocks[layer].attn if mmdit else blocks[layer].attn1).set_processor(processor)
 
 
 @torch.no_grad()
@@ -197,18 +245,16 @@ def extract(backbone: Backbone, x0: torch.Tensor, image_indices: Sequence[int], 
     reduction computed in the forward hooks on its sites. `noise` is `draw_noise`'s for these images and
     timestep when the caller drew it ahead.
     """
-    # 1. noise the clean inputs with per-image seeds
+    # 1. noise the clean inputs with per-image seeds (DDPM or rectified flow, at paper t)
     x_t = add_noise(backbone, x0, image_indices, timestep, seed, noise)
-    # 2. condition on the null class: features without label information
-    labels = torch.full((len(x0),), backbone.null_class, dtype=torch.long, device=x0.device)
-    t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
-    # 3. run the DiT with hooks (reducers run inside them); stop after the deepest block we need
+    # 2. run the model with hooks (reducers run inside them), unconditioned (DiT: the null class; MMDiT: the empty
+    #    prompt): features without label information; stop after the deepest block we need
     capture = FeatureCapture(backbone, sorted(set(layers)), list(sites), dict(reductions or {}))
     device_type = x0.device.type
     amp = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with capture.attached(), amp:
         try:
-            backbone.transformer(x_t, timestep=t, class_labels=labels)
+            backbone.forward(x_t, timestep)
         except _StopForward:
             pass
     return {**{key: value.float() for key, value in capture.outputs.items()}, **capture.reduced}

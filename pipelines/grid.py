@@ -87,7 +87,7 @@ def streamed_hfr_table(stage_path: Path, params: dict[str, Any]) -> tuple[list[d
     """
     started = time.perf_counter()
     values, layout = read_hfr(stage_path)
-    wanted = {"cutoff": layout["hfr_cutoff"], "exclude_dc": layout["hfr_exclude_dc"]}
+    wanted = {"cutoff": layout["hfr_cutoff"], "exclude_dc": layout["hfr_exclude_dc"], "band": layout["hfr_band"]}
     if {k: params.get(k, v) for k, v in wanted.items()} != wanted:
         raise AselectError(f"{stage_path}: HFR was streamed with {wanted}, scoring asks for {params}")
     rows, per_image = [], []

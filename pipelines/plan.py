@@ -18,7 +18,8 @@ from typing import Any
 from aselect.pipelines.config import DumpConfig, RunConfig
 from aselect.pipelines.streamed import HfrStream
 
-POOLED_SITES = ("block", "attn", "mlp")  # what pooled scorers read (attention maps have no pooled form)
+# what pooled scorers read (attention maps have no pooled form)
+POOLED_SITES = ("block", "attn", "mlp", "query", "key", "value")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def calibration(cfg: RunConfig, segmentation: bool, layers: list[int] | None) ->
 def hfr_stream(cfg: RunConfig) -> HfrStream:
     """What an aselect calibration reduces in the forward pass: the signal of `calibrate.sites`, HFR's knobs."""
     return HfrStream(sites=tuple(cfg.calibrate.sites), cutoff=cfg.score.hfr_cutoff,
-                     exclude_dc=cfg.score.hfr_exclude_dc, signal=cfg.calibrate.signal,
+                     exclude_dc=cfg.score.hfr_exclude_dc, band=cfg.score.hfr_band, signal=cfg.calibrate.signal,
                      draws=cfg.calibrate.signal_draws())
 
 

@@ -1,4 +1,10 @@
-"""Pretraining a tiny DiT here (pixel space, or latent behind a VAE trained first), and sampling from it."""
+"""Pretraining a tiny model here (pixel space, or latent behind a VAE trained first), and sampling from it.
+
+Family dit: a class-conditional DiT, DDPM epsilon objective. Family sd3: an SD3 MMDiT with rectified flow
+(x_t = sigma * eps + (1 - sigma) * x_0, velocity target eps - x_0), class-conditional through its pooled projection
+(a learned embedding per class, the last one the "empty prompt"), one zero prompt token; saved in the SD3 pipeline
+layout with its conditioning, so it loads like any StableDiffusion3Pipeline directory without text encoders.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.models.embeddings import LabelEmbedding
 from PIL import Image
 from tqdm.auto import tqdm
@@ -31,7 +43,16 @@ from aselect.pipelines.backbone import (
     to_unit,
 )
 from aselect.pipelines.config import BackboneConfig, LatentConfig
-from aselect.pipelines.models import Backbone, build_dit, build_vae, make_scheduler, save_backbone
+from aselect.pipelines.models import (
+    Backbone,
+    Conditioning,
+    build_dit,
+    build_mmdit,
+    build_vae,
+    make_flow_scheduler,
+    make_scheduler,
+    save_backbone,
+)
 from aselect.pipelines.threads import torch_threads
 from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
@@ -90,12 +111,64 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: 
         **train,
         # only when set, so pixel-space fingerprints (and the models they guard) stay as they were
         **({"latent": cfg.latent.model_dump()} if cfg.latent is not None else {}),
+        **({"family": "sd3", "flow_shift": cfg.flow_shift} if cfg.pretrain_family == "sd3" else {}),
     )
 
 
 def _vae_fingerprint(fingerprint: dict) -> dict:
     """The part of a latent run's fingerprint that the VAE depends on (not the DiT's settings)."""
     return {key: fingerprint[key] for key in ("code", "shape", "data", "latent")}
+
+
+class ClassMMDiT(torch.nn.Module):
+    """An MMDiT conditioned on a class through its pooled projection (row `classes` = the empty prompt), with one
+    zero prompt token: what a tiny text-to-image model trained on labels looks like."""
+
+    def __init__(self, transformer: torch.nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.classes = torch.nn.Embedding(num_classes + 1, int(transformer.config.pooled_projection_dim))
+        torch.nn.init.normal_(self.classes.weight, std=0.02)
+
+    def forward(self, x_t: torch.Tensor, model_timestep: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        prompt = self.prompt(len(x_t)).to(x_t)
+        return self.transformer(hidden_states=x_t, encoder_hidden_states=prompt, pooled_projections=self.classes(y),
+                                timestep=model_timestep).sample
+
+    def prompt(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, 1, int(self.transformer.config.joint_attention_dim))
+
+    def conditioning(self) -> Conditioning:
+        """The empty prompt (the last class row, one zero token) and every class's pooled embedding."""
+        table = self.classes.weight.detach().float().cpu()
+        return Conditioning(prompt_embeds=self.prompt(1), pooled_prompt_embeds=table[-1:].clone(), class_pooled=table)
+
+
+def _init_mmdit(model: torch.nn.Module) -> None:
+    """DiT-paper init for an MMDiT: xavier linears, zeroed adaLN modulations and output layer (blocks start as the
+    identity, which trains these small models much faster)."""
+
+    def basic(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    model.apply(basic)
+    for block in model.transformer_blocks:
+        for norm in (block.norm1, block.norm1_context):
+            torch.nn.init.zeros_(norm.linear.weight)
+            torch.nn.init.zeros_(norm.linear.bias)
+    for layer in (model.norm_out.linear, model.proj_out):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def flow_sigmas(scheduler: FlowMatchEulerDiscreteScheduler) -> torch.Tensor:
+    """sigma for every paper t in [0, N): the scheduler's shifted table read at index N - t (t = 0: sigma 0)."""
+    table = torch.cat([scheduler.sigmas.float(), torch.zeros(1)])
+    steps = int(scheduler.config.num_train_timesteps)
+    return table[steps - torch.arange(steps)]
 
 
 @dataclass
@@ -165,12 +238,17 @@ def _save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> None:
         old.unlink(missing_ok=True)
 
 
-def _save_model(out_dir: Path, model: DiTTransformer2DModel, scheduler: DDPMScheduler, done: dict,
+def _save_model(out_dir: Path, model: DiTTransformer2DModel | ClassMMDiT,
+                scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, done: dict,
                 vae: AutoencoderKL | None = None) -> None:
-    """Write out_dir/model (transformer/, scheduler/, done.json; latent: a DiTPipeline dir) via a temp dir."""
+    """Write out_dir/model (transformer/, scheduler/, done.json; latent: a DiTPipeline dir; MMDiT: an SD3 pipeline
+    dir with its conditioning) via a temp dir."""
     final, tmp = out_dir / "model", out_dir / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    if vae is None:
+    if isinstance(model, ClassMMDiT):
+        save_backbone(Backbone(transformer=model.transformer, scheduler=scheduler, vae=vae, source=str(final),
+                               conditioning=model.conditioning()), tmp)
+    elif vae is None:
         model.save_pretrained(tmp / "transformer")
         scheduler.save_pretrained(tmp / "scheduler")
     else:  # + vae/ and model_index.json: what real latent DiT checkpoints look like
@@ -212,7 +290,8 @@ def pretrain(
     out_dir: Path,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> PretrainResult:
-    """Train a tiny class-conditional DiT (DDPM epsilon, null-class dropout), on pixels or VAE latents."""
+    """Train a tiny class-conditional DiT (DDPM epsilon) or MMDiT (rectified flow), with null-class dropout, on
+    pixels or VAE latents."""
     images, labels, out_dir = np.asarray(images), np.asarray(labels), Path(out_dir)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
         raise AselectError(
@@ -258,14 +337,20 @@ def _train(
     vae: AutoencoderKL | None = None,
     vae_result: VAEResult | None = None,
 ) -> PretrainResult:
-    """Train the DiT on `data` (float (N, C, S, S): [-1, 1] pixels, or the scaled latents of `vae`)."""
+    """Train the model on `data` (float (N, C, S, S): [-1, 1] pixels, or the scaled latents of `vae`)."""
     pcfg, total = cfg.pretrain, cfg.pretrain.steps
     _, channels, size, _ = data.shape
     what = "images" if vae is None else "latents"
+    flow = cfg.pretrain_family == "sd3"
 
     # 1. Model, noise schedule, optimiser (init is seeded so a fresh run is reproducible).
     torch.manual_seed(pcfg.seed)
-    model = build_dit(cfg.variant, size, channels, num_classes).train()
+    if flow:
+        transformer = build_mmdit(cfg.variant, size, channels)
+        _init_mmdit(transformer)
+        model = ClassMMDiT(transformer, num_classes).train()
+    else:
+        model = build_dit(cfg.variant, size, channels, num_classes).train()
     # diffusers' LabelEmbedding drops labels with p=0.1 in train mode, but every block (and the output
     # layer) has its own embedder and draws its own mask, so a sample is almost never null in all of
     # them. Turn that off and drop labels once per sample below, as the DiT paper does, so the null
@@ -273,7 +358,11 @@ def _train(
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0
-    scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, clip_sample=vae is None)
+    if flow:
+        scheduler = make_flow_scheduler(cfg.num_train_timesteps, cfg.flow_shift)
+        sigmas = flow_sigmas(scheduler)
+    else:
+        scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, clip_sample=vae is None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps, pcfg.steps))
 
@@ -322,9 +411,15 @@ def _train(
         y = torch.where(drop, null, targets[idx])
         torch.manual_seed(_step_seed(pcfg.seed, step))  # any other RNG use in forward is replayed too
 
-        xt = scheduler.add_noise(x0, noise, t)
-        pred = model(xt, timestep=t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
+        if flow:  # rectified flow: x_t on the line from x_0 to the noise, the velocity eps - x_0 as target
+            sigma = sigmas[t].view(-1, 1, 1, 1)
+            xt = sigma * noise + (1.0 - sigma) * x0
+            pred = model(xt, sigmas[t] * cfg.num_train_timesteps, y)
+            loss = F.mse_loss(pred, noise - x0)
+        else:
+            xt = scheduler.add_noise(x0, noise, t)
+            pred = model(xt, timestep=t, class_labels=y).sample
+            loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -358,7 +453,8 @@ def _train(
     _save_model(out_dir, model.eval(), scheduler, dict(fingerprint=fingerprint, **asdict(result)), vae)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     shutil.rmtree(out_dir / VAE_DIR, ignore_errors=True)
-    logger.info("pretrained %s in %.0f s; saved %s", cfg.variant, seconds, out_dir / "model")
+    logger.info("pretrained %s%s in %.0f s; saved %s", cfg.variant, " (MMDiT)" if flow else "", seconds,
+                out_dir / "model")
     return result
 
 
@@ -497,7 +593,10 @@ def _train_vae(
 def sample_images(
     backbone: Backbone, class_labels: list[int], steps: int, guidance_scale: float, seed: int
 ) -> np.ndarray:
-    """DDIM samples (uint8 (B,C,H,W)) with classifier-free guidance against the null class (pixel-space)."""
+    """Samples (uint8 (B,C,H,W)) with classifier-free guidance against the null class: DDIM for a DiT, Euler
+    along the flow for an MMDiT trained here (its per-class pooled embeddings)."""
+    if backbone.family == "sd3":
+        return _sample_flow(backbone, class_labels, steps, guidance_scale, seed)
     model, device = backbone.transformer.eval(), model_device(backbone)
     # "trailing" spacing starts at the last (pure-noise) timestep even with few DDIM steps.
     overrides = dict(timestep_spacing="trailing")
@@ -527,9 +626,40 @@ def sample_images(
         x = ddim.step(eps, t, x).prev_sample
 
     # 3. Back to pixels.
+    return _to_pixels(backbone, x)
+
+
+def _to_pixels(backbone: Backbone, x: torch.Tensor) -> np.ndarray:
+    """Model space -> uint8 pixels (through the VAE for latent models, undoing its shift and scale)."""
     if backbone.vae is not None:
-        x = backbone.vae.decode(x.to(backbone.vae.dtype) / backbone.vae.config.scaling_factor).sample
+        shift = float(backbone.vae.config.get("shift_factor") or 0.0)
+        x = backbone.vae.decode(x.to(backbone.vae.dtype) / backbone.vae.config.scaling_factor + shift).sample
     return to_uint8(x)
+
+
+def _sample_flow(backbone: Backbone, class_labels: list[int], steps: int, guidance_scale: float,
+                 seed: int) -> np.ndarray:
+    """Euler steps along an MMDiT's flow, v = v_empty + g * (v_class - v_empty)."""
+    conditioning = backbone.conditioning
+    if conditioning is None or conditioning.class_pooled is None:
+        raise AselectError(f"{backbone.source}: class samples need the per-class embeddings of a model trained here")
+    model, device = backbone.transformer.eval(), model_device(backbone)
+    with quiet_diffusers():
+        euler = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler.config)
+    euler.set_timesteps(steps)
+    n, channels, size = len(class_labels), int(model.config.in_channels), int(model.config.sample_size)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, channels, size, size), generator=gen).to(device, model.dtype)
+    table = conditioning.class_pooled.to(device, model.dtype)
+    pooled = torch.cat([table[class_labels], table[-1:].expand(n, -1)])
+    prompt = conditioning.prompt_embeds.to(device, model.dtype).expand(2 * n, -1, -1)
+    for t in euler.timesteps:
+        tt = torch.full((2 * n,), float(t), device=device, dtype=model.dtype)
+        v = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=prompt, pooled_projections=pooled,
+                  timestep=tt).sample
+        cond, uncond = v.chunk(2)
+        x = euler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
+    return _to_pixels(backbone, x)
 
 
 def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:

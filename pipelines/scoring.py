@@ -9,6 +9,8 @@ Scorers, by name (see `SCORERS`; add more with `register_scorer`):
 
 HFR (a reconstruction, see docs/method.md): per 2-D map, P = |FFT2|^2, rho = |f| / 0.5 with f in cycles per sample
 (so rho is in [0, sqrt(2)]), HFR = sum_{rho > cutoff} P / sum_{rho > 0} P; maps without non-DC power score 0.
+Band `axis` measures frequency per axis instead, max(|f_y|, |f_x|) / 0.5: a frequency is low when both axes are
+<= cutoff (a square low-pass box, separable 1-D bands). `high_frequency_mask` owns the rule for both paths.
 
 Pure numpy / scikit-learn: no Prefect, Dask or Zarr, so one Dask task can call `score_pair` on plain arrays.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
@@ -28,8 +31,10 @@ from aselect.storage.errors import AselectError
 SCORER_THREADS: int | None = 1  # BLAS / OpenMP threads per score_pair call (None: leave the process setting)
 FFT_BATCH = 1 << 21  # map elements per FFT batch: ~50 MB of float64 + complex128 temporaries
 FLAT_POWER = 1e-24  # non-DC power below this share of the total is FFT round-off: the map is flat
-TOKEN_KINDS = ("tokens", "block", "attn", "mlp")  # token sites are all (n, T, D) maps
+TOKEN_KINDS = ("tokens", "block", "attn", "mlp", "query", "key", "value")  # token sites: (n, T, D) maps
 ATTN_KINDS = ("attn_map",)
+HfrBand = Literal["radial", "axis"]
+HFR_BANDS: tuple[str, ...] = ("radial", "axis")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,11 +49,32 @@ def radial_frequency(h: int, w: int) -> np.ndarray:
     return np.sqrt(fx ** 2 + fy ** 2) / 0.5
 
 
-def _hfr_values(maps: np.ndarray, cutoff: float, exclude_dc: bool) -> np.ndarray:
+def band_frequency(h: int, w: int, band: str = "radial") -> np.ndarray:
+    """The frequency HFR's cutoff is compared with, on the (h, w) FFT grid: `radial` rho = |f| / 0.5, `axis`
+    max(|f_y|, |f_x|) / 0.5; 0 at DC, 1 at Nyquist on an axis."""
+    if band == "radial":
+        return radial_frequency(h, w)
+    if band == "axis":
+        fy = np.abs(np.fft.fftfreq(h))[:, None]
+        fx = np.abs(np.fft.fftfreq(w))[None, :]
+        return np.maximum(fy, fx) / 0.5
+    raise AselectError(f"hfr band must be one of {', '.join(HFR_BANDS)}, got {band!r}")
+
+
+def high_frequency_mask(h: int, w: int, cutoff: float, band: str = "radial") -> np.ndarray:
+    """Bool (h, w): the frequencies above the cutoff, HFR's numerator (`axis`: either axis above it)."""
+    return band_frequency(h, w, band) > cutoff
+
+
+def hfr_masks(h: int, w: int, cutoff: float, band: str = "radial") -> tuple[np.ndarray, np.ndarray]:
+    """Bool (h, w) masks of HFR's "high" and "non-DC" frequencies."""
+    return high_frequency_mask(h, w, cutoff, band), high_frequency_mask(h, w, 0.0, band)
+
+
+def _hfr_values(maps: np.ndarray, cutoff: float, exclude_dc: bool, band: str = "radial") -> np.ndarray:
     """Per-map HFR of maps (m, h, w, c): the grid is on axes 1-2, so (n, T, D) tokens need no transposed copy."""
     m, h, w, c = maps.shape
-    rho = radial_frequency(h, w)
-    high, non_dc = (rho > cutoff).astype(np.float64), (rho > 0).astype(np.float64)
+    high, non_dc = (mask.astype(np.float64) for mask in hfr_masks(h, w, cutoff, band))
     out = np.zeros((m, c))
     step = max(1, FFT_BATCH // (h * w * c))
     for start in range(0, m, step):  # batches bound memory; each batch is one vectorised FFT
@@ -70,33 +96,36 @@ def _check_cutoff(cutoff: float) -> float:
     return cutoff
 
 
-def high_frequency_ratio(maps: np.ndarray, cutoff: float = 0.5, exclude_dc: bool = True) -> float:
+def high_frequency_ratio(maps: np.ndarray, cutoff: float = 0.5, exclude_dc: bool = True,
+                         band: str = "radial") -> float:
     """HFR of real 2-D maps (..., h, w): high-frequency power share, averaged over all leading dims."""
     maps = np.asarray(maps)
     if maps.ndim < 2 or maps.size == 0:
         raise AselectError(f"hfr: expected non-empty maps (..., h, w), got shape {maps.shape}")
     h, w = maps.shape[-2:]
-    return float(_hfr_values(maps.reshape(-1, h, w, 1), _check_cutoff(cutoff), exclude_dc).mean())
+    return float(_hfr_values(maps.reshape(-1, h, w, 1), _check_cutoff(cutoff), exclude_dc, band).mean())
 
 
-def hfr_of_tokens(tokens: np.ndarray, cutoff: float = 0.5, exclude_dc: bool = True) -> float:
+def hfr_of_tokens(tokens: np.ndarray, cutoff: float = 0.5, exclude_dc: bool = True,
+                  band: str = "radial") -> float:
     """HFR of token features (n, T, D): each channel reshaped to the h x w patch grid."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 3 or tokens.size == 0:
         raise AselectError(f"hfr: expected token features (n, T, D), got shape {tokens.shape}")
     n, T, D = tokens.shape
     side = grid_side(T)
-    return float(_hfr_values(tokens.reshape(n, side, side, D), _check_cutoff(cutoff), exclude_dc).mean())
+    return float(_hfr_values(tokens.reshape(n, side, side, D), _check_cutoff(cutoff), exclude_dc, band).mean())
 
 
-def hfr_of_attention(attn: np.ndarray, cutoff: float = 0.5, exclude_dc: bool = True) -> float:
+def hfr_of_attention(attn: np.ndarray, cutoff: float = 0.5, exclude_dc: bool = True,
+                     band: str = "radial") -> float:
     """HFR of attention maps (n, T, T): each query's probabilities over the h x w key grid."""
     attn = np.asarray(attn)
     if attn.ndim != 3 or attn.shape[1] != attn.shape[2] or attn.size == 0:
         raise AselectError(f"hfr: expected attention maps (n, T, T), got shape {attn.shape}")
     n, T, _ = attn.shape
     side = grid_side(T)
-    return float(_hfr_values(attn.reshape(n * T, side, side, 1), _check_cutoff(cutoff), exclude_dc).mean())
+    return float(_hfr_values(attn.reshape(n * T, side, side, 1), _check_cutoff(cutoff), exclude_dc, band).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +232,7 @@ def _check_truth(scorer: Scorer, n: int, labels: np.ndarray | None, masks: np.nd
 
 
 def _hfr_score(features: np.ndarray, labels: np.ndarray | None = None, masks: np.ndarray | None = None, *,
-               kind: str | None = None, cutoff: float = 0.5, exclude_dc: bool = True) -> float:
+               kind: str | None = None, cutoff: float = 0.5, exclude_dc: bool = True, band: str = "radial") -> float:
     """HFR of token maps (kind "tokens" or a token site name) or attention maps (kind "attn_map")."""
     if kind is None:  # (n, T, T) could be either: only a non-square shape is unambiguous
         if features.shape[1] == features.shape[2]:
@@ -211,9 +240,9 @@ def _hfr_score(features: np.ndarray, labels: np.ndarray | None = None, masks: np
                                f"pass kind='tokens' or kind='attn_map'")
         kind = "tokens"
     if kind in TOKEN_KINDS:
-        return hfr_of_tokens(features, cutoff, exclude_dc)
+        return hfr_of_tokens(features, cutoff, exclude_dc, band)
     if kind in ATTN_KINDS:
-        return hfr_of_attention(features, cutoff, exclude_dc)
+        return hfr_of_attention(features, cutoff, exclude_dc, band)
     raise AselectError(f"hfr: unknown kind '{kind}'; known: {', '.join(TOKEN_KINDS + ATTN_KINDS)}")
 
 

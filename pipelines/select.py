@@ -21,7 +21,7 @@ from aselect.pipelines.scoring import get_scorer
 from aselect.storage.errors import AselectError
 
 # pipelines.features.SITES, repeated here so selection does not import torch and diffusers
-SITE_ORDER = ("block", "attn", "mlp", "attn_map")
+SITE_ORDER = ("block", "attn", "mlp", "query", "key", "value", "attn_map")
 ROW_KEYS = ("timestep", "layer", "site", "scorer", "score")
 
 PairKey = tuple[int, int, str]  # (timestep, layer, site) values, as a table row names them

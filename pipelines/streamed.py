@@ -5,7 +5,7 @@ At DiT-XL/2 shape a stored token map costs 165 MB per image and site; its HFR co
 (pipelines/features.py) hand each captured map to `hfr_per_image` as soon as the block has produced it, on the
 device where it lives, and drop the map.
 
-The math is `pipelines.scoring`'s (same radial frequency, cutoff, DC rule and flat-map rule), in torch. Precision:
+The math is `pipelines.scoring`'s (same frequency masks, cutoff, DC rule and flat-map rule), in torch. Precision:
 the FFT and the power sums run in float64 on every device (cuFFT and pocketfft both support it), so a streamed
 value equals the stored-map reference to ~1e-12 on the same features; the maps themselves come out of the forward
 pass in its own dtype (float32 on CPU, bf16/fp16 under CUDA autocast).
@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aselect.pipelines.probe import grid_side
-from aselect.pipelines.scoring import FLAT_POWER, radial_frequency
+from aselect.pipelines.scoring import FLAT_POWER, HfrBand, hfr_masks
 
 HFR_SLICE = 1 << 22  # map elements per FFT slice: ~100 MB of float64 + complex128 temporaries
 Signal = Literal["plain", "mean", "debiased", "noise_relative"]
@@ -47,6 +47,7 @@ class HfrStream(BaseModel):
     sites: tuple[str, ...] = Field(min_length=1)  # token sites (block, attn, mlp) and/or attn_map
     cutoff: float = Field(0.5, ge=0.0)
     exclude_dc: bool = True
+    band: HfrBand = "radial"  # which frequencies are high: `pipelines.scoring.high_frequency_mask`
     signal: Signal = "plain"
     draws: int = Field(1, ge=1)  # noise draws per (image, t): K for `mean` / `debiased`, else 1
 
@@ -74,16 +75,17 @@ class HfrStream(BaseModel):
         return noise.repeat_interleave(2, dim=0) if self.signal == "noise_relative" else noise
 
 
-def _masks(h: int, w: int, cutoff: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rho = torch.from_numpy(radial_frequency(h, w)).to(device)
-    return (rho > cutoff).to(torch.float64), (rho > 0).to(torch.float64)
+def _masks(h: int, w: int, cutoff: float, band: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """scoring.py's "high" and "non-DC" masks as float64 tensors on the device."""
+    high, non_dc = hfr_masks(h, w, cutoff, band)
+    return torch.from_numpy(high).to(device, torch.float64), torch.from_numpy(non_dc).to(device, torch.float64)
 
 
-def _band_power(maps: torch.Tensor, cutoff: float) -> torch.Tensor:
+def _band_power(maps: torch.Tensor, cutoff: float, band: str = "radial") -> torch.Tensor:
     """Power of maps (b, h, w, c) in three bands per (map, channel) -> (3, b, c) float64: above the cutoff,
     every non-DC frequency, everything."""
     b, h, w, c = maps.shape
-    high, non_dc = _masks(h, w, cutoff, maps.device)
+    high, non_dc = _masks(h, w, cutoff, band, maps.device)
     out = torch.zeros((3, b, c), dtype=torch.float64, device=maps.device)
     step = max(1, HFR_SLICE // (h * w * c))
     for start in range(0, b, step):  # slices bound memory; each is one batched FFT
@@ -105,19 +107,20 @@ def _ratio(bands: torch.Tensor, exclude_dc: bool) -> torch.Tensor:
     return torch.where(torch.isfinite(total), ratio, torch.nan)
 
 
-def _per_map(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tensor:
+def _per_map(maps: torch.Tensor, cutoff: float, exclude_dc: bool, band: str = "radial") -> torch.Tensor:
     """HFR of maps (b, h, w, c) per (map, channel) -> (b, c), float64; the grid is on dims 1-2."""
-    return _ratio(_band_power(maps, cutoff), exclude_dc)
+    return _ratio(_band_power(maps, cutoff, band), exclude_dc)
 
 
-def hfr_per_image(features: torch.Tensor, site: str, cutoff: float = 0.5, exclude_dc: bool = True) -> torch.Tensor:
+def hfr_per_image(features: torch.Tensor, site: str, cutoff: float = 0.5, exclude_dc: bool = True,
+                  band: str = "radial") -> torch.Tensor:
     """Per-image HFR (B,) float64 of token features (B, T, D), or of attention maps (B, T, T) for `attn_map`.
 
     Tokens: each channel reshaped to the h x w patch grid, averaged over channels. Attention maps: each query's
     probabilities over the h x w key grid, averaged over queries. The mean over images of these values is
     `pipelines.scoring.hfr_of_tokens` / `hfr_of_attention` of the same features.
     """
-    return _per_map(_as_maps(features, site), float(cutoff), exclude_dc).mean(dim=1)
+    return _per_map(_as_maps(features, site), float(cutoff), exclude_dc, band).mean(dim=1)
 
 
 def _as_maps(features: torch.Tensor, site: str) -> torch.Tensor:
@@ -135,18 +138,18 @@ def _as_maps(features: torch.Tensor, site: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _plain(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tensor:
-    return _per_map(maps[:, 0], cutoff, exclude_dc).mean(dim=1)
+def _plain(maps: torch.Tensor, cutoff: float, exclude_dc: bool, band: str) -> torch.Tensor:
+    return _per_map(maps[:, 0], cutoff, exclude_dc, band).mean(dim=1)
 
 
-def _mean(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tensor:
-    return _per_map(maps.to(torch.float64).mean(dim=1), cutoff, exclude_dc).mean(dim=1)
+def _mean(maps: torch.Tensor, cutoff: float, exclude_dc: bool, band: str) -> torch.Tensor:
+    return _per_map(maps.to(torch.float64).mean(dim=1), cutoff, exclude_dc, band).mean(dim=1)
 
 
-def _debiased(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tensor:
+def _debiased(maps: torch.Tensor, cutoff: float, exclude_dc: bool, band: str) -> torch.Tensor:
     b, k = maps.shape[:2]
-    one = _band_power(maps.flatten(0, 1), cutoff).view(3, b, k, -1).mean(dim=2)  # P(1) = S + N
-    mean = _band_power(maps.to(torch.float64).mean(dim=1), cutoff)  # P(K) = S + N / K
+    one = _band_power(maps.flatten(0, 1), cutoff, band).view(3, b, k, -1).mean(dim=2)  # P(1) = S + N
+    mean = _band_power(maps.to(torch.float64).mean(dim=1), cutoff, band)  # P(K) = S + N / K
     signal = (k * mean - one) / (k - 1)
     # Per-channel estimates of S are noisy and can be near zero or negative: a ratio of channel sums weights
     # channels by their signal power instead of letting a tiny denominator dominate the mean.
@@ -155,14 +158,14 @@ def _debiased(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tens
     return _ratio(torch.stack([num, ac, total]), exclude_dc)
 
 
-def _noise_relative(maps: torch.Tensor, cutoff: float, exclude_dc: bool) -> torch.Tensor:
-    image, noise_only = (_per_map(maps[:, i], cutoff, exclude_dc).mean(dim=1) for i in (0, 1))
+def _noise_relative(maps: torch.Tensor, cutoff: float, exclude_dc: bool, band: str) -> torch.Tensor:
+    image, noise_only = (_per_map(maps[:, i], cutoff, exclude_dc, band).mean(dim=1) for i in (0, 1))
     ratio = torch.where(noise_only > 0, image / torch.where(noise_only > 0, noise_only, 1.0), 0.0)
     # NaN in either input stays NaN (NaN > 0 is false, which would pass a broken map off as a flat one)
     return torch.where(torch.isfinite(image) & torch.isfinite(noise_only), ratio, torch.nan)
 
 
-SignalFn = Callable[[torch.Tensor, float, bool], torch.Tensor]  # maps (B, K, h, w, c) -> per-image (B,)
+SignalFn = Callable[[torch.Tensor, float, bool, str], torch.Tensor]  # maps (B, K, h, w, c) -> per-image (B,)
 SIGNALS: dict[str, tuple[SignalFn, str]] = {
     "plain": (_plain, "A-SelecT as published: HFR of one noised copy"),
     "mean": (_mean, "ours: HFR of the features averaged over K noise draws"),
@@ -177,4 +180,4 @@ def signal_per_image(features: torch.Tensor, site: str, stream: HfrStream) -> to
     k = stream.inputs_per_image
     maps = _as_maps(features, site)
     maps = maps.view(maps.shape[0] // k, k, *maps.shape[1:])
-    return SIGNALS[stream.signal][0](maps, float(stream.cutoff), stream.exclude_dc)
+    return SIGNALS[stream.signal][0](maps, float(stream.cutoff), stream.exclude_dc, stream.band)

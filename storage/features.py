@@ -58,6 +58,7 @@ class FeatureLayout:
     hfr_sites: tuple[str, ...] = ()  # sites whose per-image HFR is streamed into `hfr`
     hfr_cutoff: float = 0.5
     hfr_exclude_dc: bool = True
+    hfr_band: str = "radial"  # pipelines.scoring.HFR_BANDS: which frequencies count as high
     hfr_signal: str = "plain"  # pipelines.streamed.SIGNALS: how several inputs per image become one value
     inputs_per_image: int = 1  # forward-pass inputs per (image, t): noise draws, or the image and its twin
 
@@ -83,7 +84,7 @@ def create_store(stage_path: Path, layout: FeatureLayout) -> zarr.Group:
     (stage_path / DONE_DIR).mkdir(parents=True, exist_ok=True)
     if (path / "zarr.json").exists():
         group = zarr.open_group(path, mode="r+")
-        if group.attrs.get("layout") == _layout_attrs(layout):
+        if _stored_layout(group.attrs.get("layout") or {}) == _layout_attrs(layout):
             return group
     group = zarr.open_group(path, mode="w")
     nt, nl, ns, n = len(layout.timesteps), len(layout.layers), len(layout.sites), len(layout.samples)
@@ -121,8 +122,17 @@ def _layout_attrs(layout: FeatureLayout) -> dict:
             "n": len(layout.samples), "width": layout.width, "tokens": layout.tokens, "chunk": layout.chunk,
             "spatial": layout.spatial, "attn_map": layout.attn_map, "pooled": layout.pooled,
             "hfr_sites": list(layout.hfr_sites), "hfr_cutoff": layout.hfr_cutoff,
-            "hfr_exclude_dc": layout.hfr_exclude_dc, "hfr_signal": layout.hfr_signal,
+            "hfr_exclude_dc": layout.hfr_exclude_dc, "hfr_band": layout.hfr_band, "hfr_signal": layout.hfr_signal,
             "inputs_per_image": layout.inputs_per_image}
+
+
+# Layout attrs added after stores were first written, and what a store without them holds.
+LAYOUT_DEFAULTS = {"hfr_band": "radial"}
+
+
+def _stored_layout(attrs: dict) -> dict:
+    """A store's layout attrs, with the defaults of attrs it predates."""
+    return {**LAYOUT_DEFAULTS, **attrs}
 
 
 def _records(stage_path: Path) -> dict[tuple[int, int], Path]:
@@ -217,7 +227,7 @@ def read_hfr(stage_path: Path) -> tuple[np.ndarray, dict]:
     group = open_features(stage_path)
     if "hfr" not in group:
         raise KeyError(f"{stage_path / FEATURES_STORE}: no streamed HFR in this dump")
-    return np.asarray(group["hfr"][:], dtype=np.float64), dict(group.attrs["layout"])
+    return np.asarray(group["hfr"][:], dtype=np.float64), _stored_layout(dict(group.attrs["layout"]))
 
 
 def has_streamed_hfr(stage_path: Path) -> bool:

@@ -1,8 +1,9 @@
-"""Stage 2 task: load a diffusers DiT, or pretrain a tiny one on the ingested train split."""
+"""Stage 2 task: load a diffusers DiT or MMDiT, or pretrain a tiny one on the ingested train split."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import task
 from prefect.states import State
@@ -17,19 +18,28 @@ from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
 MODEL_DIR = "model"
+LOAD_ONLY = ("prompt_embeds", "image_size", "use_t5")  # BackboneConfig keys only kind 'load' reads
 SAMPLES_PNG = "samples.png"
 
 
 def plan_backbone(workdir: Workdir, cfg: BackboneConfig, dataset: StageRef) -> StageRef:
     """The backbone's key: a pretrained model depends on the dataset; a loaded one on its files."""
     if cfg.kind == "pretrain":
-        # latent is left out while unset, so pixel-space runs keep the keys they had before it existed
-        unused = {"path", "threads"} | ({"latent"} if cfg.latent is None else set())
+        # load-only knobs and the other family's schedule knob change nothing a pretraining run does; a DiT's
+        # section leaves the family out, as it did before there were two
+        # (latent is left out while unset, so pixel-space runs keep the keys they had before it existed)
+        unused = {"path", "threads", *LOAD_ONLY} | ({"latent"} if cfg.latent is None else set()) | (
+            {"beta_schedule"} if cfg.pretrain_family == "sd3" else {"family", "flow_shift"})
         section = cfg.model_dump(mode="json", exclude=unused)
+        if cfg.pretrain_family == "sd3":
+            section["family"] = "sd3"
         key = stage_key("backbone", section, {"ingest": dataset.key}, code_digest(__name__))
     else:
-        section = cfg.model_dump(mode="json", include={"kind", "path"})
-        key = stage_key("backbone", section, {}, code_digest(__name__), extra=bb.backbone_fingerprint(cfg.path))
+        # the prompt embeddings a loaded MMDiT is conditioned on come from its text encoders (in the directory's
+        # fingerprint) or from the prompt_embeds file (its bytes are hashed)
+        section = cfg.model_dump(mode="json", include={"kind", "path", "family", "image_size", "use_t5"})
+        key = stage_key("backbone", section, {}, code_digest(__name__),
+                        extra=bb.backbone_fingerprint(cfg.path, cfg.prompt_embeds))
     return workdir.stage("backbone", key).ref()
 
 
@@ -40,15 +50,22 @@ class ModelInfo:
     path: str  # the trained model (inside the stage, so a moved or copied workdir reads its own), or the source
     num_layers: int
     kind: str  # "pretrain" or "load"
+    family: str = "dit"  # "dit" or "sd3"
+    scheduler: dict | None = None  # the noise schedule's config (maps paper t to sigma or alpha_bar)
+    token_grid: int = 0  # image tokens per side
 
     @classmethod
     def of(cls, stage: StageRef) -> ModelInfo:
         """The model of a finished backbone stage."""
         manifest = stage.dir.read_manifest() or {}
         kind = manifest.get("kind", "load")
-        path = (stage.dir.path / MODEL_DIR if kind == "pretrain"
-                else manifest.get("model_path", stage.dir.path / MODEL_DIR))  # loaded (or recorded before "kind")
-        return cls(str(path), int(manifest["model"]["num_layers"]), kind)
+        family = manifest["model"].get("family", "dit")
+        # pretrained, or a loaded MMDiT (the stage's model/ names the source beside the prompt embeddings it used)
+        inside = kind == "pretrain" or manifest.get("model_path") == MODEL_DIR
+        path = stage.dir.path / MODEL_DIR if inside else manifest.get("model_path", stage.dir.path / MODEL_DIR)
+        described = manifest["model"]
+        return cls(str(path), int(described["num_layers"]), kind, family, described.get("scheduler"),
+                   int(described.get("token_grid", 0)))
 
 
 def backbone_dir(stage: StageRef) -> str:
@@ -64,12 +81,26 @@ def backbone(stage: StageRef, cfg: BackboneConfig, dataset: StageRef) -> State:
     def work(stage_dir: StageDir) -> Finished:
         with torch_threads(cfg.threads):
             if cfg.kind == "load":
-                model = bb.load_backbone(cfg.path)
-                return Finished(f"loaded {model.kind} DiT from {cfg.path}: {bb.describe(model)['short']}",
-                                {"kind": "load", "model_path": cfg.path, "model": bb.describe(model)})
+                return _loaded(stage_dir, cfg)
             return _pretrained(stage_dir, cfg, dataset)
 
     return stage_body(stage, {"config": cfg.model_dump(mode="json"), "upstream": {"ingest": dataset.key}}, work)
+
+
+def _loaded(stage_dir: StageDir, cfg: BackboneConfig) -> Finished:
+    """Load (and check) the configured model; an MMDiT's empty-prompt embeddings are encoded once, here, and kept
+    in the stage, so no later stage loads a text encoder."""
+    options = bb.LoadOptions(family=cfg.family, prompt_embeds=cfg.prompt_embeds, image_size=cfg.image_size,
+                             use_t5=cfg.use_t5)
+    model = bb.load_backbone(cfg.path, options)
+    described = bb.describe(model)
+    model_path = cfg.path
+    if model.family == "sd3":
+        bb.write_reference(stage_dir.path / MODEL_DIR, model, str(Path(cfg.path).expanduser().resolve())
+                           if Path(cfg.path).expanduser().exists() else cfg.path)
+        model_path = MODEL_DIR
+    return Finished(f"loaded {model.kind} {model.family} model from {cfg.path}: {described['short']}",
+                    {"kind": "load", "model_path": model_path, "source": cfg.path, "model": described})
 
 
 def _pretrained(stage_dir: StageDir, cfg: BackboneConfig, dataset: StageRef) -> Finished:

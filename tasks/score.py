@@ -30,7 +30,7 @@ PER_IMAGE = "per_image.npz"  # streamed HFR: one value per (row, calibration ima
 def scorer_params(cfg: ScoreConfig, scorer: str) -> dict[str, Any]:
     """The parameters one scorer takes from the score section."""
     if scorer == "hfr":
-        return {"cutoff": cfg.hfr_cutoff, "exclude_dc": cfg.hfr_exclude_dc}
+        return {"cutoff": cfg.hfr_cutoff, "exclude_dc": cfg.hfr_exclude_dc, "band": cfg.hfr_band}
     if scorer == "probe":
         return {"folds": cfg.probe_folds, "C": cfg.probe_c}
     return {}

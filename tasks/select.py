@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import State
 
 from aselect.pipelines.config import SelectConfig
+from aselect.pipelines.models import noise_point, scheduler_from_config
 from aselect.pipelines.plots import score_heatmaps
 from aselect.pipelines.select import (
     LABELS_ADVICE,
@@ -26,12 +27,21 @@ SELECTION_JSON = "selection.json"
 
 
 def plan_select(workdir: Workdir, cfg: SelectConfig, scores: list[StageRef],
-                table: list[dict[str, Any]] | None = None) -> StageRef:
-    """The selection's key: the policy section and the score stages it reads. Not `table`: it is those stages'
+                table: list[dict[str, Any]] | None = None, schedule: dict[str, Any] | None = None) -> StageRef:
+    """The selection's key: the policy section, the score stages it reads and the backbone's noise schedule (the
+    record gives t's sigma or alpha_bar; a fixed pair reads no score stage). Not `table`: it is those stages'
     rows, covered by their keys."""
     key = stage_key("select", cfg.model_dump(mode="json"), {s.name + str(i): s.key for i, s in enumerate(scores)},
-                    code_digest(__name__))
+                    code_digest(__name__), extra=json.dumps(schedule, sort_keys=True))
     return workdir.stage("select", key).ref()
+
+
+def noise_words(noise: dict[str, Any] | None) -> str:
+    """` (sigma 0.136, scheduler index 950)` for a flow-matching backbone: where t sits in its schedule (a DDPM
+    t is its own scheduler index; the record carries its alpha_bar)."""
+    if not noise or "sigma" not in noise:
+        return ""
+    return f" (sigma {noise['sigma']:.3f}, scheduler index {noise['scheduler_index']})"
 
 
 def policy_params(cfg: SelectConfig) -> dict[str, Any]:
@@ -61,19 +71,23 @@ def _confidence(cfg: SelectConfig, table: list[dict[str, Any]], scores: list[Sta
 
 @task(name="select")
 def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
-                scores: list[StageRef] | None = None) -> State:
-    """Apply the selection policy to the score table; aselect also records its bootstrap confidence."""
+                scores: list[StageRef] | None = None, schedule: dict[str, Any] | None = None) -> State:
+    """Apply the selection policy to the score table; aselect also records its bootstrap confidence. With the
+    backbone's `schedule`, the record says where t sits in it (sigma or alpha_bar, the scheduler index)."""
 
     def work(stage_dir: StageDir) -> Finished:
         chosen = select(cfg.policy, table, **policy_params(cfg))
         chosen.confidence = _confidence(cfg, table, scores or [])
         selection = chosen.to_dict()
+        if schedule is not None:
+            selection["noise"] = noise_point(scheduler_from_config(schedule), selection["timestep"]).record()
         write_json_atomic(stage_dir.path / SELECTION_JSON, selection)
         pictures = [p.name for p in score_heatmaps(selection["table"], stage_dir.path, selection)]
         confidence = selection["confidence"]
         sure = (f"; confidence {confidence['value']:.2f} ({confidence['resamples']} bootstrap resamples of "
                 f"{confidence['images']} images)" if confidence else "")
-        summary = (f"{cfg.policy}: t={selection['timestep']} layer {selection['layer']} {selection['site']} "
+        summary = (f"{cfg.policy}: t={selection['timestep']}{noise_words(selection.get('noise'))} layer "
+                   f"{selection['layer']} {selection['site']} "
                    f"({selection['reason']}{sure})")
         return Finished(summary, {"selection": _without_table(selection), "pictures": pictures},
                         {"selection": _without_table(selection)})

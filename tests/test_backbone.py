@@ -284,7 +284,7 @@ def test_error_missing_weights(tmp_path: Path) -> None:
 
 def test_error_no_layout(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("hello")
-    expected = f"{tmp_path}: not a DiT directory (expected model_index.json, transformer/ or config.json)"
+    expected = f"{tmp_path}: not a backbone directory (expected model_index.json, transformer/ or config.json)"
     with pytest.raises(AselectError, match=re.escape(expected)):
         load_backbone(str(tmp_path))
 
@@ -445,7 +445,7 @@ def test_latent_pretrain_saves_a_loadable_latent_backbone(tmp_path: Path) -> Non
     assert backbone.transformer.config.in_channels == 4 and backbone.transformer.config.sample_size == 8
     assert backbone.scheduler.config.clip_sample is False  # latents are not confined to [-1, 1]
     info = describe(backbone)
-    assert info["kind"] == "latent" and info["short"].startswith("latent (16 px -> 4x8x8)")
+    assert info["kind"] == "latent" and info["short"].startswith("DiT (DDPM), latent (16 px -> 4x8x8)")
     assert info["vae"]["scaling_factor"] == result.vae.scaling_factor == backbone.vae.config.scaling_factor
 
     # The recorded scaling_factor gives the train set's latents unit std, as the DiT was trained on.
@@ -547,7 +547,8 @@ def test_latent_section_changes_the_stage_key(tmp_path: Path) -> None:
         pixel, cfg, cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"steps": 7})}))}
     assert len(keys) == 3
     # A pixel-space config keeps the key it had before `latent` existed (existing workdirs stay valid).
-    before = stage_key("backbone", pixel.model_dump(mode="json", exclude={"path", "threads", "latent"}),
+    unused = {"path", "threads", "latent", "family", "flow_shift", "prompt_embeds", "image_size", "use_t5"}
+    before = stage_key("backbone", pixel.model_dump(mode="json", exclude=unused),
                        {"ingest": dataset.key}, code_digest("aselect.tasks.backbone"))
     assert plan_backbone(work, pixel, dataset).key == before
 

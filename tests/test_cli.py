@@ -116,7 +116,8 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     report = json.loads(proc.stdout)
     (config,) = report["configs"]
     rows = {r["selector"]: r for r in config["selectors"]}
-    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "fewshot", "rankme", "fixed", "oracle"]
+    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "aselect-published", "fewshot", "rankme",
+                          "fixed", "oracle"]
     oracle = rows["oracle"]
     for row in rows.values():
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
@@ -136,8 +137,12 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     assert goals["cost"]["measured"] == rows["aselect"]["cost_ratio"]["compute_seconds"]
     assert goals["cost_forward_passes"]["measured"] == rows["aselect"]["cost_ratio"]["forward_passes"]
     # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (K*C*T + N)
-    assert config["grid"] == {"timesteps": 10, "oracle_timesteps": 10, "images": 200, "calibration_images": 64,
-                              "calibration_inputs": 2}
+    assert config["grid"] == {"family": "dit", "timesteps": 10, "oracle_timesteps": 10, "images": 200,
+                              "calibration_images": 64, "calibration_inputs": 2}
+    # the published configuration: plain HFR of query (one input per image), features query of block 9/24 of 2
+    published = rows["aselect-published"]
+    assert (published["layer"], published["site"]) == (1, "query")
+    assert published["forward_passes"] == 64 * 10 + 200
     assert goals["cost"]["forward_pass_ceiling"] == rows["aselect"]["cost_ratio"]["forward_passes"] == round(
         10 * 200 / (2 * 64 * 10 + 200), 2)
     # confidence vs C, bootstrapped from the default selector's 64 calibration images

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import aselect.pipelines.scoring as scoring
 import aselect.pipelines.streamed as streamed
 from aselect.pipelines.config import load_config
 from aselect.pipelines.plan import calibration, hfr_stream
@@ -54,11 +55,12 @@ def test_editing_the_hfr_reduction_changes_its_stage_and_the_stages_after_it(tmp
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     work = Workdir(tmp_path / "work")
     before = chain_keys(work)
-    # One line of the streamed HFR reduction: the high band starts at the cutoff instead of above it.
-    line = "return (rho > cutoff).to(torch.float64)"
-    assert line in module_file(streamed.__name__).read_text(), "the test's edit no longer applies to streamed.py"
-    copy = edited_copy(tmp_path, streamed, lambda s: s.replace(line, line.replace(">", ">="), 1))
-    monkeypatch.setattr(streamed, "__file__", str(copy))
+    # One line of the HFR band rule (the streamed reduction and the reference both use it): the high band starts
+    # at the cutoff instead of above it.
+    line = "return band_frequency(h, w, band) > cutoff"
+    assert line in module_file(scoring.__name__).read_text(), "the test's edit no longer applies to scoring.py"
+    copy = edited_copy(tmp_path, scoring, lambda s: s.replace(line, line.replace(">", ">="), 1))
+    monkeypatch.setattr(scoring, "__file__", str(copy))
     after = chain_keys(work)
     changed = {name for name in before if before[name] != after[name]}
     # The calibration computes HFR and everything downstream of it reads its values; ingest and the (expensive)

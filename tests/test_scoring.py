@@ -21,10 +21,13 @@ from aselect.pipelines.probe import (
     upsample_bilinear,
 )
 from aselect.pipelines.scoring import (
+    FLAT_POWER,
     SCORERS,
     get_scorer,
+    hfr_masks,
     hfr_of_attention,
     hfr_of_tokens,
+    high_frequency_mask,
     high_frequency_ratio,
     radial_frequency,
     score_pair,
@@ -115,6 +118,65 @@ def test_hfr_of_attention():
     with pytest.raises(AselectError) as excinfo:  # (n, T, T) could also be tokens with D == T
         score_pair("hfr", identity)
     assert "kind=" in one_line_error(excinfo)
+
+
+def test_axis_band_counts_a_frequency_low_when_both_axes_are_below_the_cutoff() -> None:
+    # 20 x 20 maps: f = k / 20 cycles per sample, normalised k / 10
+    y, x = np.mgrid[:20, :20]
+    horizontal = np.cos(2 * np.pi * 3 * x / 20)  # (0, 0.3): high in both bands at cutoff 0.25
+    diagonal = 2.0 * np.cos(2 * np.pi * 2 * (x + y) / 20)  # (0.2, 0.2), radial 0.283: high only for radial
+    maps = horizontal + diagonal + 1.0
+    # power of a cos of amplitude a: two peaks of (a N^2 / 2)^2, i.e. a^2 N^4 / 2; the offset's DC is N^4.
+    # In units of N^4: horizontal 1/2, diagonal 4/2 = 2, DC 1.
+    assert high_frequency_ratio(maps, cutoff=0.25) == pytest.approx(1.0)
+    assert high_frequency_ratio(maps, cutoff=0.25, band="axis") == pytest.approx(0.5 / 2.5)
+    assert high_frequency_ratio(maps, cutoff=0.25, exclude_dc=False) == pytest.approx(2.5 / 3.5)
+    assert high_frequency_ratio(maps, cutoff=0.25, exclude_dc=False, band="axis") == pytest.approx(0.5 / 3.5)
+    # the rule is per axis, so a transposed map scores the same
+    assert high_frequency_ratio(maps.T, cutoff=0.25, band="axis") == pytest.approx(0.2)
+
+
+def test_axis_band_masks_on_a_small_grid() -> None:
+    # 4 x 4: per-axis normalised frequencies |fftfreq| / 0.5 = [0, 0.5, 1, 0.5]
+    high = high_frequency_mask(4, 4, 0.5, "axis")
+    low = np.ones((4, 4), dtype=bool)
+    low[2, :] = low[:, 2] = False  # Nyquist on either axis is the only thing above 0.5
+    np.testing.assert_array_equal(high, ~low)
+    assert high_frequency_mask(4, 4, 0.5, "radial").sum() == 11  # the disc also drops the (0.5, 0.5) diagonals
+    high, non_dc = hfr_masks(4, 6, 0.3, "axis")
+    expected_non_dc = np.ones((4, 6), dtype=bool)
+    expected_non_dc[0, 0] = False
+    np.testing.assert_array_equal(non_dc, expected_non_dc)
+    assert high.dtype == bool and not (high & ~non_dc).any()
+    with pytest.raises(AselectError, match="hfr band must be one of radial, axis, got 'square'"):
+        high_frequency_mask(4, 4, 0.5, "square")
+
+
+def hfr_as_radial_was(maps: np.ndarray, cutoff: float, exclude_dc: bool) -> np.ndarray:
+    """The radial band's HFR written out from radial_frequency: the formula the default must keep."""
+    rho = radial_frequency(*maps.shape[1:3])
+    high, non_dc = (rho > cutoff).astype(np.float64), (rho > 0).astype(np.float64)
+    spectrum = np.fft.fft2(maps.astype(np.float64), axes=(1, 2))
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    total = power.sum(axis=(1, 2))
+    ac = np.einsum("mhwc,hw->mc", power, non_dc)
+    num = np.einsum("mhwc,hw->mc", power, high)
+    den = ac if exclude_dc else total
+    flat = ac <= FLAT_POWER * total
+    return np.divide(num, den, out=np.zeros_like(num), where=~flat & (den > 0))
+
+
+@pytest.mark.parametrize(("cutoff", "exclude_dc"), [(0.5, True), (0.3, False), (1.0, True)])
+def test_radial_band_is_unchanged(cutoff: float, exclude_dc: bool) -> None:
+    for h, w in ((4, 4), (8, 8), (5, 7)):
+        np.testing.assert_array_equal(high_frequency_mask(h, w, cutoff), radial_frequency(h, w) > cutoff)
+    tokens = np.random.default_rng(3).normal(size=(4, 64, 6))
+    expected = float(hfr_as_radial_was(tokens.reshape(4, 8, 8, 6), cutoff, exclude_dc).mean())
+    assert hfr_of_tokens(tokens, cutoff, exclude_dc) == expected  # bit-identical
+    assert hfr_of_tokens(tokens, cutoff, exclude_dc, band="radial") == expected
+    assert score_pair("hfr", tokens, kind="block", cutoff=cutoff, exclude_dc=exclude_dc, band="radial") == expected
+    axis = score_pair("hfr", tokens, kind="block", cutoff=cutoff, exclude_dc=exclude_dc, band="axis")
+    assert axis == hfr_of_tokens(tokens, cutoff, exclude_dc, band="axis") and axis != expected
 
 
 # ---------------------------------------------------------------------------------------------

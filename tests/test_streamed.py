@@ -17,18 +17,20 @@ from aselect.pipelines.dump import plan_layout, run_dump
 from aselect.pipelines.features import SITES, Reduction, draw_noise, extract
 from aselect.pipelines.grid import streamed_hfr_table
 from aselect.pipelines.models import Backbone, build_dit, make_scheduler
-from aselect.pipelines.scoring import hfr_of_attention, hfr_of_tokens, radial_frequency
+from aselect.pipelines.plan import hfr_stream
+from aselect.pipelines.scoring import hfr_masks, hfr_of_attention, hfr_of_tokens, high_frequency_mask
 from aselect.pipelines.select import bootstrap_confidence, select, unstable_choice_advice
-from aselect.pipelines.streamed import HfrStream, hfr_per_image, signal_per_image
+from aselect.pipelines.streamed import HfrStream, _masks, hfr_per_image, signal_per_image
 from aselect.storage.datasets import DATASET_STORE
 from aselect.storage.errors import AselectError
-from aselect.storage.features import open_features
+from aselect.storage.features import open_features, read_hfr
+from aselect.tasks.score import scorer_params
 
 
-def reference_hfr(features: np.ndarray, site: str, cutoff: float, exclude_dc: bool) -> float:
+def reference_hfr(features: np.ndarray, site: str, cutoff: float, exclude_dc: bool, band: str = "radial") -> float:
     """The stored-map path: pipelines.scoring's numpy HFR of the maps."""
     fn = hfr_of_attention if site == "attn_map" else hfr_of_tokens
-    return fn(features, cutoff, exclude_dc)
+    return fn(features, cutoff, exclude_dc, band)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,16 +39,18 @@ def reference_hfr(features: np.ndarray, site: str, cutoff: float, exclude_dc: bo
 
 
 @pytest.mark.parametrize(("variant", "size"), [("DiT-XS/2", 8), ("DiT-T/2", 16)], ids=["smoke", "digits"])
-@pytest.mark.parametrize(("cutoff", "exclude_dc"), [(0.5, True), (0.3, False), (1.0, True)])
+@pytest.mark.parametrize(("cutoff", "exclude_dc", "band"), [
+    (0.5, True, "radial"), (0.3, False, "radial"), (1.0, True, "radial"), (0.5, True, "axis"), (0.3, False, "axis"),
+])
 def test_streamed_hfr_equals_the_stored_map_reference(variant: str, size: int, cutoff: float,
-                                                      exclude_dc: bool) -> None:
+                                                      exclude_dc: bool, band: str) -> None:
     torch.manual_seed(1)
     model = build_dit(variant, image_size=size, channels=1, num_classes=10).eval()
     for p in model.parameters():  # away from DiT's zero init, so every block and site carries its own maps
         p.data.add_(0.05 * torch.randn_like(p))
     backbone = Backbone(model, make_scheduler(1000, "linear"), None, "memory")
     x0 = torch.rand(5, 1, size, size) * 2 - 1
-    reduction = {"hfr": Reduction(SITES, partial(hfr_per_image, cutoff=cutoff, exclude_dc=exclude_dc))}
+    reduction = {"hfr": Reduction(SITES, partial(hfr_per_image, cutoff=cutoff, exclude_dc=exclude_dc, band=band))}
     layers = list(range(backbone.num_layers))
     for t in (0, 300, 900):
         feats = extract(backbone, x0, range(5), t, layers, SITES, seed=0, reductions=reduction)
@@ -54,10 +58,10 @@ def test_streamed_hfr_equals_the_stored_map_reference(variant: str, size: int, c
             for site in SITES:
                 streamed = feats[(layer, site, "hfr")]
                 assert streamed.shape == (5,) and streamed.dtype == torch.float64
-                expected = reference_hfr(feats[(layer, site)].numpy(), site, cutoff, exclude_dc)
+                expected = reference_hfr(feats[(layer, site)].numpy(), site, cutoff, exclude_dc, band)
                 assert streamed.mean().item() == pytest.approx(expected, rel=1e-6, abs=1e-12), (t, layer, site)
                 # per image, too: the mean over images is the mean of per-image values
-                first = reference_hfr(feats[(layer, site)][:1].numpy(), site, cutoff, exclude_dc)
+                first = reference_hfr(feats[(layer, site)][:1].numpy(), site, cutoff, exclude_dc, band)
                 assert streamed[0].item() == pytest.approx(first, rel=1e-6, abs=1e-12)
 
 
@@ -69,6 +73,45 @@ def test_streamed_hfr_keeps_the_flat_map_and_dc_rules() -> None:
     assert hfr_per_image(checker + 1.0, "block", exclude_dc=False).item() == pytest.approx(0.5)
     with pytest.raises(AselectError, match="square grid"):
         hfr_per_image(torch.zeros(1, 15, 4), "attn")
+
+
+@pytest.mark.parametrize("band", ["radial", "axis"])
+@pytest.mark.parametrize(("cutoff", "exclude_dc"), [(0.15, True), (0.5, True), (0.3, False)])
+def test_streamed_hfr_of_random_maps_equals_the_numpy_reference(band: str, cutoff: float, exclude_dc: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randn(3, 64, 5, generator=gen, dtype=torch.float64).cumsum(dim=1)  # 8 x 8 grid, mixed spectrum
+    attn = torch.rand(3, 64, 64, generator=gen, dtype=torch.float64).softmax(dim=-1)
+    for site, features in (("block", tokens), ("attn_map", attn)):
+        streamed = hfr_per_image(features, site, cutoff, exclude_dc, band)
+        expected = [reference_hfr(features[i:i + 1].numpy(), site, cutoff, exclude_dc, band) for i in range(3)]
+        np.testing.assert_allclose(streamed.numpy(), expected, rtol=1e-12, atol=1e-15)
+        stream = HfrStream(sites=(site,), cutoff=cutoff, exclude_dc=exclude_dc, band=band)
+        torch.testing.assert_close(signal_per_image(features, site, stream), streamed, rtol=0, atol=0)
+    # the torch masks are scoring.py's
+    high, non_dc = _masks(8, 8, cutoff, band, torch.device("cpu"))
+    np.testing.assert_array_equal(high.numpy(), high_frequency_mask(8, 8, cutoff, band))
+    np.testing.assert_array_equal(non_dc.numpy(), hfr_masks(8, 8, cutoff, band)[1])
+
+
+def test_axis_band_reaches_every_signal() -> None:
+    maps = torch.randn(3, 64, 4, dtype=torch.float64)  # 8 x 8 tokens
+    repeated = maps.repeat_interleave(3, dim=0)
+    for band in ("radial", "axis"):
+        plain = hfr_per_image(maps, "attn", 0.5, True, band)
+        mean = signal_per_image(repeated, "attn", HfrStream(sites=("attn",), signal="mean", draws=3, band=band))
+        torch.testing.assert_close(mean, plain)
+        debiased = signal_per_image(repeated, "attn", HfrStream(sites=("attn",), signal="debiased", draws=3, band=band))
+        np.testing.assert_allclose(debiased.numpy(), power_weighted_hfr(maps.reshape(3, 8, 8, 4).numpy(), 0.5, band),
+                                   rtol=1e-9)
+    assert not torch.equal(hfr_per_image(maps, "attn", band="axis"), hfr_per_image(maps, "attn"))
+
+
+def test_the_band_is_threaded_from_the_config() -> None:
+    cfg = load_config("smoke", ["score.hfr_band=axis", "score.hfr_cutoff=0.15"])
+    assert hfr_stream(cfg).band == "axis" and hfr_stream(load_config("smoke")).band == "radial"
+    assert scorer_params(cfg.score, "hfr") == {"cutoff": 0.15, "exclude_dc": True, "band": "axis"}
+    with pytest.raises(ValueError, match="band"):
+        HfrStream(sites=("attn",), band="square")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +161,50 @@ def test_calibration_streams_per_image_hfr_and_stores_no_maps(tiny, tmp_path: Pa
         streamed_hfr_table(tmp_path, {"cutoff": 0.3, "exclude_dc": True})
 
 
+def test_a_calibration_with_the_axis_band_stores_its_band_and_refuses_another(tiny, tmp_path: Path) -> None:
+    calibrate(tiny, tmp_path / "axis", sites=("attn",), band="axis")
+    calibrate(tiny, tmp_path / "radial", sites=("attn",))
+    values, layout = read_hfr(tmp_path / "axis")
+    assert layout["hfr_band"] == "axis" and read_hfr(tmp_path / "radial")[1]["hfr_band"] == "radial"
+    assert not np.array_equal(values, read_hfr(tmp_path / "radial")[0])
+    rows, _, _ = streamed_hfr_table(tmp_path / "axis", {"cutoff": 0.5, "exclude_dc": True, "band": "axis"})
+    assert [r["score"] for r in rows] == pytest.approx(values.mean(axis=-1).ravel().tolist())
+    with pytest.raises(AselectError, match=r"streamed with .*'band': 'axis'"):
+        streamed_hfr_table(tmp_path / "axis", {"cutoff": 0.5, "exclude_dc": True, "band": "radial"})
+    with pytest.raises(AselectError, match=r"streamed with .*'band': 'radial'"):
+        streamed_hfr_table(tmp_path / "radial", {"cutoff": 0.5, "exclude_dc": True, "band": "axis"})
+
+    # the stored value is the axis-band reference HFR of that image's maps
+    model_dir, data = tiny
+    x0 = torch.from_numpy(zarr.open_group(data / DATASET_STORE, mode="r")["images"][:2]).float() / 127.5 - 1.0
+    feats = extract(load_backbone(model_dir), x0, [0, 1], 600, [1], ["attn"], seed=0)
+    for i in range(2):
+        expected = reference_hfr(feats[(1, "attn")][i:i + 1].numpy(), "attn", 0.5, True, "axis")
+        assert values[2, 1, 0, i] == pytest.approx(expected, rel=1e-6)
+
+    # a store written before the band was recorded reads as radial, and is scored as such
+    group = zarr.open_group(tmp_path / "radial" / "features.zarr", mode="r+")
+    group.attrs["layout"] = {k: v for k, v in group.attrs["layout"].items() if k != "hfr_band"}
+    assert read_hfr(tmp_path / "radial")[1]["hfr_band"] == "radial"
+    streamed_hfr_table(tmp_path / "radial", {"cutoff": 0.5, "exclude_dc": True, "band": "radial"})
+
+
+@pytest.mark.parametrize(("cutoff", "message"), [
+    (1.0, r"score\.hfr_cutoff 1\.0 \(score\.hfr_band axis\): no frequency of the 4x4 token grid is above it "
+          r"\(the highest is 1\.000\)"),
+    (0.3, r"score\.hfr_cutoff 0\.3 \(score\.hfr_band axis\): every non-DC frequency of the 4x4 token grid is above "
+          r"it \(the lowest is 0\.500\)"),
+])
+def test_an_axis_band_cutoff_outside_the_token_grid_is_refused(tiny, cutoff: float, message: str) -> None:
+    backbone = load_backbone(tiny[0])
+    with pytest.raises(AselectError, match=message):
+        plan_layout(backbone, np.arange(10), DumpConfig(), hfr=HfrStream(sites=("attn",), cutoff=cutoff, band="axis"))
+    layout = plan_layout(backbone, np.arange(10), DumpConfig(), hfr=HfrStream(sites=("attn",), cutoff=0.5, band="axis"))
+    assert layout.hfr_band == "axis"
+    assert plan_layout(backbone, np.arange(10), DumpConfig(), hfr=HfrStream(sites=("attn",), cutoff=1.0)).hfr_band \
+        == "radial"  # the radial disc still has the diagonals above 1
+
+
 def test_keep_maps_also_stores_the_maps(tiny, tmp_path: Path) -> None:
     result, layout = calibrate(tiny, tmp_path, keep_maps=True)
     group = open_features(tmp_path)
@@ -133,11 +220,11 @@ def test_keep_maps_also_stores_the_maps(tiny, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def power_weighted_hfr(maps: np.ndarray, cutoff: float = 0.5) -> np.ndarray:
+def power_weighted_hfr(maps: np.ndarray, cutoff: float = 0.5, band: str = "radial") -> np.ndarray:
     """numpy: per image, high-band power over non-DC power, each summed over channels; maps (B, h, w, c)."""
     power = np.abs(np.fft.fft2(maps.astype(np.float64), axes=(1, 2))) ** 2
-    rho = radial_frequency(*maps.shape[1:3])
-    return (power * (rho > cutoff)[..., None]).sum(axis=(1, 2, 3)) / (power * (rho > 0)[..., None]).sum(axis=(1, 2, 3))
+    high, non_dc = hfr_masks(*maps.shape[1:3], cutoff, band)
+    return (power * high[..., None]).sum(axis=(1, 2, 3)) / (power * non_dc[..., None]).sum(axis=(1, 2, 3))
 
 
 def test_signals_of_identical_inputs_reduce_to_plain_hfr() -> None:
