@@ -96,12 +96,19 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
     plan_and_run(select_pair, plan_select, work, reports, cfg=select_cfg, table=table, scores=scores,
                  schedule=ModelInfo.of(model).scheduler)
     selection = reports[-1].result["selection"]
-    if features is None:
+    draws: list[StageRef] = []
+    if cfg.probe.kind == "attentive":
+        # the attentive probe reads token maps of the selected pair, one dump per noise draw (draw 0 first)
+        pair_cfg = plan.selected_pair(cfg.dump, selection, segmentation=True)
+        draws = [plan_and_run(dump, plan_dump, work, reports, cfg=pair_cfg.model_copy(update={"draw": k}),
+                              dataset=dataset, model=model, dask=cfg.dask) for k in range(cfg.probe.noise_draws)]
+        features = draws[0]
+    elif features is None:
         pair_cfg = plan.selected_pair(cfg.dump, selection, is_segmentation(dataset))
         features = plan_and_run(dump, plan_dump, work, reports, cfg=pair_cfg, dataset=dataset, model=model,
                                 dask=cfg.dask)
     plan_and_run(probe, plan_probe, work, reports, cfg=cfg.probe, features=features, dataset=dataset,
-                 selection=selection)
+                 selection=selection, draws=draws[1:])
 
 
 def hfr_band(cfg: RunConfig, model: StageRef) -> list[int]:

@@ -162,6 +162,9 @@ class DumpConfig(Section):
     # CUDA only: `auto` runs the forward pass in bf16 on CUDA (fp32 on the CPU); `none` keeps fp32 everywhere
     autocast: Literal["auto", "none", "bf16", "fp16"] = "auto"
     seed: int = 0  # noise seed; each (image, timestep) gets its own stream
+    # Which noise draw: draw k is seeded per (image, timestep, k); 0 is the draw every dump and calibration uses.
+    # The attentive probe's probe.noise_draws K dumps the selected pair with draws 0..K-1.
+    draw: int = Field(0, ge=0)
     # Std of Gaussian sensor noise added to every image ([-1, 1] pixel units, one fixed draw per image, before the
     # VAE) ahead of the DiT: features of noisy photographs from a DiT pretrained on clean ones. 0: none.
     sensor_noise: float = Field(0.0, ge=0.0)
@@ -326,15 +329,56 @@ class SelectConfig(Section):
         return self
 
 
+# The authors' attentive probe (their CUB run): width 800, 2 blocks of 8 heads, AdamW lr 0.003, weight decay 0.001,
+# batch 8, 100 epochs at most; the best validation epoch on a 10% split of train is kept.
+PAPER_PROBE = {"width": 800, "blocks": 2, "heads": 8, "mlp_ratio": 4.0, "learning_rate": 0.003,
+               "weight_decay": 0.001, "batch_size": 8, "epochs": 100, "val_fraction": 0.1}
+
+
 class ProbeConfig(Section):
     """Stage 6: the downstream probe on the selected pair's features."""
 
-    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
+    # linear: logistic regression on mean-pooled features (per-token for segmentation); attentive: a small
+    # transformer head on the token features (a CLS token for classification), trained with AdamW
+    kind: Literal["linear", "attentive"] = "linear"
+    # `paper`: the authors' attentive-probe values (PAPER_PROBE) for the keys below that are not set explicitly
+    preset: Literal["paper"] | None = None
+    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)  # linear: C grid
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 0
     # Train features bigger than this (as float32) are not loaded: the probe streams them from the dump a batch at
-    # a time (same objective and optimum, one pass per L-BFGS step, so slower). 0 always streams.
+    # a time (same objective and optimum, one pass per L-BFGS step, so slower). 0 always streams. Linear only.
     memory_budget_mb: float = Field(2048.0, ge=0.0)
+    # attentive only: the head (per-token projection to `width`, `blocks` pre-norm transformer blocks)
+    width: int = Field(128, ge=8)
+    blocks: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    learning_rate: float = Field(0.001, gt=0.0)  # AdamW, cosine schedule
+    weight_decay: float = Field(0.001, ge=0.0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    # Noise draws at the selected t: the selected pair is dumped K times (draw k seeded per (image, t, k); draw 0 is
+    # the one every dump uses); epoch e trains on draw e mod K, evaluation averages the logits over the K draws.
+    noise_draws: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "paper":
+            data = {**PAPER_PROBE, **data}  # explicit keys win
+        return data
+
+    @model_validator(mode="after")
+    def _head_divides(self) -> ProbeConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.preset == "paper" and self.kind != "attentive":
+            raise ValueError("preset 'paper' is the attentive probe's: set kind: attentive")
+        if self.noise_draws > 1 and self.kind != "attentive":
+            raise ValueError(f"noise_draws {self.noise_draws}: extra noise draws train the attentive probe; set "
+                             f"kind: attentive (the linear probe reads draw 0)")
+        return self
 
 
 class BenchConfig(Section):

@@ -354,7 +354,7 @@ def _run_chunk(ci: int, timestep_indices: list[int], writer: _Writer,
     def noise_for(ti: int) -> torch.Tensor:
         started = time.perf_counter()
         noise = draw_noise(x0.shape[1:], sample_ids, layout.timesteps[ti], w.cfg.seed, pin=pin,
-                           draws=stream.draws if stream else 1)
+                           draws=stream.draws if stream else 1, first_draw=0 if stream else w.cfg.draw)
         if stream is not None:
             noise = stream.expand_noise(noise)
         times.merge({"noise": time.perf_counter() - started})

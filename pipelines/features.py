@@ -46,13 +46,15 @@ def noise_seed(seed: int, image_index: int, timestep: int, draw: int = 0) -> int
 
 
 def draw_noise(shape: Sequence[int], image_indices: Sequence[int], timestep: int, seed: int,
-               pin: bool = False, draws: int = 1) -> torch.Tensor:
-    """Standard normal noise (B * draws, *shape) on the CPU, one generator per (image, timestep, draw).
+               pin: bool = False, draws: int = 1, first_draw: int = 0) -> torch.Tensor:
+    """Standard normal noise (B * draws, *shape) on the CPU, one generator per (image, timestep, draw), draws
+    `first_draw` .. `first_draw + draws - 1`.
 
     Rows are image-major (image 0's draws first). Drawn on the CPU so that CPU and CUDA runs noise identically;
     `pin` puts it in page-locked memory, so the copy to the GPU is one asynchronous transfer per batch.
     """
-    return _seeded_normal(shape, [noise_seed(seed, i, timestep, k) for i in image_indices for k in range(draws)], pin)
+    ids = range(first_draw, first_draw + draws)
+    return _seeded_normal(shape, [noise_seed(seed, i, timestep, k) for i in image_indices for k in ids], pin)
 
 
 def _seeded_normal(shape: Sequence[int], seeds: Sequence[int], pin: bool = False) -> torch.Tensor:

@@ -106,3 +106,22 @@ def cost_vs_regret(configs: Sequence[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def training_curve(curve: Sequence[Sequence[float]], path: Path, metric: str, best_epoch: int | None = None) -> Path:
+    """The attentive probe's training loss and validation score per epoch, the kept epoch marked."""
+    epochs = [int(c[0]) for c in curve]
+    fig, loss_ax = plt.subplots(figsize=(5.5, 3.2))
+    loss_ax.plot(epochs, [float(c[1]) for c in curve], color="tab:blue", label="train loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss", color="tab:blue")
+    score_ax = loss_ax.twinx()
+    score_ax.plot(epochs, [float(c[2]) for c in curve], color="tab:orange", marker=".", label=f"validation {metric}")
+    score_ax.set_ylabel(f"validation {metric}", color="tab:orange")
+    if best_epoch is not None:
+        score_ax.axvline(best_epoch, color="grey", linestyle=":", label="kept")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -3,7 +3,8 @@
 Points, one per unit of work that a crash can interrupt (tests/test_faults.py kills the run at each):
 `ingest` (each array written), `pretrain` (each training step, after its checkpoint), `chunk` (each
 dump item, before and after its completion record), `pair` (each scored pair), `fit` (each probe fit),
-and every stage's name just before its manifest is marked complete.
+`probe-epoch` (each attentive-probe epoch, after its checkpoint), and every stage's name just before its
+manifest is marked complete.
 
 Unset, which is always the case outside tests, a failpoint is one environment lookup. When the run is a
 process-group leader (tests start it so), the whole group is killed, so dump and Dask worker processes

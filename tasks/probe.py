@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.states import State
 
+from aselect.pipelines.attentive import attentive_classifier, attentive_segmenter, save_head
 from aselect.pipelines.config import ProbeConfig
+from aselect.pipelines.plots import training_curve
 from aselect.pipelines.probe import (
     classification_probe,
     classification_probe_streamed,
@@ -21,18 +25,20 @@ from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
 from aselect.storage.features import PairReader
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
-from aselect.tasks.stage import Finished, stage_body
+from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
 METRICS_JSON = "metrics.json"
+HEAD_DIR = "head"  # the attentive probe's trained head
+CURVE_PNG = "training.png"  # its loss and validation score per epoch
 
 
 def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection: dict[str, Any],
-               dataset: StageRef | None = None) -> StageRef:
-    """The probe's key: its section, the features it reads and the selected pair. Not `dataset` (labels, masks,
-    split): the dump's key holds the dataset's."""
+               dataset: StageRef | None = None, draws: list[StageRef] | None = None) -> StageRef:
+    """The probe's key: its section, the features it reads (and the attentive probe's extra noise draws) and the
+    selected pair. Not `dataset` (labels, masks, split): the dump's key holds the dataset's."""
     pair = {k: selection[k] for k in ("timestep", "layer", "site")}
-    key = stage_key("probe", {**cfg.model_dump(mode="json"), "pair": pair}, {"features": features.key},
-                    code_digest(__name__))
+    upstream = {"features": features.key, **{f"draw{k + 1}": d.key for k, d in enumerate(draws or [])}}
+    key = stage_key("probe", {**cfg.model_dump(mode="json"), "pair": pair}, upstream, code_digest(__name__))
     return workdir.stage("probe", key).ref()
 
 
@@ -43,18 +49,22 @@ def stream_window(cfg: ProbeConfig, row_nbytes: int) -> int:
 
 @task(name="probe")
 def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageRef,
-          selection: dict[str, Any]) -> State:
-    """Classification top-1 (pooled features) or segmentation mIoU (token maps) on the test split."""
+          selection: dict[str, Any], draws: list[StageRef] | None = None) -> State:
+    """Classification top-1 (pooled features) or segmentation mIoU (token maps) on the test split; the attentive
+    probe reads the token maps of `features` and of its extra noise `draws`."""
 
     def work(stage_dir: StageDir) -> Finished:
         labels, train_idx, test_idx = read_split(dataset.dir.path)
         masks = read_masks(dataset.dir.path)
         segmentation = masks is not None
         reader = PairReader(features.dir.path, selection["timestep"], selection["layer"], selection["site"],
-                            spatial=segmentation)
+                            spatial=segmentation or cfg.kind == "attentive")
         position = {int(s): i for i, s in enumerate(reader.samples)}
         train = np.asarray([position[int(i)] for i in train_idx])
         test = np.asarray([position[int(i)] for i in test_idx])
+        if cfg.kind == "attentive":
+            return _attentive(stage, stage_dir, cfg, reader, [features, *(draws or [])], selection, labels, masks,
+                              train, test, dataset)
         streamed = len(train) * reader.row_nbytes > cfg.memory_budget_mb * 2**20
         options = {"Cs": cfg.cs, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
         classes = len(read_mask_class_names(dataset.dir.path)) if segmentation else 0
@@ -82,6 +92,50 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
                                   "probe_fits": int(result.details.get("fits", len(cfg.cs) + 1))},
                         {"metrics": metrics})
 
-    inputs = {"config": cfg.model_dump(mode="json"), "selection": selection, "upstream": {"features": features.key}}
+    upstream = {"features": features.key, **{f"draw{k + 1}": d.key for k, d in enumerate(draws or [])}}
+    inputs = {"config": cfg.model_dump(mode="json"), "selection": selection, "upstream": upstream}
     return stage_body(stage, inputs, work,
                       reuse=lambda stage_dir: {"metrics": json.loads((stage_dir.path / METRICS_JSON).read_text())})
+
+
+def _attentive(stage: StageRef, stage_dir: StageDir, cfg: ProbeConfig, reader: PairReader, draws: list[StageRef],
+               selection: dict[str, Any], labels: np.ndarray, masks: np.ndarray | None, train: np.ndarray,
+               test: np.ndarray, dataset: StageRef) -> Finished:
+    """Train the attentive head on the token maps of every noise draw (resuming from its epoch checkpoints), save
+    it in the stage (head.safetensors + head.json), and evaluate it."""
+    maps = [reader.read_all()]
+    for extra in draws[1:]:
+        maps.append(PairReader(extra.dir.path, selection["timestep"], selection["layer"], selection["site"],
+                               spatial=True).read_all())
+    progress = ProgressArtifact("probe-progress", f"attentive probe, {cfg.epochs} epochs on {len(draws)} draw(s)")
+    report = lambda epoch, total: progress.update(epoch / total)  # noqa: E731 - one-line adapter
+    if masks is None:
+        result, state, head = attentive_classifier(maps, labels, train, test, cfg, stage_dir.path, report)
+    else:
+        classes = len(read_mask_class_names(dataset.dir.path))
+        result, state, head = attentive_segmenter(maps, masks, train, test, classes, cfg, stage_dir.path, report)
+    progress.update(1.0, force=True)
+    save_head(stage_dir.path / HEAD_DIR, state, {**head, "selection": {k: selection[k] for k in
+                                                                       ("timestep", "layer", "site")}})
+    metrics = asdict(result)
+    write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
+    pair = f"t={selection['timestep']} layer {selection['layer']} {selection['site']}"
+    details = result.details
+    training_curve(details["curve"], stage_dir.path / CURVE_PNG, result.metric, details.get("best_epoch"))
+    _curve_artifact(details["curve"], result.metric, details.get("best_epoch"), stage_dir.path / CURVE_PNG)
+    summary = (f"{result.metric} {result.value:.4f} on {len(test)} test images ({pair}; attentive probe, best epoch "
+               f"{details.get('best_epoch')} of {details.get('epochs')}, {len(draws)} noise draw(s))")
+    return Finished(summary, {"metric": result.metric, "value": result.value, "probe_fits": 1, "head": HEAD_DIR,
+                              "curve": CURVE_PNG}, {"metrics": metrics})
+
+
+def _curve_artifact(curve: list, metric: str, best_epoch: int | None, picture: Path) -> None:
+    """The training curve as a Prefect table artifact (the PNG sits in the stage)."""
+    rows = "\n".join(f"| {int(e)} | {loss:.4f} | {score:.4f} |{' kept' if int(e) == best_epoch else ''}"
+                     for e, loss, score in curve)
+    try:
+        create_markdown_artifact(key="probe-training", description="attentive probe: loss and validation per epoch",
+                                 markdown=f"| epoch | train loss | validation {metric} |\n| --- | --- | --- |\n"
+                                          f"{rows}\n\n![curve](file://{picture})\n")
+    except Exception as exc:  # noqa: BLE001 - artifacts are a convenience: the PNG and metrics.json say the same
+        get_run_logger().warning("probe: training-curve artifact not written (%s)", exc)
