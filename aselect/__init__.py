@@ -13,3 +13,22 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 __version__ = "0.1.0"
+
+# Using a finished run (`aselect.load_run(workdir)`), imported on first use: `import aselect` stays light (no torch,
+# no Prefect).
+_LAZY = {"load_run": "aselect.pipelines.predict", "read_images": "aselect.pipelines.predict",
+         "Run": "aselect.pipelines.predict", "Prediction": "aselect.pipelines.predict"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aselect' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

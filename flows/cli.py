@@ -1,4 +1,5 @@
-"""The `aselect` command line: `run` a config through the flow, `inspect` the stages in a workdir."""
+"""The `aselect` command line: `run` a config through the flow, `inspect` the stages in a workdir, `predict` with a
+finished run."""
 
 from __future__ import annotations
 
@@ -184,6 +185,85 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Apply a finished run to image files: classes (CSV or JSON lines) or mask PNGs (segmentation)."""
+    from aselect.pipelines.predict import load_run  # torch, diffusers; no Prefect
+
+    run = load_run(args.workdir, args.run)
+    out = Path(args.out) if args.out else None
+    if run.task == "segmentation" and out is None:
+        raise AselectError("--out: a segmentation run writes one mask PNG per image; give a directory")
+    if out is not None and run.task == "segmentation" and out.exists() and not out.is_dir():
+        raise AselectError(f"{out}: not a directory (a segmentation run writes one mask PNG per image into --out)")
+    if out is not None and run.task == "classification" and out.is_dir():
+        raise AselectError(f"{out}: is a directory (a classification run writes one CSV or JSON-lines file)")
+    skipped: list[str] = []
+    images, names = run.read_images(args.paths, skip_bad=args.skip_bad, skipped=skipped)
+    for message in skipped:
+        print(f"aselect: skipped {message}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    batch = run.noise[0].batch
+    with tqdm(total=len(images), desc="predict", unit="image", file=sys.stderr,
+              disable=None if len(images) > batch else True) as bar:
+        prediction = run.predict(images, progress=lambda done, total: bar.update(done - bar.n))
+    lines = _prediction_lines(run, prediction, names, out, args.json)
+    if out is None:
+        sys.stdout.write(lines)
+    elif run.task == "classification":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(lines)
+        os.replace(tmp, out)
+    else:  # the masks are in --out; the table of what was written goes to stdout
+        sys.stdout.write(lines)
+    sel, metrics = run.selection, run.metrics
+    print(f"aselect predict: {len(names)} images with run {run.key} (t={sel['timestep']} layer {sel['layer']} "
+          f"{sel['site']}, {run.probe} {run.task} probe, {metrics.get('metric')} {metrics.get('value') or 0:.4f} on "
+          f"its test split)" + (f", {len(skipped)} skipped" if skipped else "") + f" -> {out or 'stdout'}",
+          file=sys.stderr)
+    return 0
+
+
+def _prediction_lines(run: Any, prediction: Any, names: list[str], out: Path | None, as_json: bool) -> str:
+    """CSV (path, class, p_<class>...) or JSON lines per image; for segmentation, each mask PNG is written into `out`
+    and the lines name it, with the fraction of pixels of each class."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from aselect.pipelines.predict import mask_names, write_mask_png
+
+    class_names = prediction.class_names
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if prediction.task == "classification":
+        if not as_json:
+            writer.writerow(["path", "class", *(f"p_{name}" for name in class_names)])
+        for name, cls, probs in zip(names, prediction.classes, prediction.probabilities, strict=True):
+            if as_json:
+                buffer.write(json.dumps({"path": name, "class": class_names[int(cls)], "class_id": int(cls),
+                                         "probabilities": dict(zip(class_names, map(float, probs), strict=True))})
+                             + "\n")
+            else:
+                writer.writerow([name, class_names[int(cls)], *(f"{p:.8g}" for p in probs)])
+        return buffer.getvalue()
+    assert out is not None
+    out.mkdir(parents=True, exist_ok=True)
+    if not as_json:
+        writer.writerow(["path", "mask", *(f"f_{name}" for name in class_names)])
+    for name, file, mask in zip(names, mask_names(names), prediction.masks, strict=True):
+        write_mask_png(mask, out / file)
+        fractions = np.bincount(mask.ravel(), minlength=len(class_names)) / mask.size
+        if as_json:
+            buffer.write(json.dumps({"path": name, "mask": str(out / file),
+                                     "fractions": dict(zip(class_names, map(float, fractions), strict=True))}) + "\n")
+        else:
+            writer.writerow([name, str(out / file), *(f"{f:.6g}" for f in fractions)])
+    return buffer.getvalue()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aselect", description="Automatic timestep and feature selection "
                                      "for Diffusion Transformer representations (A-SelecT).")
@@ -222,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--workdir", default="aselect-work", help="workdir (default: ./aselect-work)")
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(func=cmd_verify)
+
+    predict = sub.add_parser("predict", help="apply a finished run (its selected features and probe) to images")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files (.png, .jpg, .jpeg) or folders")
+    predict.add_argument("--workdir", default="aselect-work", help="workdir (default: ./aselect-work)")
+    predict.add_argument("--run", metavar="KEY", help="the run's probe stage key, or a prefix of it (default: the "
+                         "newest finished run)")
+    predict.add_argument("--out", metavar="FILE", help="write the table to FILE (default: stdout); for a "
+                         "segmentation run, the directory the mask PNGs go to (required)")
+    predict.add_argument("--json", action="store_true", help="JSON lines instead of CSV")
+    predict.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed on stderr) "
+                         "instead of stopping at the first")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -329,6 +329,9 @@ class SelectConfig(Section):
         return self
 
 
+LINEAR_PROBE_KEYS = ("cs", "memory_budget_mb")  # what only the linear probe reads
+ATTENTIVE_PROBE_KEYS = ("width", "blocks", "heads", "mlp_ratio", "learning_rate", "weight_decay", "epochs",
+                        "batch_size", "noise_draws", "threads", "preset")  # what only the attentive probe reads
 # The authors' attentive probe (their CUB run): width 800, 2 blocks of 8 heads, AdamW lr 0.003, weight decay 0.001,
 # batch 8, 100 epochs at most; the best validation epoch on a 10% split of train is kept.
 PAPER_PROBE = {"width": 800, "blocks": 2, "heads": 8, "mlp_ratio": 4.0, "learning_rate": 0.003,
@@ -359,8 +362,11 @@ class ProbeConfig(Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     # Noise draws at the selected t: the selected pair is dumped K times (draw k seeded per (image, t, k); draw 0 is
-    # the one every dump uses); epoch e trains on draw e mod K, evaluation averages the logits over the K draws.
+    # the one every dump uses); the epochs take the draws in turn, evaluation averages the logits over the K draws.
     noise_draws: int = Field(1, ge=1, le=64)
+    # attentive only: torch threads while it trains. 1 is the fastest for the default head on a shared CPU, and a
+    # resumed probe is bit-identical only under the thread count it started with.
+    threads: int = Field(1, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -5,6 +5,9 @@
   to pixels -> mIoU.
 - streamed (features larger than `probe.memory_budget_mb`): the same two probes fitted from feature rows read a batch
   at a time; the fit minimises scikit-learn's own objective with the same L-BFGS, so it lands on the same optimum.
+- saved: every probe's final fit (`ProbeResult.fitted`) is written without pickle (`save_linear`: weights in
+  safetensors, the rest in JSON) and read back (`load_linear`) to the same scikit-learn objects, so a prediction from
+  the saved probe is the one the probe stage scored.
 
 Pure numpy / scikit-learn / scipy: no Prefect, Dask, Zarr or torch, so it runs anywhere a scorer runs.
 """
@@ -12,9 +15,13 @@ Pure numpy / scikit-learn / scipy: no Prefect, Dask, Zarr or torch, so it runs a
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -34,11 +41,17 @@ EVAL_BATCH = 64  # images per upsampling batch: bounds memory at EVAL_BATCH * K 
 
 @dataclass
 class ProbeResult:
-    """A probe's headline metric and what led to it."""
+    """A probe's headline metric and what led to it; `fitted` is the final fit the metric was scored with (the linear
+    probes'; None for others), left out of `record`."""
 
     metric: str  # "top1" | "miou"
     value: float
     details: dict = field(default_factory=dict)
+    fitted: FittedProbe | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict:
+        """The JSON-able result: metric, value, details (what metrics.json holds)."""
+        return {"metric": self.metric, "value": self.value, "details": self.details}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +124,30 @@ def _choose_c(cs: list[float], n_train: int, val_fraction: float, seed: int, str
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, C: float) -> float:
-    """Top-1 of one standardised logistic regression fitted on train (the scaler sees train only)."""
+def fit_linear(train_x: np.ndarray, train_y: np.ndarray, C: float) -> FittedProbe:
+    """One standardised logistic regression fitted on train (the scaler sees train only)."""
     scaler = StandardScaler().fit(train_x)
     model = _fit_quietly(_logistic(C), scaler.transform(train_x), train_y)
-    return float(np.mean(model.predict(scaler.transform(test_x)) == test_y))
+    return FittedProbe(scaler, model, model.classes_)
+
+
+def linear_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, C: float) -> float:
+    """Top-1 of one standardised logistic regression fitted on train (the scaler sees train only)."""
+    return _top1(fit_linear(train_x, train_y, C), test_x, test_y)
+
+
+def _top1(probe: FittedProbe, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    return float(np.mean(predict_classes(probe, test_x) == test_y))
+
+
+def predict_classes(probe: FittedProbe, x: np.ndarray) -> np.ndarray:
+    """Class ids of pooled features (n, D) under a fitted classification probe (the probe's own `predict`)."""
+    return probe.model.predict(probe.transform(x))
+
+
+def predict_class_proba(probe: FittedProbe, x: np.ndarray) -> np.ndarray:
+    """Probabilities (n, len(probe.classes)) of pooled features (n, D), columns in `probe.classes` order."""
+    return probe.model.predict_proba(probe.transform(x))
 
 
 def classification_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -137,12 +169,13 @@ def classification_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
 
     with blas_threads(threads):
         best, val_scores = _choose_c(cs, len(train_y), val_fraction, seed, train_y, score)
-        top1 = linear_top1(train_x, train_y, test_x, test_y, best)
+        fitted = fit_linear(train_x, train_y, best)
+        top1 = _top1(fitted, test_x, test_y)
         failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "train_size": int(len(train_y)), "test_size": int(len(test_y)),
                "classes": int(len(np.unique(train_y)))}
-    return ProbeResult(metric="top1", value=top1, details=details)
+    return ProbeResult(metric="top1", value=top1, details=details, fitted=fitted)
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -220,13 +253,21 @@ def _check_segmentation(tokens: np.ndarray, masks: np.ndarray, num_classes: int,
 
 
 @dataclass
-class _TokenProbe:
-    """A fitted per-token classifier: scaler (None: the model standardises), model (None when training saw a single
-    class) and its classes."""
+class FittedProbe:
+    """A fitted linear probe (pooled features, or per token): scaler (None: the model standardises), model (None when
+    training saw a single class) and its classes."""
 
     scaler: StandardScaler | None
     model: LogisticRegression | LinearProbe | None
     classes: np.ndarray
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Feature rows (n, D) as the model takes them: float32, standardised by the scaler when there is one."""
+        x = np.asarray(x, dtype=np.float32)
+        return self.scaler.transform(x) if self.scaler is not None else x
+
+
+_TokenProbe = FittedProbe  # its name when it was per-token only
 
 
 def _token_labels(masks: np.ndarray, tokens: int, num_classes: int) -> np.ndarray:
@@ -234,7 +275,7 @@ def _token_labels(masks: np.ndarray, tokens: int, num_classes: int) -> np.ndarra
     return patch_fractions(masks, grid_side(tokens), num_classes).argmax(axis=2)
 
 
-def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C: float) -> _TokenProbe:
+def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C: float) -> FittedProbe:
     n, T, D = tokens.shape
     x = tokens.reshape(n * T, D).astype(np.float32)
     y = _token_labels(masks, T, num_classes).reshape(n * T)
@@ -246,7 +287,23 @@ def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C:
     return _TokenProbe(scaler, model, model.classes_)
 
 
-def _confusion(probe: _TokenProbe, token_batches: Iterable[np.ndarray], masks: np.ndarray,
+def predict_token_masks(probe: FittedProbe, tokens: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Per-pixel class ids (b, height, width) of token features (b, T, D) under a fitted segmentation probe: token
+    probabilities, upsampled bilinearly to the mask size, argmax over the classes training saw."""
+    nb, T, D = tokens.shape
+    side = grid_side(T)
+    if probe.model is None:
+        return np.full((nb, height, width), probe.classes[0], dtype=np.int64)
+    x = probe.transform(tokens.reshape(nb * T, D))
+    # probabilities, not logits: bounded scores stop one over-confident neighbour token from taking over
+    # the pixels near its patch border (synthetic patch masks: pixel accuracy 0.87 with logits, 0.94 with probs)
+    probs = probe.model.predict_proba(x)
+    probs = probs.reshape(nb, side, side, len(probe.classes)).transpose(0, 3, 1, 2)
+    # only the seen classes are upsampled: an unseen class is never predicted (score -inf)
+    return probe.classes[upsample_bilinear(probs, height, width).argmax(axis=1)]
+
+
+def _confusion(probe: FittedProbe, token_batches: Iterable[np.ndarray], masks: np.ndarray,
                num_classes: int) -> np.ndarray:
     """(K, K) pixel confusion matrix, rows = ground truth, columns = prediction; tokens (b, T, D) a batch at a time,
     in the order of `masks`."""
@@ -254,19 +311,8 @@ def _confusion(probe: _TokenProbe, token_batches: Iterable[np.ndarray], masks: n
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     start = 0
     for tokens in token_batches:
-        nb, T, D = tokens.shape
-        side = grid_side(T)
-        if probe.model is None:
-            pred = np.full((nb, height, width), probe.classes[0], dtype=np.int64)
-        else:
-            x = tokens.reshape(nb * T, D).astype(np.float32)
-            x = probe.scaler.transform(x) if probe.scaler is not None else x
-            # probabilities, not logits: bounded scores stop one over-confident neighbour token from taking over
-            # the pixels near its patch border (synthetic patch masks: pixel accuracy 0.87 with logits, 0.94 with probs)
-            probs = probe.model.predict_proba(x)
-            probs = probs.reshape(nb, side, side, len(probe.classes)).transpose(0, 3, 1, 2)
-            # only the seen classes are upsampled: an unseen class is never predicted (score -inf)
-            pred = probe.classes[upsample_bilinear(probs, height, width).argmax(axis=1)]
+        nb = len(tokens)
+        pred = predict_token_masks(probe, tokens, height, width)
         gt = masks[start:start + nb]
         start += nb
         confusion += np.bincount((gt * num_classes + pred).ravel(),
@@ -318,12 +364,14 @@ def segmentation_probe(train_tokens: np.ndarray, train_masks: np.ndarray, test_t
 
     with blas_threads(threads):  # the split is by image, not by token: an image's tokens are not independent
         best, val_scores = _choose_c(cs, len(train_tokens), val_fraction, seed, None, score)
-        miou, per_class, pixel_acc = _miou(train_tokens, train_masks, test_tokens, test_masks, num_classes, best)
+        fitted = _fit_token_probe(train_tokens, train_masks, num_classes, best)
+        miou, per_class, pixel_acc = iou_from_confusion(_confusion(fitted, _in_batches(test_tokens), test_masks,
+                                                                   num_classes))
         failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "per_class_iou": per_class, "pixel_accuracy": pixel_acc, "num_classes": num_classes,
                "train_size": int(len(train_tokens)), "test_size": int(len(test_tokens))}
-    return ProbeResult(metric="miou", value=miou, details=details)
+    return ProbeResult(metric="miou", value=miou, details=details, fitted=fitted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +492,7 @@ def classification_probe_streamed(rows: Rows, train_pos: np.ndarray, train_y: np
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "train_size": int(len(train_y)), "test_size": int(len(test_y)),
                "classes": int(len(np.unique(train_y))), "streamed": True}
-    return ProbeResult(metric="top1", value=top1, details=details)
+    return ProbeResult(metric="top1", value=top1, details=details, fitted=FittedProbe(None, probe, probe.classes_))
 
 
 def _token_passes(rows: Rows, positions: np.ndarray, token_labels: np.ndarray) -> Passes:
@@ -458,15 +506,19 @@ def _token_passes(rows: Rows, positions: np.ndarray, token_labels: np.ndarray) -
     return one_pass
 
 
-def _streamed_miou(rows: Rows, fit_pos: np.ndarray, fit_masks: np.ndarray, eval_pos: np.ndarray,
-                   eval_masks: np.ndarray, num_classes: int, tokens: int, C: float) -> tuple[float, dict, float]:
+def _streamed_token_probe(rows: Rows, fit_pos: np.ndarray, fit_masks: np.ndarray, num_classes: int, tokens: int,
+                          C: float) -> FittedProbe:
     labels = _token_labels(fit_masks, tokens, num_classes)
     classes = np.unique(labels)
     if len(classes) < 2:  # nothing to discriminate: predict the only class everywhere
-        probe = _TokenProbe(None, None, classes)
-    else:
-        model = fit_streamed_logistic(_token_passes(rows, fit_pos, labels), C)
-        probe = _TokenProbe(None, model, model.classes_)
+        return FittedProbe(None, None, classes)
+    model = fit_streamed_logistic(_token_passes(rows, fit_pos, labels), C)
+    return FittedProbe(None, model, model.classes_)
+
+
+def _streamed_miou(rows: Rows, fit_pos: np.ndarray, fit_masks: np.ndarray, eval_pos: np.ndarray,
+                   eval_masks: np.ndarray, num_classes: int, tokens: int, C: float) -> tuple[float, dict, float]:
+    probe = _streamed_token_probe(rows, fit_pos, fit_masks, num_classes, tokens, C)
     return iou_from_confusion(_confusion(probe, rows(eval_pos), eval_masks, num_classes))
 
 
@@ -488,13 +540,13 @@ def segmentation_probe_streamed(rows: Rows, tokens: int, train_pos: np.ndarray, 
                               train_masks[val_idx], num_classes, tokens, c)[0]
 
     best, val_scores = _choose_c(cs, len(train_pos), val_fraction, seed, None, score)
-    miou, per_class, pixel_acc = _streamed_miou(rows, train_pos, train_masks, test_pos, test_masks, num_classes,
-                                                tokens, best)
+    fitted = _streamed_token_probe(rows, train_pos, train_masks, num_classes, tokens, best)
+    miou, per_class, pixel_acc = iou_from_confusion(_confusion(fitted, rows(test_pos), test_masks, num_classes))
     failpoint("fit")
     details = {"C": best, "val_scores": {str(c): s for c, s in val_scores.items()}, "fits": len(val_scores) + 1,
                "per_class_iou": per_class, "pixel_accuracy": pixel_acc, "num_classes": num_classes,
                "train_size": int(len(train_pos)), "test_size": int(len(test_pos)), "streamed": True}
-    return ProbeResult(metric="miou", value=miou, details=details)
+    return ProbeResult(metric="miou", value=miou, details=details, fitted=fitted)
 
 
 def array_rows(features: np.ndarray, batch: int) -> Rows:
@@ -503,3 +555,94 @@ def array_rows(features: np.ndarray, batch: int) -> Rows:
         for start in range(0, len(positions), batch):
             yield np.asarray(features[positions[start:start + batch]], dtype=np.float32)
     return read
+
+
+# ---------------------------------------------------------------------------------------------
+#                                   A fitted probe on disk
+# ---------------------------------------------------------------------------------------------
+# No pickle: the arrays go to safetensors (float64, lossless for the float32 weights scikit-learn fits on float32
+# features; the original dtypes are recorded and restored), the rest to JSON. Loading rebuilds the same
+# StandardScaler / LogisticRegression (or LinearProbe), so predictions come from the code path the probe was scored
+# with, bit for bit.
+
+LINEAR_WEIGHTS = "linear.safetensors"
+LINEAR_META = "linear.json"
+LINEAR_FORMAT = 1
+
+
+def save_linear(directory: Path, probe: FittedProbe, meta: dict[str, Any]) -> None:
+    """Write directory/linear.safetensors and directory/linear.json: `meta` (task, class names, C, selection, ...)
+    plus what rebuilding the probe needs (`model`: sklearn | streamed | constant, `in_dim`, `classes`, `dtypes`)."""
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    model = probe.model
+    if probe.scaler is not None:
+        arrays["scaler_mean"], arrays["scaler_scale"] = probe.scaler.mean_, probe.scaler.scale_
+    if isinstance(model, LogisticRegression):
+        kind = "sklearn"
+        arrays["coef"], arrays["intercept"] = model.coef_, model.intercept_
+    elif isinstance(model, LinearProbe):
+        kind = "streamed"
+        arrays.update(mean=model.mean, scale=model.scale, coef=model.coef, intercept=model.intercept)
+    elif model is None:
+        kind = "constant"  # training saw one class: it is predicted everywhere
+    else:
+        raise TypeError(f"save_linear: cannot save a {type(model).__name__}")
+    dtypes = {name: str(np.asarray(value).dtype) for name, value in arrays.items()}
+    tensors = {name: np.ascontiguousarray(value, dtype=np.float64) for name, value in arrays.items()}
+    tensors["classes"] = np.ascontiguousarray(probe.classes, dtype=np.int64)
+    width = next((len(tensors[k]) for k in ("scaler_mean", "mean") if k in tensors), None)
+    record = {**meta, "format": LINEAR_FORMAT, "model": kind, "in_dim": width,
+              "classes": [int(c) for c in probe.classes], "dtypes": dtypes}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, info = directory / LINEAR_WEIGHTS, directory / LINEAR_META
+    save_file(tensors, str(weights.with_name(f".{weights.name}.tmp")))
+    info.with_name(f".{info.name}.tmp").write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+    os.replace(weights.with_name(f".{weights.name}.tmp"), weights)
+    os.replace(info.with_name(f".{info.name}.tmp"), info)
+
+
+def load_linear(directory: Path) -> tuple[FittedProbe, dict[str, Any]]:
+    """The probe `save_linear` wrote (the same scikit-learn objects, or LinearProbe) and its linear.json."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / LINEAR_META).read_text())
+        tensors = load_file(str(directory / LINEAR_WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise AselectError(f"{directory}: no readable linear probe ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(meta, dict) or meta.get("model") not in ("sklearn", "streamed", "constant") \
+            or "classes" not in tensors:
+        raise AselectError(f"{directory / LINEAR_META}: not a saved linear probe (no model kind or classes)")
+    dtypes = meta.get("dtypes", {})
+
+    def array(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise AselectError(f"{directory / LINEAR_WEIGHTS}: no {name!r} tensor ({meta['model']} probe)")
+        return tensors[name].astype(dtypes.get(name, "float64"))
+
+    classes = tensors["classes"].astype(np.int64)
+    scaler = None
+    if "scaler_mean" in tensors:
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_ = array("scaler_mean"), array("scaler_scale")
+        scaler.var_ = scaler.scale_ ** 2
+        scaler.n_features_in_ = len(scaler.mean_)
+        scaler.n_samples_seen_ = 0
+    model: LogisticRegression | LinearProbe | None = None
+    if meta["model"] == "sklearn":
+        model = _logistic(float(meta.get("C", 1.0)))
+        model.coef_, model.intercept_, model.classes_ = array("coef"), array("intercept"), classes
+        model.n_features_in_, model.n_iter_ = model.coef_.shape[1], np.zeros(1, dtype=np.int32)
+    elif meta["model"] == "streamed":
+        model = LinearProbe(array("mean"), array("scale"), array("coef"), array("intercept"), classes)
+    width = meta.get("in_dim")
+    coef = getattr(model, "coef_", getattr(model, "coef", None))
+    if coef is not None and width is not None and coef.shape[-1] != width:
+        raise AselectError(f"{directory / LINEAR_WEIGHTS}: weights of width {coef.shape[-1]} do not fit in_dim {width}")
+    return FittedProbe(scaler, model, classes), meta

@@ -143,6 +143,26 @@ def open_images(stage_path: Path) -> zarr.Array:
     return zarr.open_group(stage_path / DATASET_STORE, mode="r")["images"]
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's shapes and names, without reading its arrays."""
+
+    image_shape: tuple[int, ...]  # (N, C, H, W)
+    class_names: list[str]
+    mask_class_names: list[str]  # empty for classification
+    mask_shape: tuple[int, ...] | None  # (H, W) of the masks; None for classification
+
+
+def read_dataset_info(stage_path: Path) -> DatasetInfo:
+    """Shapes and class names of an ingested dataset."""
+    group = zarr.open_group(stage_path / DATASET_STORE, mode="r")
+    masks = "masks" in set(group.array_keys())
+    return DatasetInfo(image_shape=tuple(int(v) for v in group["images"].shape),
+                       class_names=list(group.attrs["class_names"]),
+                       mask_class_names=list(group.attrs["mask_class_names"] or []),
+                       mask_shape=tuple(int(v) for v in group["masks"].shape[1:]) if masks else None)
+
+
 def read_mask_class_names(stage_path: Path) -> list[str]:
     """Names of the mask ids (segmentation datasets; empty otherwise)."""
     return list(zarr.open_group(stage_path / DATASET_STORE, mode="r").attrs["mask_class_names"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,21 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import State
 
 from aselect.pipelines.attentive import attentive_classifier, attentive_segmenter, save_head
-from aselect.pipelines.config import ProbeConfig
+from aselect.pipelines.config import ATTENTIVE_PROBE_KEYS, LINEAR_PROBE_KEYS, ProbeConfig
 from aselect.pipelines.plots import training_curve
 from aselect.pipelines.probe import (
+    LINEAR_META,
+    ProbeResult,
     classification_probe,
     classification_probe_streamed,
+    grid_side,
+    save_linear,
     segmentation_probe,
     segmentation_probe_streamed,
 )
+from aselect.pipelines.threads import torch_threads
 from aselect.storage.code import code_digest
-from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
+from aselect.storage.datasets import read_dataset_info, read_mask_class_names, read_masks, read_split
 from aselect.storage.features import PairReader
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
@@ -38,7 +42,10 @@ def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection
     selected pair. Not `dataset` (labels, masks, split): the dump's key holds the dataset's."""
     pair = {k: selection[k] for k in ("timestep", "layer", "site")}
     upstream = {"features": features.key, **{f"draw{k + 1}": d.key for k, d in enumerate(draws or [])}}
-    key = stage_key("probe", {**cfg.model_dump(mode="json"), "pair": pair}, upstream, code_digest(__name__))
+    # the other kind's knobs change nothing this probe computes
+    unused = set(ATTENTIVE_PROBE_KEYS if cfg.kind == "linear" else LINEAR_PROBE_KEYS)
+    key = stage_key("probe", {**cfg.model_dump(mode="json", exclude=unused), "pair": pair}, upstream,
+                    code_digest(__name__))
     return workdir.stage("probe", key).ref()
 
 
@@ -84,12 +91,14 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
                 result = classification_probe(x[train], labels[train_idx], x[test], labels[test_idx], **options)
             else:
                 result = segmentation_probe(x[train], masks[train_idx], x[test], masks[test_idx], classes, **options)
-        metrics = asdict(result)
+        _save_linear(stage_dir, result, selection, dataset, masks, reader.row_shape, streamed)
+        metrics = result.record()
         write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
         pair = f"t={selection['timestep']} layer {selection['layer']} {selection['site']}"
         summary = f"{result.metric} {result.value:.4f} on {len(test)} test images ({pair})"
         return Finished(summary, {"metric": result.metric, "value": result.value,
-                                  "probe_fits": int(result.details.get("fits", len(cfg.cs) + 1))},
+                                  "probe_fits": int(result.details.get("fits", len(cfg.cs) + 1)),
+                                  "linear": LINEAR_META},
                         {"metrics": metrics})
 
     upstream = {"features": features.key, **{f"draw{k + 1}": d.key for k, d in enumerate(draws or [])}}
@@ -109,24 +118,44 @@ def _attentive(stage: StageRef, stage_dir: StageDir, cfg: ProbeConfig, reader: P
                                spatial=True).read_all())
     progress = ProgressArtifact("probe-progress", f"attentive probe, {cfg.epochs} epochs on {len(draws)} draw(s)")
     report = lambda epoch, total: progress.update(epoch / total)  # noqa: E731 - one-line adapter
-    if masks is None:
-        result, state, head = attentive_classifier(maps, labels, train, test, cfg, stage_dir.path, report)
-    else:
-        classes = len(read_mask_class_names(dataset.dir.path))
-        result, state, head = attentive_segmenter(maps, masks, train, test, classes, cfg, stage_dir.path, report)
+    with torch_threads(cfg.threads):
+        if masks is None:
+            result, state, head = attentive_classifier(maps, labels, train, test, cfg, stage_dir.path, report)
+        else:
+            classes = len(read_mask_class_names(dataset.dir.path))
+            result, state, head = attentive_segmenter(maps, masks, train, test, classes, cfg, stage_dir.path,
+                                                      report)
     progress.update(1.0, force=True)
     save_head(stage_dir.path / HEAD_DIR, state, {**head, "selection": {k: selection[k] for k in
                                                                        ("timestep", "layer", "site")}})
-    metrics = asdict(result)
+    metrics = result.record()
     write_json_atomic(stage_dir.path / METRICS_JSON, metrics)
     pair = f"t={selection['timestep']} layer {selection['layer']} {selection['site']}"
     details = result.details
     training_curve(details["curve"], stage_dir.path / CURVE_PNG, result.metric, details.get("best_epoch"))
     _curve_artifact(details["curve"], result.metric, details.get("best_epoch"), stage_dir.path / CURVE_PNG)
     summary = (f"{result.metric} {result.value:.4f} on {len(test)} test images ({pair}; attentive probe, best epoch "
-               f"{details.get('best_epoch')} of {details.get('epochs')}, {len(draws)} noise draw(s))")
+               f"{details.get('best_epoch')} of {details.get('epochs')}, {len(draws)} noise draw(s)"
+               + (f", resumed after epoch {details['resumed_from']}" if details.get("resumed_from") else "") + ")")
     return Finished(summary, {"metric": result.metric, "value": result.value, "probe_fits": 1, "head": HEAD_DIR,
                               "curve": CURVE_PNG}, {"metrics": metrics})
+
+
+def _save_linear(stage_dir: StageDir, result: ProbeResult, selection: dict[str, Any], dataset: StageRef,
+                 masks: np.ndarray | None, row_shape: tuple[int, ...], streamed: bool) -> None:
+    """The linear probe's final fit, in the stage (linear.safetensors + linear.json): what applying it to new images
+    needs besides the backbone (`aselect predict`, `aselect.load_run`)."""
+    info = read_dataset_info(dataset.dir.path)
+    meta: dict[str, Any] = {"C": result.details["C"], "streamed": streamed, "features": "pooled",
+                            "selection": {k: selection[k] for k in ("timestep", "layer", "site")}}
+    if masks is None:
+        meta.update(task="classification", class_names=info.class_names)
+    else:
+        tokens = int(row_shape[0])
+        meta.update(task="segmentation", class_names=info.mask_class_names, features="tokens",
+                    tokens=tokens, grid=grid_side(tokens), mask_size=[int(v) for v in masks.shape[1:]])
+    meta["num_classes"] = len(meta["class_names"])
+    save_linear(stage_dir.path, result.fitted, meta)
 
 
 def _curve_artifact(curve: list, metric: str, best_epoch: int | None, picture: Path) -> None:

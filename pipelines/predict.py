@@ -1,0 +1,509 @@
+"""Use what a finished run selected: its backbone's features at the selected (timestep, layer, site) of new images,
+and its probe's predictions on them. No Prefect.
+
+- `load_run(workdir, run=None)`: a finished run of a workdir. A run is named by its probe stage (the last stage of
+  `aselect-pipeline` and `aselect-exhaustive` alike): the newest complete one, or the one whose key starts with
+  `run`. From the probe's manifest come the selection and the dump(s) it read; from the dump's, its noise settings
+  and the ingest and backbone stages; the select stage is the one that recorded the same selection.
+- `Run.features(images, indices)`: the selected features of uint8 images (N, C, H, W), computed as the run's dump
+  computed them: images of another size or mode are converted as ingest converts image files, encoded, noised to
+  the selected t and passed through the backbone; pooled (N, D) float32 for a linear classification probe, token
+  maps (N, T, D) otherwise (rounded through float16, as the dump stores them).
+- `Run.predict(images, indices)`: class ids and per-class probabilities, or per-pixel masks.
+- `read_images(paths, size, channels)`: files and folders decoded by ingest's rules (`Run.read_images` fills in the
+  run's size and channels).
+
+Noise. The dump noises dataset image i at timestep t with a generator seeded by (dump seed, i, t, draw)
+(`pipelines.features.noise_seed`). `indices[k]` says which image index image k is noised as: the default, 0..N-1,
+makes a call's k-th image get the noise of the dataset's k-th image; passing an image's own dataset index reproduces
+the run's features of it. The attentive probe averages its logits over the noise draws it trained on
+(`probe.noise_draws`), as its stage evaluated it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aselect.pipelines.ingest import IMAGE_SUFFIXES, _read_image
+from aselect.pipelines.probe import (
+    EVAL_BATCH,
+    FittedProbe,
+    grid_side,
+    load_linear,
+    predict_class_proba,
+    predict_classes,
+    predict_token_masks,
+    upsample_bilinear,
+)
+from aselect.storage.datasets import DATASET_STORE, read_dataset_info
+from aselect.storage.errors import AselectError
+from aselect.storage.stages import StageDir, Workdir
+
+log = logging.getLogger("aselect.predict")
+
+MODEL_DIR = "model"  # a backbone stage's model directory (tasks.backbone.MODEL_DIR)
+HEAD_DIR = "head"  # the attentive probe's head in its stage (tasks.probe.HEAD_DIR)
+METRICS_JSON = "metrics.json"
+SELECTION_JSON = "selection.json"
+TOKEN_SITES = ("block", "attn", "mlp", "query", "key", "value")
+Progress = Callable[[int, int], None]  # (images done, total)
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         Images
+# ---------------------------------------------------------------------------------------------
+
+
+def image_files(paths: Iterable[str | Path], skip_bad: bool = False, skipped: list[str] | None = None) -> list[Path]:
+    """The image files named by `paths`: files as given, folders searched recursively for .png/.jpg/.jpeg (hidden
+    entries skipped); without duplicates and sorted by path, so the order (and the noise index of each image) does
+    not depend on the order of the arguments. A missing path or a file that is no image fails in one line, or is
+    recorded in `skipped` with `skip_bad`."""
+    found: set[Path] = set()
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif not path.exists():
+            _report(f"{path}: no such file or directory", skip_bad, skipped)
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            _report(f"{path}: not an image file (expected .png, .jpg or .jpeg)", skip_bad, skipped)
+        else:
+            found.add(path)
+    return sorted(found, key=str)
+
+
+def _report(message: str, skip_bad: bool, skipped: list[str] | None) -> None:
+    if not skip_bad:
+        raise AselectError(message)
+    if skipped is not None:
+        skipped.append(message)
+    else:
+        log.warning("skipped %s", message)
+
+
+def read_images(paths: Iterable[str | Path], size: int, channels: int, skip_bad: bool = False,
+                skipped: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Image files and folders (`image_files`) decoded as ingest decodes an image folder: EXIF orientation applied,
+    converted to grey (`channels` 1) or RGB, resized bilinearly to size x size. Returns uint8 (N, channels, size,
+    size) and each image's path. An unreadable file fails in one line naming it; with `skip_bad` it is left out
+    (and its reason appended to `skipped`)."""
+    paths = list(paths)
+    mode = "L" if channels == 1 else "RGB"
+    images, names = [], []
+    for path in image_files(paths, skip_bad, skipped):
+        try:
+            images.append(_read_image(path, mode, size))
+        except AselectError as exc:
+            _report(str(exc), skip_bad, skipped)
+            continue
+        names.append(str(path))
+    if not images:
+        raise AselectError(f"{', '.join(str(p) for p in paths) or 'no paths'}: no readable images")
+    stacked = np.stack(images)
+    return (stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)), names
+
+
+def conform_images(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 images (N, C, H, W) as the dataset holds them: those of another size or channel count are converted
+    (grey/RGB/RGBA by PIL, as ingest converts files) and resized bilinearly to size x size."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise AselectError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {images.shape}")
+    if images.shape[1:] == (channels, size, size):
+        return images
+    if images.shape[1] not in (1, 3, 4):
+        raise AselectError(f"images have {images.shape[1]} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(images), channels, size, size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        img = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).convert(mode)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(img, dtype=np.uint8)
+        out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+#                                         The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """What a run's probe says about some images: class ids (N,) and probabilities (N, K) for classification, masks
+    (N, H, W) of class ids for segmentation; `class_names[k]` names class id k."""
+
+    task: str  # "classification" | "segmentation"
+    class_names: list[str]
+    classes: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class NoiseSetting:
+    """How one of the run's dumps noised (and computed) its features."""
+
+    seed: int
+    draw: int
+    sensor_noise: float
+    autocast: str
+    batch: int  # images per forward pass (the dump's images_per_chunk)
+
+    @classmethod
+    def of(cls, dump: StageDir) -> NoiseSetting:
+        config = (_manifest(dump).get("inputs") or {}).get("config") or {}
+        return cls(int(config.get("seed", 0)), int(config.get("draw", 0)), float(config.get("sensor_noise", 0.0)),
+                   str(config.get("autocast", "auto")), int(config.get("images_per_chunk", 64)))
+
+
+@dataclass
+class Run:
+    """A finished run: its selection, the stages it came from, and what applies its probe to new images."""
+
+    key: str  # its probe stage's key
+    selection: dict[str, Any]
+    task: str  # "classification" | "segmentation"
+    probe: str  # "linear" | "attentive"
+    class_names: list[str]  # names of the class ids predicted (mask class names for segmentation)
+    image_size: int
+    channels: int
+    mask_size: tuple[int, int] | None
+    metrics: dict[str, Any]
+    stages: dict[str, Path]  # ingest, backbone, dump (draw 0), select (when found), probe
+    model_path: str
+    noise: list[NoiseSetting]  # one per noise draw the probe read (draw 0 first)
+    device: str = "auto"
+    _backbone: Any = field(default=None, repr=False)
+    _fitted: tuple[Any, dict] | None = field(default=None, repr=False)
+
+    # ---- what the probe needs --------------------------------------------------------------
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the probe reads mean-pooled features (the linear classification probe) rather than token maps."""
+        return self.probe == "linear" and self.task == "classification"
+
+    @property
+    def flow(self) -> str:
+        """The flow that made the run: the exhaustive oracle's selection has policy `oracle`."""
+        return "aselect-exhaustive" if self.selection.get("policy") == "oracle" else "aselect-pipeline"
+
+    def fitted(self) -> tuple[Any, dict]:
+        """The probe as saved in its stage: (FittedProbe, linear.json) or (AttentiveHead, head.json)."""
+        if self._fitted is None:
+            probe_dir = self.stages["probe"]
+            if self.probe == "attentive":
+                from aselect.pipelines.attentive import load_head
+
+                self._fitted = load_head(probe_dir / HEAD_DIR)
+            elif not (probe_dir / "linear.json").is_file():
+                raise AselectError(f"{probe_dir}: no saved linear probe (linear.json): the stage finished before "
+                                   f"probes were saved; `aselect run` with the run's config fits and saves one")
+            else:
+                self._fitted = load_linear(probe_dir)
+        return self._fitted
+
+    def backbone(self) -> Any:
+        """The run's backbone, loaded once, on the run's device."""
+        if self._backbone is None:
+            from aselect.pipelines.backbone import load_backbone
+
+            backbone = load_backbone(self.model_path)
+            device = self._torch_device()
+            backbone.transformer.to(device).eval()
+            if backbone.vae is not None:
+                backbone.vae.to(device).eval()
+            self._backbone = backbone
+        return self._backbone
+
+    def _torch_device(self) -> Any:
+        import torch
+
+        if self.device not in ("auto", "cuda"):
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if self.device == "cuda":
+            raise AselectError("device 'cuda' requested but no CUDA device is available")
+        return torch.device("cpu")
+
+    # ---- images -> features ----------------------------------------------------------------
+
+    def read_images(self, paths: Iterable[str | Path], skip_bad: bool = False,
+                    skipped: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+        """`read_images` at the run's image size and channels."""
+        return read_images(paths, self.image_size, self.channels, skip_bad, skipped)
+
+    def _indices(self, n: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        if indices is None:
+            return np.arange(n, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64).ravel()
+        if len(indices) != n:
+            raise AselectError(f"indices: {len(indices)} given for {n} images")
+        if n and indices.min() < 0:
+            raise AselectError(f"indices must be >= 0, got {int(indices.min())}")
+        return indices
+
+    def _batch_features(self, pixels: np.ndarray, indices: np.ndarray, setting: NoiseSetting) -> np.ndarray:
+        """Features of one batch, as the dump's `_run_chunk` computes and stores them."""
+        import torch
+
+        from aselect.pipelines.backbone import encode_images
+        from aselect.pipelines.features import Reduction, draw_noise, extract, sensor_noise
+
+        backbone, device = self.backbone(), self._torch_device()
+        autocast = None if device.type != "cuda" else {"auto": torch.bfloat16, "bf16": torch.bfloat16,
+                                                       "fp16": torch.float16}.get(setting.autocast)
+        amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        ids = [int(i) for i in indices]
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        with torch.no_grad(), amp:
+            noisy = sensor_noise(x.shape[1:], ids, setting.sensor_noise, setting.seed) if setting.sensor_noise \
+                else None
+            x0 = encode_images(backbone, x.to(device), noisy)
+        t, layer, site = int(self.selection["timestep"]), int(self.selection["layer"]), self.selection["site"]
+        noise = draw_noise(x0.shape[1:], ids, t, setting.seed, draws=1, first_draw=setting.draw)
+        if self.pooled:
+            mean = Reduction([site], lambda features, _: features.mean(dim=1, dtype=torch.float32))
+            feats = extract(backbone, x0, ids, t, [layer], [], setting.seed, autocast=autocast,
+                            reductions={"mean": mean}, noise=noise)
+            return feats[(layer, site, "mean")].to(torch.float32).cpu().numpy()
+        feats = extract(backbone, x0, ids, t, [layer], [site], setting.seed, autocast=autocast, noise=noise)
+        return feats[(layer, site)].to(torch.float16).cpu().numpy().astype(np.float32)  # stored as float16
+
+    def features(self, images: np.ndarray, indices: Sequence[int] | np.ndarray | None = None, draw: int = 0,
+                 batch_size: int | None = None) -> np.ndarray:
+        """The selected (t, layer, site) features of uint8 images (N, C, H, W), each noised as image `indices[k]`
+        (default k) was in noise draw `draw` of the run's dump: pooled (N, D) for the linear classification probe,
+        token maps (N, T, D) otherwise."""
+        images = conform_images(images, self.image_size, self.channels)
+        indices = self._indices(len(images), indices)
+        setting = self._setting(draw)
+        step = batch_size or setting.batch
+        return np.concatenate([self._batch_features(images[i:i + step], indices[i:i + step], setting)
+                               for i in range(0, len(images), step)])
+
+    def _setting(self, draw: int) -> NoiseSetting:
+        for setting in self.noise:
+            if setting.draw == draw:
+                return setting
+        base = self.noise[0]
+        return NoiseSetting(base.seed, int(draw), base.sensor_noise, base.autocast, base.batch)
+
+    # ---- features -> predictions -----------------------------------------------------------
+
+    def predict(self, images: np.ndarray, indices: Sequence[int] | np.ndarray | None = None,
+                batch_size: int | None = None, progress: Progress | None = None) -> Prediction:
+        """The probe's prediction for uint8 images (N, C, H, W) noised as in `features`: class ids and per-class
+        probabilities (classification), or per-pixel class ids at the dataset's mask size (segmentation)."""
+        images = conform_images(images, self.image_size, self.channels)
+        indices = self._indices(len(images), indices)
+        model, _ = self.fitted()
+        step = batch_size or self.noise[0].batch
+        parts: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for start in range(0, len(images), step):
+            rows = slice(start, start + step)
+            if self.probe == "attentive":
+                parts.append(self._attentive(model, images[rows], indices[rows]))
+            else:
+                parts.append(self._linear(model, images[rows], indices[rows]))
+            if progress is not None:
+                progress(min(start + step, len(images)), len(images))
+        out = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0,), dtype=np.int64)
+        if self.task == "segmentation":
+            return Prediction(self.task, list(self.class_names), masks=out)
+        probabilities = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, len(self.class_names)))
+        return Prediction(self.task, list(self.class_names), classes=out, probabilities=probabilities)
+
+    def _linear(self, probe: FittedProbe, pixels: np.ndarray, indices: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self._batch_features(pixels, indices, self.noise[0])
+        if self.task == "segmentation":
+            height, width = self.mask_size
+            return predict_token_masks(probe, x, height, width).astype(np.int64), None
+        if probe.model is None:  # training saw one class
+            classes = np.full(len(x), probe.classes[0], dtype=np.int64)
+            proba = np.ones((len(x), 1))
+        else:
+            classes, proba = predict_classes(probe, x).astype(np.int64), predict_class_proba(probe, x)
+        full = np.zeros((len(x), len(self.class_names)), dtype=np.float64)
+        full[:, probe.classes] = proba
+        return classes, full
+
+    def _attentive(self, head: Any, pixels: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits averaged over the probe's noise draws (as `pipelines.attentive._averaged_logits`), then argmax
+        (classification) or softmax, bilinear upsampling to the mask size and argmax (segmentation)."""
+        import torch
+
+        total = None
+        for setting in self.noise:
+            maps = self._batch_features(pixels, indices, setting)
+            with torch.no_grad():
+                logits = torch.cat([head(torch.from_numpy(maps[i:i + EVAL_BATCH]))
+                                    for i in range(0, len(maps), EVAL_BATCH)])
+            total = logits if total is None else total + logits
+        logits = total / len(self.noise)
+        if self.task == "classification":
+            return logits.argmax(dim=1).numpy().astype(np.int64), torch.softmax(logits.double(), dim=1).numpy()
+        height, width = self.mask_size
+        probs = torch.softmax(logits.double(), dim=-1).numpy()
+        side, classes = grid_side(probs.shape[1]), probs.shape[2]
+        probs = probs.reshape(len(probs), side, side, classes).transpose(0, 3, 1, 2)
+        return upsample_bilinear(probs, height, width).argmax(axis=1).astype(np.int64), None
+
+
+# ---------------------------------------------------------------------------------------------
+#                                     Finding a run
+# ---------------------------------------------------------------------------------------------
+
+
+def _manifest(stage: StageDir) -> dict[str, Any]:
+    return stage.read_manifest() or {}
+
+
+def _finished(work: Workdir, name: str, key: str | None, needed_by: str) -> StageDir:
+    """A complete upstream stage, or a one-line error naming it."""
+    if not key:
+        raise AselectError(f"{needed_by}: its manifest names no {name} stage")
+    stage = work.stage(name, key)
+    if not stage.is_complete():
+        raise AselectError(f"{stage.path}: the {name} stage this run read is {stage.status()}; `aselect run` with "
+                           f"the run's config computes it again")
+    return stage
+
+
+def _pick_probe(work: Workdir, run: str | None) -> StageDir:
+    infos = work.stages("probe")
+    if run is None:
+        done = [i for i in infos if i.status == "complete"]  # newest first
+        if not done:
+            raise AselectError(f"{work.root}: no finished run (no complete probe stage); `aselect run` makes one")
+        return work.stage("probe", done[0].key)
+    matches = [i for i in infos if i.key.startswith(run)]
+    if not matches:
+        raise AselectError(f"run {run}: no run with that key in {work.root} (a run is named by its probe stage's "
+                           f"key; `aselect inspect probe` lists them)")
+    if len(matches) > 1:
+        raise AselectError(f"run {run}: {len(matches)} runs have keys starting with it "
+                           f"({', '.join(i.key for i in matches[:4])}); give more of the key")
+    info = matches[0]
+    if info.status != "complete":
+        advice = "`aselect verify` says what changed; `aselect run` repairs it" if info.status == "damaged" else \
+            "it has not finished; `aselect run` with its config finishes it"
+        raise AselectError(f"run {run}: probe stage {info.key} is {info.status} ({advice})")
+    return work.stage("probe", info.key)
+
+
+def _model_path(backbone: StageDir) -> str:
+    """Where the backbone stage's model is loaded from (as `tasks.backbone.ModelInfo.of`)."""
+    manifest = _manifest(backbone)
+    inside = manifest.get("kind", "load") == "pretrain" or manifest.get("model_path") == MODEL_DIR
+    return str(backbone.path / MODEL_DIR) if inside else str(manifest.get("model_path", backbone.path / MODEL_DIR))
+
+
+def _select_stage(work: Workdir, selection: dict[str, Any]) -> Path | None:
+    """The newest complete select stage that recorded this selection (None when none is left)."""
+    wanted = _canonical(selection)  # as JSON: a fixed pair's score is NaN, which equals nothing as a float
+    for info in work.stages("select"):
+        if info.status == "complete" and _canonical(_manifest(work.stage("select", info.key)).get("selection")) \
+                == wanted:
+            return Path(info.path)
+    return None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def load_run(workdir: str | Path = "aselect-work", run: str | None = None, device: str = "auto") -> Run:
+    """The newest finished run of `workdir` (its newest complete probe stage), or the one whose probe stage key
+    starts with `run`. `device`: where the backbone runs (`auto`: CUDA when present, as `dump.device`)."""
+    work = Workdir(workdir)
+    if not work.root.is_dir():
+        raise AselectError(f"{work.root}: no such workdir")
+    probe = _pick_probe(work, run)
+    manifest = _manifest(probe)
+    inputs = manifest.get("inputs") or {}
+    selection = inputs.get("selection") or {}
+    if not all(k in selection for k in ("timestep", "layer", "site")):
+        raise AselectError(f"{probe.manifest_path}: no selection (timestep, layer, site) in its inputs")
+    if selection["site"] not in TOKEN_SITES:
+        raise AselectError(f"{probe.manifest_path}: site {selection['site']!r} is not a token site")
+    upstream = inputs.get("upstream") or {}
+    where = str(probe.manifest_path)
+    dumps = [_finished(work, "dump", upstream.get("features"), where)]
+    dumps += [_finished(work, "dump", upstream[f"draw{k}"], where) for k in range(1, len(upstream))
+              if f"draw{k}" in upstream]
+    dump_inputs = _manifest(dumps[0]).get("inputs") or {}
+    dump_upstream = dump_inputs.get("upstream") or {}
+    ingest = _finished(work, "ingest", dump_upstream.get("ingest"), str(dumps[0].manifest_path))
+    backbone = _finished(work, "backbone", dump_upstream.get("backbone"), str(dumps[0].manifest_path))
+
+    info = read_dataset_info(ingest.path)
+    _, channels, height, width = info.image_shape
+    segmentation = info.mask_shape is not None
+    names = info.mask_class_names if segmentation else info.class_names
+    mask_size = info.mask_shape
+    try:
+        metrics = json.loads((probe.path / METRICS_JSON).read_text())
+    except (OSError, ValueError):
+        metrics = {"metric": manifest.get("metric"), "value": manifest.get("value"), "details": {}}
+    stages = {"ingest": ingest.path, "backbone": backbone.path, "dump": dumps[0].path, "probe": probe.path}
+    select = _select_stage(work, selection)
+    if select is not None:
+        stages["select"] = select
+    kind = (inputs.get("config") or {}).get("kind", "linear")
+    result = Run(key=probe.key, selection=selection, task="segmentation" if segmentation else "classification",
+                 probe=kind, class_names=names, image_size=int(height), channels=int(channels),
+                 mask_size=mask_size, metrics=metrics, stages=stages, model_path=_model_path(backbone),
+                 noise=[NoiseSetting.of(d) for d in dumps], device=device)
+    if height != width:
+        raise AselectError(f"{ingest.path / DATASET_STORE}: images are {height}x{width}, not square")
+    result.fitted()  # a probe that cannot be applied fails here, in one line, before any image is read
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+#                                       Writing results
+# ---------------------------------------------------------------------------------------------
+
+# class 0 (background, for the bundled segmentation sets) black, then distinct colours, repeating
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+           (0, 0, 128), (128, 128, 128), (255, 255, 255)]
+
+
+def write_mask_png(mask: np.ndarray, path: Path) -> None:
+    """A mask (H, W) of class ids as a palette PNG: each pixel's value is its class id, the palette colours them."""
+    from PIL import Image
+
+    mask = np.asarray(mask)
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise AselectError(f"{path}: class ids in [{mask.min()}, {mask.max()}] do not fit a palette PNG (0..255)")
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette([v for i in range(256) for v in PALETTE[i % len(PALETTE)]])
+    image.save(path, format="PNG")
+
+
+def mask_names(paths: Sequence[str]) -> list[str]:
+    """File names for the masks of `paths`: `<stem>.png`, or `<position>-<stem>.png` for all when two stems
+    collide."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{s}.png" for s in stems]
+    return [f"{i:05d}-{s}.png" for i, s in enumerate(stems)]
