@@ -41,6 +41,7 @@ from aselect.pipelines.probe import (
     split_indices,
     upsample_bilinear,
 )
+from aselect.pipelines.training import save_checkpoint, warmup_cosine
 from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
@@ -278,28 +279,6 @@ def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
     return None
 
 
-def _save_checkpoint(ckpt_dir: Path, state: dict) -> None:
-    """Write epoch-XXXX.pt atomically (tmp + os.replace), then keep only the newest KEEP_CHECKPOINTS."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"epoch-{state['epoch']:04d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(ckpt_dir.glob("epoch-*.pt"))[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
-
-
-def _lr_factor(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup over `warmup` steps, then cosine decay to zero at `total`: a pure function of the step."""
-
-    def factor(done: int) -> float:
-        if done < warmup:
-            return (done + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
@@ -330,7 +309,7 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total_steps = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_factor(max(1, int(round(WARMUP_FRACTION * total_steps))), total_steps))
+        optimizer, warmup_cosine(max(1, int(round(WARMUP_FRACTION * total_steps))), total_steps))
     tokens = int(np.shape(draws[0])[1])
 
     ckpt_dir = Path(work_dir) / "checkpoints"
@@ -374,10 +353,11 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
         if val > best_score:  # ties keep the earlier epoch
             best_score, best_epoch = val, epoch
             best_state = {key: tensor.detach().clone() for key, tensor in head.state_dict().items()}
-        _save_checkpoint(ckpt_dir, dict(epoch=epoch, fingerprint=fingerprint, model=head.state_dict(),
-                                        optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                                        best_state=best_state, best_score=best_score, best_epoch=best_epoch,
-                                        curve=curve, train_seconds=seconds, train_tokens=seen))
+        save_checkpoint(ckpt_dir, f"epoch-{epoch:04d}.pt",
+                        dict(epoch=epoch, fingerprint=fingerprint, model=head.state_dict(),
+                             optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), best_state=best_state,
+                             best_score=best_score, best_epoch=best_epoch, curve=curve, train_seconds=seconds,
+                             train_tokens=seen), keep=KEEP_CHECKPOINTS)
         failpoint("probe-epoch")
         if epoch % log_every == 0 or epoch == epochs:
             logger.info("attentive %s probe epoch %d/%d: loss %.4f, val %.4f, %.0f tokens/s", what, epoch, epochs,

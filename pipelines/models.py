@@ -56,18 +56,20 @@ VARIANTS: dict[str, dict] = {
 FAMILIES = ("dit", "sd3")
 
 
+def _xavier_linear(module: torch.nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for a Linear layer (apply over a model)."""
+    if isinstance(module, torch.nn.Linear):
+        torch.nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+
 def _init_weights(model: DiTTransformer2DModel) -> None:
     """DiT-paper init: xavier linears, N(0, 0.02) embeddings, zeroed adaLN modulation and output layer."""
 
     # Why: adaLN-Zero makes every block start as the identity, which trains markedly faster than
     # diffusers' default (PyTorch) init for these small models.
-    def basic(module: torch.nn.Module) -> None:
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-
-    model.apply(basic)
+    model.apply(_xavier_linear)
     proj = model.pos_embed.proj.weight.data
     torch.nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
     torch.nn.init.zeros_(model.pos_embed.proj.bias)
@@ -125,6 +127,19 @@ def build_mmdit(variant: str, sample_size: int, channels: int, text_dim: int | N
         caption_projection_dim=width, pooled_projection_dim=pooled_dim or width,
         pos_embed_max_size=sample_size // kwargs["patch_size"],
     )
+
+
+def init_mmdit(model: SD3Transformer2DModel) -> None:
+    """DiT-paper init for an MMDiT: xavier linears, zeroed adaLN modulations and output layer (blocks start as the
+    identity, which trains these small models much faster)."""
+    model.apply(_xavier_linear)
+    for block in model.transformer_blocks:
+        for norm in (block.norm1, block.norm1_context):
+            torch.nn.init.zeros_(norm.linear.weight)
+            torch.nn.init.zeros_(norm.linear.bias)
+    for layer in (model.norm_out.linear, model.proj_out):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
 
 
 SD_VAE_BLOCKS = (128, 256, 512, 512)  # Stable Diffusion's AutoencoderKL: 8x down, 4 latent channels

@@ -49,11 +49,13 @@ from aselect.pipelines.models import (
     build_dit,
     build_mmdit,
     build_vae,
+    init_mmdit,
     make_flow_scheduler,
     make_scheduler,
     save_backbone,
 )
 from aselect.pipelines.threads import torch_threads
+from aselect.pipelines.training import save_checkpoint, warmup_cosine
 from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
@@ -144,26 +146,6 @@ class ClassMMDiT(torch.nn.Module):
         return Conditioning(prompt_embeds=self.prompt(1), pooled_prompt_embeds=table[-1:].clone(), class_pooled=table)
 
 
-def _init_mmdit(model: torch.nn.Module) -> None:
-    """DiT-paper init for an MMDiT: xavier linears, zeroed adaLN modulations and output layer (blocks start as the
-    identity, which trains these small models much faster)."""
-
-    def basic(module: torch.nn.Module) -> None:
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-
-    model.apply(basic)
-    for block in model.transformer_blocks:
-        for norm in (block.norm1, block.norm1_context):
-            torch.nn.init.zeros_(norm.linear.weight)
-            torch.nn.init.zeros_(norm.linear.bias)
-    for layer in (model.norm_out.linear, model.proj_out):
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-
-
 def flow_sigmas(scheduler: FlowMatchEulerDiscreteScheduler) -> torch.Tensor:
     """sigma for every paper t in [0, N): the scheduler's shifted table read at index N - t (t = 0: sigma 0)."""
     table = torch.cat([scheduler.sigmas.float(), torch.zeros(1)])
@@ -199,19 +181,6 @@ class _LossTrack:
         return step % max(1, self.total // 10) == 0 or last
 
 
-def _lr_factor(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to zero: a pure function of the step, so resume-safe."""
-    # Decaying matters: at a constant rate the last steps' noise shows up as speckled samples.
-
-    def factor(done: int) -> float:
-        if done < warmup_steps:
-            return (done + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - warmup_steps) / span)))
-
-    return factor
-
-
 def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
     """The newest readable checkpoint for this fingerprint (unreadable or foreign ones are skipped)."""
     for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
@@ -225,17 +194,6 @@ def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
             continue
         return state
     return None
-
-
-def _save_checkpoint(ckpt_dir: Path, state: dict, keep: int = 2) -> None:
-    """Write step-XXXXXXX.pt atomically, then keep only the newest `keep`."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step-{state['step']:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
 
 
 def _save_model(out_dir: Path, model: DiTTransformer2DModel | ClassMMDiT,
@@ -347,7 +305,7 @@ def _train(
     torch.manual_seed(pcfg.seed)
     if flow:
         transformer = build_mmdit(cfg.variant, size, channels)
-        _init_mmdit(transformer)
+        init_mmdit(transformer)
         model = ClassMMDiT(transformer, num_classes).train()
     else:
         model = build_dit(cfg.variant, size, channels, num_classes).train()
@@ -364,7 +322,7 @@ def _train(
     else:
         scheduler = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, clip_sample=vae is None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(pcfg.warmup_steps, pcfg.steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(pcfg.warmup_steps, pcfg.steps))
 
     # 2. Labels (the data is already one float tensor), and the null class for label dropout.
     targets = torch.from_numpy(labels.astype(np.int64))
@@ -430,8 +388,9 @@ def _train(
             rate = (step - start) / (time.perf_counter() - began)
             logger.info("pretrain step %d/%d: loss %.4f (%.1f steps/s)", step, total, track.curve[-1][1], rate)
         if step % pcfg.checkpoint_every == 0 and step < total:
-            _save_checkpoint(
+            save_checkpoint(
                 ckpt_dir,
+                f"step-{step:07d}.pt",
                 dict(
                     step=step,
                     fingerprint=fingerprint,
@@ -547,7 +506,7 @@ def _train_vae(
     torch.manual_seed(latent.seed)
     vae = build_vae(channels, size, latent).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=latent.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total // 20, total))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total // 20, total))
     logger.info("training a VAE (blocks %s, %d latent channels, %dx down) on %d images %dx%dx%d: "
                 "%d steps, batch %d, %d threads", latent.vae_blocks, latent.latent_channels, latent.downsample,
                 len(data), channels, size, size, total, latent.batch_size, torch.get_num_threads())

@@ -25,6 +25,7 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 from sd3_tiny import JOINT_DIM, POOLED_DIM, build_sd3_pipeline, null_components
+from test_faults import stage_files  # one rule for "a stage's outputs, timings aside"
 
 from aselect.pipelines.backbone import CONDITIONING_FILE, SOURCE_FILE, LoadOptions, describe, load_backbone
 from aselect.pipelines.features import ATTN_MAP, JointAttentionMapProcessor, extract
@@ -418,30 +419,6 @@ def test_extract_stops_after_the_deepest_requested_block(sd3_backbone: Backbone)
 # ---------------------------------------------------------------------------------------------
 #                             4. Whole runs on the Prefect test server
 # ---------------------------------------------------------------------------------------------
-
-VOLATILE = {"seconds", "worker", "resumed_from", "started", "finished", "attempts", "pid", "bytes", "train_seconds",
-            "dump_seconds", "images_timesteps_per_second", "items_reused", "items_computed", "batches",
-            "images_timesteps", "bytes_written", "summary", "task_seconds"}  # as tests/test_faults.py
-
-
-def _strip(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
-def stage_files(stage: Path) -> dict[str, object]:
-    """A stage's outputs: bytes of every file, JSON without timing fields; manifests and resume leftovers aside."""
-    files: dict[str, object] = {}
-    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        rel = path.relative_to(stage).as_posix()
-        if rel == "manifest.json" or "checkpoints/" in rel or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        files[rel] = _strip(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
-    return files
-
 
 def manifests(workdir: Path) -> dict[Path, str]:
     return {p: p.read_text() for p in workdir.glob("*/*/manifest.json")}
