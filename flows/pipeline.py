@@ -97,7 +97,12 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
                  schedule=ModelInfo.of(model).scheduler)
     selection = reports[-1].result["selection"]
     draws: list[StageRef] = []
-    if cfg.probe.kind == "attentive":
+    online = None
+    if cfg.probe.kind == "attentive" and cfg.probe.online:
+        # nothing dumped: the probe computes the pair's token maps as this dump would; its key names them
+        online = plan.selected_pair(cfg.dump, selection, segmentation=True)
+        features = plan_dump(work, cfg=online, dataset=dataset, model=model)
+    elif cfg.probe.kind == "attentive":
         # the attentive probe reads token maps of the selected pair, one dump per noise draw (draw 0 first)
         pair_cfg = plan.selected_pair(cfg.dump, selection, segmentation=True)
         draws = [plan_and_run(dump, plan_dump, work, reports, cfg=pair_cfg.model_copy(update={"draw": k}),
@@ -108,7 +113,7 @@ def _select_and_probe(cfg: RunConfig, work: Workdir, reports: list[StageReport],
         features = plan_and_run(dump, plan_dump, work, reports, cfg=pair_cfg, dataset=dataset, model=model,
                                 dask=cfg.dask)
     plan_and_run(probe, plan_probe, work, reports, cfg=cfg.probe, features=features, dataset=dataset,
-                 selection=selection, draws=draws[1:])
+                 selection=selection, draws=draws[1:], model=model, online=online)
 
 
 def hfr_band(cfg: RunConfig, model: StageRef) -> list[int]:

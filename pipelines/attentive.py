@@ -53,7 +53,7 @@ WARMUP_FRACTION = 0.05
 KEEP_CHECKPOINTS = 2
 # the ProbeConfig fields that change what the attentive probe trains (the fingerprint of its checkpoints)
 ATTENTIVE_FIELDS = ("width", "blocks", "heads", "mlp_ratio", "learning_rate", "weight_decay", "epochs",
-                    "batch_size", "noise_draws", "val_fraction", "seed")
+                    "batch_size", "noise_draws", "online", "val_fraction", "seed")
 HEAD_KEYS = ("in_dim", "classes", "width", "blocks", "heads", "mlp_ratio", "cls_token")
 
 
@@ -301,9 +301,12 @@ def _averaged_logits(head: AttentiveHead, draws: Sequence[np.ndarray], rows: np.
 
 def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tensor, fit_rows: np.ndarray,
            score: Callable[[AttentiveHead], float], cfg: ProbeConfig, fingerprint: dict, work_dir: Path,
-           progress: Callable[[int, int], None] | None, what: str) -> tuple[dict, dict]:
+           progress: Callable[[int, int], None] | None, what: str,
+           train_draws: Sequence[np.ndarray] | None = None) -> tuple[dict, dict]:
     """Train `head` on `fit_rows` (targets: (N,) class ids or (N, T) token labels), score it after every epoch,
-    checkpoint, resume. Returns the best epoch's state and the training details; the head holds the best state."""
+    checkpoint, resume. Epoch e trains on `train_draws` (default `draws`) [(e - 1) mod its length]. Returns the best
+    epoch's state and the training details; the head holds the best state."""
+    training = draws if train_draws is None else train_draws
     epochs, batch, k = cfg.epochs, cfg.batch_size, len(draws)
     steps_per_epoch = math.ceil(len(fit_rows) / batch)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -328,7 +331,7 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
 
     log_every = max(1, epochs // 10)
     for epoch in range(start + 1, epochs + 1):
-        draw = draws[(epoch - 1) % k]  # fresh noise: a new draw every epoch, cycling
+        draw = training[(epoch - 1) % len(training)]  # fresh noise: a new draw every epoch, cycling
         order = torch.randperm(len(fit_rows), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
         rows = fit_rows[order.numpy()]
         head.train()
@@ -371,6 +374,7 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
     details = {"curve": curve, "best_epoch": best_epoch, "epochs": epochs, "draws": k, "parameters": parameters,
                "tokens_per_second": seen / max(seconds, 1e-9), "fits": 1,
                "evaluation": f"logits averaged over {k} draws", "val_score": best_score, "resumed_from": start,
+               "online": train_draws is not None,
                "fit_size": int(len(fit_rows))}
     return best_state, details
 
@@ -389,15 +393,18 @@ def _head_config(head: AttentiveHead, task: str, tokens: int, best_epoch: int) -
 
 
 def attentive_classifier(draws: Sequence[np.ndarray], labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-                         cfg: ProbeConfig, work_dir: Path, progress: Callable[[int, int], None] | None = None
+                         cfg: ProbeConfig, work_dir: Path, progress: Callable[[int, int], None] | None = None,
+                         train_draws: Sequence[np.ndarray] | None = None
                          ) -> tuple[ProbeResult, dict[str, torch.Tensor], dict]:
     """Attentive probe, classification: top-1 on `test` of the best validation epoch's head.
 
     draws[k]: (N, T, D) float16/float32 token features of every image for noise draw k (row i = image i);
     labels (N,) class ids; train/test: row positions. A stratified validation split of train (`split_indices`)
     picks the epoch; epoch e (from 1) trains on draws[(e - 1) % K]; validation and test average the logits over all
-    K draws. Returns the result (metric top1), the best head's state dict (with the standardisation,
-    'feature_mean'/'feature_std') and the head's config (JSON-able, what `save_head` / `load_head` take)."""
+    K draws. `train_draws` (the online probe's fresh draw per epoch) replace `draws` for training and for the
+    standardisation (their draw 0 is the same as draws[0]). Returns the result (metric top1), the best head's state
+    dict (with the standardisation, 'feature_mean'/'feature_std') and the head's config (JSON-able, what
+    `save_head` / `load_head` take)."""
     n, tokens, channels = _check_draws(draws)
     labels = _check_labels(labels, n)
     train, test = _check_rows(train, n, "train"), _check_rows(test, n, "test")
@@ -410,14 +417,15 @@ def attentive_classifier(draws: Sequence[np.ndarray], labels: np.ndarray, train:
 
     torch.manual_seed(cfg.seed)
     head = AttentiveHead(channels, classes, cfg.width, cfg.blocks, cfg.heads, cfg.mlp_ratio, cls_token=True)
-    head.feature_mean, head.feature_std = _standardisation(draws[0], fit_rows)
+    head.feature_mean, head.feature_std = _standardisation((draws if train_draws is None else train_draws)[0],
+                                                           fit_rows)
     targets = torch.from_numpy(labels)
 
     def top1(model: AttentiveHead, rows: np.ndarray) -> float:
         return float((_averaged_logits(model, draws, rows).argmax(dim=1) == targets[rows]).float().mean())
 
     state, details = _train(head, draws, targets, fit_rows, lambda model: top1(model, val_rows), cfg, fingerprint,
-                            work_dir, progress, "classification")
+                            work_dir, progress, "classification", train_draws)
     value = top1(head, test)
     _finish(work_dir)
     details.update(train_size=int(len(train)), val_size=int(len(val_rows)), test_size=int(len(test)),
@@ -450,7 +458,8 @@ def _confusion(logits: torch.Tensor, masks: np.ndarray, classes: int) -> np.ndar
 
 def attentive_segmenter(draws: Sequence[np.ndarray], masks: np.ndarray, train: np.ndarray, test: np.ndarray,
                         classes: int, cfg: ProbeConfig, work_dir: Path,
-                        progress: Callable[[int, int], None] | None = None
+                        progress: Callable[[int, int], None] | None = None,
+                        train_draws: Sequence[np.ndarray] | None = None
                         ) -> tuple[ProbeResult, dict[str, torch.Tensor], dict]:
     """Attentive probe, segmentation: the same blocks without CLS and a per-token linear head, trained on each
     patch's majority class; test mIoU of the best validation epoch's head.
@@ -471,7 +480,8 @@ def attentive_segmenter(draws: Sequence[np.ndarray], masks: np.ndarray, train: n
 
     torch.manual_seed(cfg.seed)
     head = AttentiveHead(channels, classes, cfg.width, cfg.blocks, cfg.heads, cfg.mlp_ratio, cls_token=False)
-    head.feature_mean, head.feature_std = _standardisation(draws[0], fit_rows)
+    head.feature_mean, head.feature_std = _standardisation((draws if train_draws is None else train_draws)[0],
+                                                           fit_rows)
     # (N, T) token labels: each patch's majority class (ties: the lowest id), as the linear probe trains on
     token_labels = np.zeros((n, tokens), dtype=np.int64)
     token_labels[train] = patch_fractions(masks[train], grid_side(tokens), classes).argmax(axis=2)
@@ -481,7 +491,7 @@ def attentive_segmenter(draws: Sequence[np.ndarray], masks: np.ndarray, train: n
         return iou_from_confusion(_confusion(_averaged_logits(model, draws, rows), masks[rows], classes))
 
     state, details = _train(head, draws, targets, fit_rows, lambda model: miou(model, val_rows)[0], cfg,
-                            fingerprint, work_dir, progress, "segmentation")
+                            fingerprint, work_dir, progress, "segmentation", train_draws)
     value, per_class, pixel_accuracy = miou(head, test)
     _finish(work_dir)
     details.update(train_size=int(len(train)), val_size=int(len(val_rows)), test_size=int(len(test)),

@@ -330,8 +330,9 @@ class SelectConfig(Section):
 
 
 LINEAR_PROBE_KEYS = ("cs", "memory_budget_mb")  # what only the linear probe reads
+# what only the attentive probe reads
 ATTENTIVE_PROBE_KEYS = ("width", "blocks", "heads", "mlp_ratio", "learning_rate", "weight_decay", "epochs",
-                        "batch_size", "noise_draws", "threads", "preset")  # what only the attentive probe reads
+                        "batch_size", "noise_draws", "online", "threads", "preset")
 # The authors' attentive probe (their CUB run): width 800, 2 blocks of 8 heads, AdamW lr 0.003, weight decay 0.001,
 # batch 8, 100 epochs at most; the best validation epoch on a 10% split of train is kept.
 PAPER_PROBE = {"width": 800, "blocks": 2, "heads": 8, "mlp_ratio": 4.0, "learning_rate": 0.003,
@@ -364,6 +365,10 @@ class ProbeConfig(Section):
     # Noise draws at the selected t: the selected pair is dumped K times (draw k seeded per (image, t, k); draw 0 is
     # the one every dump uses); the epochs take the draws in turn, evaluation averages the logits over the K draws.
     noise_draws: int = Field(1, ge=1, le=64)
+    # attentive only: compute the selected pair's features inside the training loop through the frozen backbone
+    # instead of dumping them: epoch e trains on a fresh draw e - 1, evaluation averages draws 0..noise_draws-1
+    # (the same values a dump of those draws holds; nothing the size of the dataset's features is written)
+    online: bool = False
     # attentive only: torch threads while it trains. 1 is the fastest for the default head on a shared CPU, and a
     # resumed probe is bit-identical only under the thread count it started with.
     threads: int = Field(1, ge=1)
@@ -384,6 +389,9 @@ class ProbeConfig(Section):
         if self.noise_draws > 1 and self.kind != "attentive":
             raise ValueError(f"noise_draws {self.noise_draws}: extra noise draws train the attentive probe; set "
                              f"kind: attentive (the linear probe reads draw 0)")
+        if self.online and self.kind != "attentive":
+            raise ValueError("online: features computed in the training loop are the attentive probe's; set kind: "
+                             "attentive")
         return self
 
 

@@ -183,7 +183,7 @@ class Run:
     channels: int
     mask_size: tuple[int, int] | None
     metrics: dict[str, Any]
-    stages: dict[str, Path]  # ingest, backbone, dump (draw 0), select (when found), probe
+    stages: dict[str, Path]  # ingest, backbone, dump (draw 0; none for an online probe), select (when found), probe
     model_path: str
     noise: list[NoiseSetting]  # one per noise draw the probe read (draw 0 first)
     device: str = "auto"
@@ -445,13 +445,26 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
         raise AselectError(f"{probe.manifest_path}: site {selection['site']!r} is not a token site")
     upstream = inputs.get("upstream") or {}
     where = str(probe.manifest_path)
-    dumps = [_finished(work, "dump", upstream.get("features"), where)]
-    dumps += [_finished(work, "dump", upstream[f"draw{k}"], where) for k in range(1, len(upstream))
-              if f"draw{k}" in upstream]
-    dump_inputs = _manifest(dumps[0]).get("inputs") or {}
-    dump_upstream = dump_inputs.get("upstream") or {}
-    ingest = _finished(work, "ingest", dump_upstream.get("ingest"), str(dumps[0].manifest_path))
-    backbone = _finished(work, "backbone", dump_upstream.get("backbone"), str(dumps[0].manifest_path))
+    online = inputs.get("online")
+    if isinstance(online, dict):  # probe.online: no dump ran; the probe's inputs name what it computed from
+        config = online.get("dump") or {}
+        draws = int((inputs.get("config") or {}).get("noise_draws", 1))
+        noise = [NoiseSetting(int(config.get("seed", 0)), k, float(config.get("sensor_noise", 0.0)),
+                              str(config.get("autocast", "auto")), int(config.get("images_per_chunk", 64)))
+                 for k in range(draws)]
+        ingest = _finished(work, "ingest", online.get("ingest"), where)
+        backbone = _finished(work, "backbone", online.get("backbone"), where)
+        dump_path = None
+    else:
+        dumps = [_finished(work, "dump", upstream.get("features"), where)]
+        dumps += [_finished(work, "dump", upstream[f"draw{k}"], where) for k in range(1, len(upstream))
+                  if f"draw{k}" in upstream]
+        noise = [NoiseSetting.of(d) for d in dumps]
+        dump_inputs = _manifest(dumps[0]).get("inputs") or {}
+        dump_upstream = dump_inputs.get("upstream") or {}
+        ingest = _finished(work, "ingest", dump_upstream.get("ingest"), str(dumps[0].manifest_path))
+        backbone = _finished(work, "backbone", dump_upstream.get("backbone"), str(dumps[0].manifest_path))
+        dump_path = dumps[0].path
 
     info = read_dataset_info(ingest.path)
     _, channels, height, width = info.image_shape
@@ -462,7 +475,9 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
         metrics = json.loads((probe.path / METRICS_JSON).read_text())
     except (OSError, ValueError):
         metrics = {"metric": manifest.get("metric"), "value": manifest.get("value"), "details": {}}
-    stages = {"ingest": ingest.path, "backbone": backbone.path, "dump": dumps[0].path, "probe": probe.path}
+    stages = {"ingest": ingest.path, "backbone": backbone.path, "probe": probe.path}
+    if dump_path is not None:
+        stages["dump"] = dump_path
     select = _select_stage(work, selection)
     if select is not None:
         stages["select"] = select
@@ -470,7 +485,7 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
     result = Run(key=probe.key, selection=selection, task="segmentation" if segmentation else "classification",
                  probe=kind, class_names=names, image_size=int(height), channels=int(channels),
                  mask_size=mask_size, metrics=metrics, stages=stages, model_path=_model_path(backbone),
-                 noise=[NoiseSetting.of(d) for d in dumps], device=device)
+                 noise=noise, device=device)
     if height != width:
         raise AselectError(f"{ingest.path / DATASET_STORE}: images are {height}x{width}, not square")
     result.fitted()  # a probe that cannot be applied fails here, in one line, before any image is read

@@ -12,7 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import State
 
 from aselect.pipelines.attentive import attentive_classifier, attentive_segmenter, save_head
-from aselect.pipelines.config import ATTENTIVE_PROBE_KEYS, LINEAR_PROBE_KEYS, ProbeConfig
+from aselect.pipelines.backbone import load_backbone
+from aselect.pipelines.config import ATTENTIVE_PROBE_KEYS, LINEAR_PROBE_KEYS, DumpConfig, ProbeConfig
+from aselect.pipelines.online import OnlineFeatures, TrainingDraws
 from aselect.pipelines.plots import training_curve
 from aselect.pipelines.probe import (
     LINEAR_META,
@@ -26,9 +28,11 @@ from aselect.pipelines.probe import (
 )
 from aselect.pipelines.threads import torch_threads
 from aselect.storage.code import code_digest
-from aselect.storage.datasets import read_dataset_info, read_mask_class_names, read_masks, read_split
+from aselect.storage.datasets import open_images, read_dataset_info, read_mask_class_names, read_masks, read_split
+from aselect.storage.errors import AselectError
 from aselect.storage.features import PairReader
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
+from aselect.tasks.backbone import backbone_dir
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
 METRICS_JSON = "metrics.json"
@@ -37,9 +41,11 @@ CURVE_PNG = "training.png"  # its loss and validation score per epoch
 
 
 def plan_probe(workdir: Workdir, cfg: ProbeConfig, features: StageRef, selection: dict[str, Any],
-               dataset: StageRef | None = None, draws: list[StageRef] | None = None) -> StageRef:
+               dataset: StageRef | None = None, draws: list[StageRef] | None = None, model: StageRef | None = None,
+               online: DumpConfig | None = None) -> StageRef:
     """The probe's key: its section, the features it reads (and the attentive probe's extra noise draws) and the
-    selected pair. Not `dataset` (labels, masks, split): the dump's key holds the dataset's."""
+    selected pair. Not `dataset` (labels, masks, split), `model` or `online` (the online probe's pair dump
+    settings): the features' dump key holds them, whether the dump ran or the probe computes its features."""
     pair = {k: selection[k] for k in ("timestep", "layer", "site")}
     upstream = {"features": features.key, **{f"draw{k + 1}": d.key for k, d in enumerate(draws or [])}}
     # the other kind's knobs change nothing this probe computes
@@ -56,14 +62,21 @@ def stream_window(cfg: ProbeConfig, row_nbytes: int) -> int:
 
 @task(name="probe")
 def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageRef,
-          selection: dict[str, Any], draws: list[StageRef] | None = None) -> State:
+          selection: dict[str, Any], draws: list[StageRef] | None = None, model: StageRef | None = None,
+          online: DumpConfig | None = None) -> State:
     """Classification top-1 (pooled features) or segmentation mIoU (token maps) on the test split; the attentive
-    probe reads the token maps of `features` and of its extra noise `draws`."""
+    probe reads the token maps of `features` and of its extra noise `draws`, or (`probe.online`) computes them
+    through `model` as the pair's dump `online` (not run; `features` is its key) would."""
 
     def work(stage_dir: StageDir) -> Finished:
         labels, train_idx, test_idx = read_split(dataset.dir.path)
         masks = read_masks(dataset.dir.path)
         segmentation = masks is not None
+        if cfg.kind == "attentive" and cfg.online:
+            if model is None or online is None:
+                raise AselectError("probe.online: the probe needs the backbone and the pair's dump settings")
+            return _attentive_online(stage_dir, cfg, model, online, features, selection, labels, masks,
+                                     np.asarray(train_idx), np.asarray(test_idx), dataset)
         reader = PairReader(features.dir.path, selection["timestep"], selection["layer"], selection["site"],
                             spatial=segmentation or cfg.kind == "attentive")
         position = {int(s): i for i, s in enumerate(reader.samples)}
@@ -102,7 +115,9 @@ def probe(stage: StageRef, cfg: ProbeConfig, features: StageRef, dataset: StageR
                         {"metrics": metrics})
 
     upstream = {"features": features.key, **{f"draw{k + 1}": d.key for k, d in enumerate(draws or [])}}
-    inputs = {"config": cfg.model_dump(mode="json"), "selection": selection, "upstream": upstream}
+    inputs = {"config": cfg.model_dump(mode="json"), "selection": selection, "upstream": upstream,
+              "online": None if online is None else {"dump": online.model_dump(mode="json"),
+                                                     "ingest": dataset.key, "backbone": model.key if model else None}}
     return stage_body(stage, inputs, work,
                       reuse=lambda stage_dir: {"metrics": json.loads((stage_dir.path / METRICS_JSON).read_text())})
 
@@ -126,6 +141,12 @@ def _attentive(stage: StageRef, stage_dir: StageDir, cfg: ProbeConfig, reader: P
             result, state, head = attentive_segmenter(maps, masks, train, test, classes, cfg, stage_dir.path,
                                                       report)
     progress.update(1.0, force=True)
+    return _attentive_finish(stage_dir, cfg, result, state, head, selection, f"{len(draws)} noise draw(s)", {})
+
+
+def _attentive_finish(stage_dir: StageDir, cfg: ProbeConfig, result: ProbeResult, state: dict, head: dict,
+                      selection: dict[str, Any], noise: str, manifest: dict[str, Any]) -> Finished:
+    """Save the trained head, its metrics and training curve in the stage; the stage's summary."""
     save_head(stage_dir.path / HEAD_DIR, state, {**head, "selection": {k: selection[k] for k in
                                                                        ("timestep", "layer", "site")}})
     metrics = result.record()
@@ -134,11 +155,37 @@ def _attentive(stage: StageRef, stage_dir: StageDir, cfg: ProbeConfig, reader: P
     details = result.details
     training_curve(details["curve"], stage_dir.path / CURVE_PNG, result.metric, details.get("best_epoch"))
     _curve_artifact(details["curve"], result.metric, details.get("best_epoch"), stage_dir.path / CURVE_PNG)
-    summary = (f"{result.metric} {result.value:.4f} on {len(test)} test images ({pair}; attentive probe, best epoch "
-               f"{details.get('best_epoch')} of {details.get('epochs')}, {len(draws)} noise draw(s)"
+    summary = (f"{result.metric} {result.value:.4f} on {details.get('test_size')} test images ({pair}; attentive "
+               f"probe, best epoch {details.get('best_epoch')} of {details.get('epochs')}, {noise}"
                + (f", resumed after epoch {details['resumed_from']}" if details.get("resumed_from") else "") + ")")
     return Finished(summary, {"metric": result.metric, "value": result.value, "probe_fits": 1, "head": HEAD_DIR,
-                              "curve": CURVE_PNG}, {"metrics": metrics})
+                              "curve": CURVE_PNG, **manifest}, {"metrics": metrics})
+
+
+def _attentive_online(stage_dir: StageDir, cfg: ProbeConfig, model: StageRef, pair: DumpConfig,
+                      features: StageRef, selection: dict[str, Any], labels: np.ndarray, masks: np.ndarray | None,
+                      train: np.ndarray, test: np.ndarray, dataset: StageRef) -> Finished:
+    """The attentive head trained on features computed in the loop: a fresh draw per epoch, evaluation over draws
+    0..noise_draws-1 (kept in memory for the validation and test rows only)."""
+    source = OnlineFeatures(load_backbone(backbone_dir(model)), open_images(dataset.dir.path),
+                            int(selection["timestep"]), int(selection["layer"]), selection["site"], pair)
+    evaluation = [source.draw(k, cache=True) for k in range(cfg.noise_draws)]
+    training = TrainingDraws(source, cfg.epochs)
+    progress = ProgressArtifact("probe-progress", f"attentive probe, {cfg.epochs} epochs, features computed online")
+    report = lambda epoch, total: progress.update(epoch / total)  # noqa: E731 - one-line adapter
+    with torch_threads(cfg.threads):
+        if masks is None:
+            result, state, head = attentive_classifier(evaluation, labels, train, test, cfg, stage_dir.path, report,
+                                                       train_draws=training)
+        else:
+            classes = len(read_mask_class_names(dataset.dir.path))
+            result, state, head = attentive_segmenter(evaluation, masks, train, test, classes, cfg, stage_dir.path,
+                                                      report, train_draws=training)
+    progress.update(1.0, force=True)
+    noise = {"features": features.key, "dump": pair.model_dump(mode="json")}
+    extra = {"accounting": {"images_timesteps": source.forward_passes}, "online": noise}
+    return _attentive_finish(stage_dir, cfg, result, state, head, selection, f"{cfg.epochs} fresh online draws",
+                             extra)
 
 
 def _save_linear(stage_dir: StageDir, result: ProbeResult, selection: dict[str, Any], dataset: StageRef,

@@ -346,7 +346,9 @@ def test_sigkill_during_attentive_training_resumes_to_the_same_head(
     (["probe.width=100", "probe.heads=8"], "probe: width 100 is not divisible by heads 8"),
     (["probe.kind=attentive", "probe.noise_draws=0"], "probe.noise_draws: Input should be greater than or equal to 1"),
     (["probe.kind=attentive", "probe.preset=paper", "probe.heads=7"], "width 800 is not divisible by heads 7"),
-], ids=["draws-linear", "paper-linear", "heads-attentive", "heads-linear", "draws-zero", "paper-heads"])
+    (["probe.online=true"], "probe: online: features computed in the training loop are the attentive probe's"),
+], ids=["draws-linear", "paper-linear", "heads-attentive", "heads-linear", "draws-zero", "paper-heads",
+        "online-linear"])
 def test_attentive_probe_config_errors_are_one_line(overrides: list[str], message: str) -> None:
     with pytest.raises(AselectError) as info:
         load_config("smoke", overrides)
@@ -356,6 +358,60 @@ def test_attentive_probe_config_errors_are_one_line(overrides: list[str], messag
 def test_the_paper_preset_fills_only_the_keys_left_unset() -> None:
     probe = load_config("smoke", ["probe.kind=attentive", "probe.preset=paper", "probe.epochs=3"]).probe
     assert (probe.width, probe.heads, probe.batch_size, probe.val_fraction, probe.epochs) == (800, 8, 8, 0.1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+#                          Online features (`probe.online`): no dump, same head
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_online_features_train_the_same_head_as_stored_draws_when_k_covers_the_epochs(draws_work: dict) -> None:
+    workdir = draws_work["workdir"]
+    short = [*ATTENTIVE, *FIXED, "probe.epochs=2", "probe.noise_draws=2"]
+    stored = pipeline(workdir, *short)  # draws 0 and 1 are the `two` run's dumps, reused
+    online = pipeline(workdir, *short, "probe.online=true")
+    assert [s["name"] for s in online["stages"]] == ["ingest", "backbone", "select", "probe"]
+    probe, reference = by_name(online)["probe"], by_name(stored)["probe"]
+    assert probe["key"] != reference["key"] and not probe["cached"]
+    # epoch e trains on draw e - 1 in both; evaluation averages draws 0 and 1 in both
+    assert online["metrics"]["value"] == stored["metrics"]["value"]
+    details = json.loads((Path(probe["path"]) / "metrics.json").read_text())["details"]
+    expected = json.loads((Path(reference["path"]) / "metrics.json").read_text())["details"]
+    assert details["online"] and not expected["online"]
+    assert [row[1:] for row in details["curve"]] == [row[1:] for row in expected["curve"]]
+    heads = [load_file(Path(s["path"]) / "head" / "head.safetensors") for s in (probe, reference)]
+    assert heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    # the forward passes are the probe's own cost; its features are named by the dump it did not run
+    record = manifest(probe)
+    assert record["accounting"]["images_timesteps"] > 2 * len(read_split(Path(by_name(online)["ingest"]["path"]))[1])
+    assert record["online"]["features"] == dumps(draws_work["one"])[0]["key"]
+    assert online["cost"]["forward_passes"] == record["accounting"]["images_timesteps"]
+    again = pipeline(workdir, *short, "probe.online=true")
+    assert all(s["cached"] for s in again["stages"]) and again["metrics"] == online["metrics"]
+    # a finished online run applies to images like any other: the same top-1 on its own test images
+    from aselect.pipelines.predict import load_run
+    from aselect.storage.datasets import read_dataset
+
+    run = load_run(workdir, run=probe["key"])
+    assert "dump" not in run.stages and [n.draw for n in run.noise] == [0, 1]
+    data = read_dataset(Path(by_name(online)["ingest"]["path"]))
+    test_idx = data.test_idx
+    predicted = run.predict(data.images[test_idx], indices=test_idx).classes
+    assert float((predicted == data.labels[test_idx]).mean()) == pytest.approx(online["metrics"]["value"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_an_online_probe_sees_a_new_draw_every_epoch(draws_work: dict) -> None:
+    workdir = draws_work["workdir"]
+    one = pipeline(workdir, *ATTENTIVE, *FIXED, "probe.epochs=3", "probe.online=true")
+    cycled = pipeline(workdir, *ATTENTIVE, *FIXED, "probe.epochs=3")  # draw 0 every epoch
+    assert "3 fresh online draws" in by_name(one)["probe"]["summary"]
+    losses = [json.loads((Path(by_name(r)["probe"]["path"]) / "metrics.json").read_text())["details"]["curve"]
+              for r in (one, cycled)]
+    assert losses[0][0] == losses[1][0]  # epoch 1: draw 0 in both
+    assert losses[0][1][1] != losses[1][1][1]  # epoch 2: draw 1 online, draw 0 again from the single dump
 
 
 # ---------------------------------------------------------------------------------------------
