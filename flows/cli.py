@@ -6,8 +6,9 @@ from __future__ import annotations
 import _thread
 import argparse
 import atexit
+import contextlib
 import errno
-import functools
+import io
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -35,11 +38,54 @@ from aselect.storage.stages import Workdir  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 
 
+# A write the storage refused: full, over a quota, read-only, failing, or a file past the size limit.
+IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+# torch.save reports a refused write as a RuntimeError of its C++ writer, without errno or file name.
+TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
+
+
+def _written_file(exc: BaseException) -> str | None:
+    """The file a failed write was writing: the error's own file name, else the innermost one its traceback shows
+    being written (torch.save's target, or a file object open for writing)."""
+    if getattr(exc, "filename", None):
+        return str(exc.filename)
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        if frame.f_code.co_name == "save" and frame.f_globals.get("__name__") == "torch.serialization":
+            target = frame.f_locals.get("f")
+            if isinstance(target, str | os.PathLike):
+                return os.fspath(target)
+        for value in frame.f_locals.values():
+            mode = getattr(value, "mode", "")
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str) and isinstance(
+                    mode, str) and set(mode) & set("wax+"):
+                return value.name
+    return None
+
+
+def io_failure(exc: BaseException) -> str | None:
+    """The one line for a write the storage refused (`exc`, or what it was raised from), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in IO_ERRNOS:
+            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "I/O error")
+            break
+        if isinstance(exc, RuntimeError) and any(text in str(exc) for text in TORCH_WRITE_FAILED):
+            reason = "the write failed (a full disk, a quota, or a failing device)"
+            break
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    else:
+        return None
+    return (f"{_written_file(exc) or 'the workdir'}: {reason}; finished stages and chunks are kept, rerun to "
+            f"resume")
+
+
 class HideUserErrorTracebacks(logging.Filter):
-    """Drop the traceback from log records about an AselectError: its one line says it all."""
+    """Drop the traceback from log records about an AselectError or a refused write: its one line says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], AselectError):
+        if record.exc_info and (isinstance(record.exc_info[1], AselectError)
+                                or (record.exc_info[1] is not None and io_failure(record.exc_info[1]))):
             record.exc_info = None
             record.exc_text = None
         return True
@@ -73,6 +119,45 @@ def human_age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
+
+
+# Seconds a PREFECT_API_URL gets to answer before a run starts (less when PREFECT_API_REQUEST_TIMEOUT is lower):
+# Prefect's own client waits 60 s per request and retries, silently.
+API_CHECK_SECONDS = 10.0
+
+
+def check_prefect_api() -> None:
+    """A PREFECT_API_URL that refuses connections or never answers: one line within seconds, before a run starts.
+
+    Read from the environment first, so the check needs no Prefect import; else from Prefect's profile."""
+    url, timeout = os.environ.get("PREFECT_API_URL"), os.environ.get("PREFECT_API_REQUEST_TIMEOUT")
+    if not url:
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        url, timeout = settings.api.url, settings.api.request_timeout
+    if not url:  # Prefect's temporary server: ours to start
+        return
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        seconds = min(API_CHECK_SECONDS, float(timeout or API_CHECK_SECONDS))
+    except ValueError:
+        seconds = API_CHECK_SECONDS
+    advice = "start that server (`make serve`) or unset PREFECT_API_URL for a temporary one"
+    unverified = ssl._create_unverified_context()  # reachability only: Prefect's client checks TLS itself
+    try:  # any HTTP answer will do, an error status included
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=seconds, context=unverified).close()
+    except urllib.error.HTTPError:
+        return
+    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            raise AselectError(f"PREFECT_API_URL {url}: no answer within {seconds:g} s; {advice}") from None
+        shown = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        raise AselectError(f"PREFECT_API_URL {url}: cannot connect ({shown}); {advice}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -128,8 +213,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     work = Workdir(args.workdir)
-    if not work.root.is_dir():
-        raise AselectError(f"{work.root}: no such workdir")
+    work.check_readable()  # one line for a missing, unreadable or non-aselect directory
     if args.stage:
         name, _, key_prefix = args.stage.partition("/")
         matches = [s for s in work.stages(name) if s.key.startswith(key_prefix)]
@@ -163,10 +247,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every complete stage (or one) against the sizes and sha256 it recorded when it finished."""
     work = Workdir(args.workdir)
-    if not work.root.is_dir():
-        raise AselectError(f"{work.root}: no such workdir")
+    work.check_readable()
     name, _, key_prefix = (args.stage or "").partition("/")
-    infos = [i for i in work.stages(name or None) if i.key.startswith(key_prefix) and i.status == "complete"]
+    infos = [i for i in work.stages(name or None)
+             if i.key.startswith(key_prefix) and i.status in ("complete", "damaged")]
     if args.stage and not infos:
         raise AselectError(f"{args.stage}: no complete stage of that name in {work.root}")
     report = []
@@ -186,82 +270,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Apply a finished run to image files: classes (CSV or JSON lines) or mask PNGs (segmentation)."""
-    from aselect.pipelines.predict import load_run  # torch, diffusers; no Prefect
-
-    run = load_run(args.workdir, args.run)
-    out = Path(args.out) if args.out else None
-    if run.task == "segmentation" and out is None:
-        raise AselectError("--out: a segmentation run writes one mask PNG per image; give a directory")
-    if out is not None and run.task == "segmentation" and out.exists() and not out.is_dir():
-        raise AselectError(f"{out}: not a directory (a segmentation run writes one mask PNG per image into --out)")
-    if out is not None and run.task == "classification" and out.is_dir():
-        raise AselectError(f"{out}: is a directory (a classification run writes one CSV or JSON-lines file)")
-    skipped: list[str] = []
-    images, names = run.read_images(args.paths, skip_bad=args.skip_bad, skipped=skipped)
-    for message in skipped:
-        print(f"aselect: skipped {message}", file=sys.stderr)
+    """Apply a finished run to image files: classes (CSV or JSON lines) or mask PNGs (segmentation), batch by batch."""
     from tqdm.auto import tqdm
 
-    batch = run.noise[0].batch
-    with tqdm(total=len(images), desc="predict", unit="image", file=sys.stderr,
-              disable=None if len(images) > batch else True) as bar:
-        prediction = run.predict(images, progress=lambda done, total: bar.update(done - bar.n))
-    lines = _prediction_lines(run, prediction, names, out, args.json)
-    if out is None:
-        sys.stdout.write(lines)
-    elif run.task == "classification":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(lines)
-        os.replace(tmp, out)
-    else:  # the masks are in --out; the table of what was written goes to stdout
-        sys.stdout.write(lines)
-    sel, metrics = run.selection, run.metrics
-    print(f"aselect predict: {len(names)} images with run {run.key} (t={sel['timestep']} layer {sel['layer']} "
-          f"{sel['site']}, {run.probe} {run.task} probe, {metrics.get('metric')} {metrics.get('value') or 0:.4f} on "
-          f"its test split)" + (f", {len(skipped)} skipped" if skipped else "") + f" -> {out or 'stdout'}",
-          file=sys.stderr)
+    from aselect.pipelines.predict import describe, load_run, predict_to  # torch, diffusers; no Prefect
+
+    run = load_run(args.workdir, args.run)
+    bars: list[Any] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="predict", unit="image", file=sys.stderr,
+                             disable=None if total > run.stream_batch else True))
+        bars[0].update(done - bars[0].n)
+
+    def skipped(message: str) -> None:
+        (tqdm.write if bars else print)(f"aselect: skipped {message}", file=sys.stderr)
+
+    try:  # the table goes to --out (a file, or beside the masks) or, for a segmentation run, to stdout
+        summary = predict_to(run, args.paths, Path(args.out) if args.out else None, as_json=args.json,
+                             skip_bad=args.skip_bad, stream=sys.stdout, on_skip=skipped, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"aselect predict: {describe(summary)}", file=sys.stderr)
     return 0
-
-
-def _prediction_lines(run: Any, prediction: Any, names: list[str], out: Path | None, as_json: bool) -> str:
-    """CSV (path, class, p_<class>...) or JSON lines per image; for segmentation, each mask PNG is written into `out`
-    and the lines name it, with the fraction of pixels of each class."""
-    import csv
-    import io
-
-    import numpy as np
-
-    from aselect.pipelines.predict import mask_names, write_mask_png
-
-    class_names = prediction.class_names
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    if prediction.task == "classification":
-        if not as_json:
-            writer.writerow(["path", "class", *(f"p_{name}" for name in class_names)])
-        for name, cls, probs in zip(names, prediction.classes, prediction.probabilities, strict=True):
-            if as_json:
-                buffer.write(json.dumps({"path": name, "class": class_names[int(cls)], "class_id": int(cls),
-                                         "probabilities": dict(zip(class_names, map(float, probs), strict=True))})
-                             + "\n")
-            else:
-                writer.writerow([name, class_names[int(cls)], *(f"{p:.8g}" for p in probs)])
-        return buffer.getvalue()
-    assert out is not None
-    out.mkdir(parents=True, exist_ok=True)
-    if not as_json:
-        writer.writerow(["path", "mask", *(f"f_{name}" for name in class_names)])
-    for name, file, mask in zip(names, mask_names(names), prediction.masks, strict=True):
-        write_mask_png(mask, out / file)
-        fractions = np.bincount(mask.ravel(), minlength=len(class_names)) / mask.size
-        if as_json:
-            buffer.write(json.dumps({"path": name, "mask": str(out / file),
-                                     "fractions": dict(zip(class_names, map(float, fractions), strict=True))}) + "\n")
-        else:
-            writer.writerow([name, str(out / file), *(f"{f:.6g}" for f in fractions)])
-    return buffer.getvalue()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,13 +379,45 @@ def flush_prefect_services(stop_server: bool, timeout: float = 10.0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# Runs in the temporary server's interpreter in place of `-m uvicorn`: the server ends when the process that started
+# it is gone (SIGKILLed, say) instead of serving no one and holding that process's stderr open. The parent's pid is
+# polled, not a parent-death signal: that signal follows the thread that started the server (one of Prefect's
+# service threads, perhaps), not the process.
+SERVER_BOOTSTRAP = """\
+import logging, os, runpy, signal, sys, threading, time
+parent = {parent}
+# a pooled connection whose rollback the shutdown cancels is logged as an error with a traceback; nothing is lost
+logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown, then no more waiting
+    time.sleep(5)
+    os._exit(1)
+if os.getppid() != parent:
+    sys.exit(1)
+threading.Thread(target=watch, name="aselect-parent-watch", daemon=True).start()
+sys.argv[0] = "uvicorn"
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+def _server_command(args: Any) -> Any:
+    """Prefect's `python -m uvicorn ...` server command, run through SERVER_BOOTSTRAP (anything else unchanged)."""
+    if isinstance(args, list) and args[1:3] == ["-m", "uvicorn"]:
+        return [args[0], "-c", SERVER_BOOTSTRAP.format(parent=os.getpid()), *args[3:]]
+    return args
+
+
 class ServerWatch:
-    """Shields the temporary Prefect server from Ctrl-C, and fails the run fast when that server dies.
+    """Shields the temporary Prefect server from Ctrl-C, fails the run fast when that server dies, and ends the
+    server when the run is gone.
 
     Prefect starts its temporary server (no PREFECT_API_URL) as a child in our process group, so a Ctrl-C at the
     terminal killed it first and Prefect then retried its crash reports against it for minutes. Started in its own
     process group, it outlives our clean-up and is stopped last. A thread watches it: if it exits mid-run, the main
-    thread is interrupted and the run ends with one line.
+    thread is interrupted and the run ends with one line. The server watches us in turn (SERVER_BOOTSTRAP): a run
+    killed outright does not leave it behind.
     """
 
     # Seconds the interrupted run has to unwind before it is ended: its Prefect calls retry against the dead server
@@ -373,12 +438,17 @@ class ServerWatch:
 
         # Prefect (3.9) has no public setting or hook for how it spawns its temporary server: the private
         # `_run_uvicorn_command` calls `subprocess.Popen` itself. So that method is wrapped, and Popen patched for
-        # the call, to start the server in its own process group. Guarded by tests/test_faults.py:
+        # the call, to start the server in its own process group, watching our pid. Guarded by tests/test_faults.py:
         # test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes (Ctrl-C to our group spares the server until
-        # it is stopped last; none outlives the run) and test_a_run_whose_temporary_server_dies_fails_fast_in_one_line.
+        # it is stopped last; none outlives the run) and test_a_run_whose_temporary_server_dies_fails_fast_in_one_line,
+        # and by tests/test_cli.py::test_the_temporary_server_ends_with_a_killed_run.
+        popen = subprocess.Popen  # the patch below replaces it in the subprocess module itself
+
+        def spawn(args: Any, *rest: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+            return popen(_server_command(args), *rest, process_group=0, **kwargs)
+
         def in_own_process_group(server: Any) -> Any:
-            with mock.patch.object(prefect_server.subprocess, "Popen",
-                                   functools.partial(subprocess.Popen, process_group=0)):
+            with mock.patch.object(prefect_server.subprocess, "Popen", spawn):
                 return original(server)
 
         in_own_process_group.aselect_shielded = True  # type: ignore[attr-defined]
@@ -415,8 +485,50 @@ class ServerWatch:
         self._stop.set()
 
 
-def _terminate_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes the same path as Ctrl-C
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM as one KeyboardInterrupt: more of them while the run unwinds are ignored.
+
+    A second Ctrl-C landing in the clean-up (Prefect reporting the crash, our flush) raised there instead, as a
+    traceback and a death by SIGINT. The clean-up is bounded (ServerWatch.GRACE, the 3 s flush), so signals in the
+    first REPEAT_IGNORED seconds after the first are dropped; a later one interrupts again, so nothing can hang.
+    """
+
+    REPEAT_IGNORED = 10.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.first: float | None = None  # when the first one arrived (time.monotonic)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.first is not None and now - self.first < self.REPEAT_IGNORED:
+            return
+        self.first = now
+        raise KeyboardInterrupt  # SIGTERM takes the same path as Ctrl-C
+
+    def install(self, reset: bool = True) -> dict[int, Any]:
+        """Handle both signals (main thread only; a caller's thread keeps its own); return the handlers replaced."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        if reset:
+            self.first = None
+        return {signum: signal.signal(signum, self) for signum in self.SIGNALS}
+
+    @staticmethod
+    def restore(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+INTERRUPTS = Interrupts()
+
+
+def _api_unreachable(exc: RuntimeError) -> str | None:
+    """The one line for Prefect's "Failed to reach API" (a PREFECT_API_URL that stopped answering), else None."""
+    if "Failed to reach API" not in str(exc):
+        return None
+    return (f"PREFECT_API_URL {os.environ.get('PREFECT_API_URL', '(from the Prefect profile)')}: Prefect failed to "
+            f"reach its API; finished stages and chunks are kept, rerun to resume once it answers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,37 +538,45 @@ def main(argv: list[str] | None = None) -> int:
     watch = ServerWatch()
     if stop_server and not os.environ.get("PREFECT_API_URL") and args.command in ("run", "bench"):
         watch.install()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    previous = INTERRUPTS.install()
     try:
-        return args.func(args)
-    except AselectError as exc:
-        flush_prefect_services(stop_server)
-        print(f"aselect: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if "ephemeral Prefect API server" not in str(exc):
-            raise
-        print(f"aselect: error: Prefect's temporary server did not answer within "
-              f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s; raise "
-              f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running server "
-              f"(`make serve`)", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `aselect inspect | head`: the reader left; nothing more to say
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
-        return 0
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        where = exc.filename or "workdir"
-        flush_prefect_services(stop_server)
-        print(f"aselect: error: {where}: {exc.strerror}; finished stages and chunks are kept, rerun to resume",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        try:
+            if args.command in ("run", "bench"):
+                check_prefect_api()
+            return args.func(args)
+        except AselectError as exc:
+            flush_prefect_services(stop_server)
+            print(f"aselect: error: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" in str(exc):
+                print(f"aselect: error: Prefect's temporary server did not answer within "
+                      f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s; raise "
+                      f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running server "
+                      f"(`make serve`)", file=sys.stderr)
+                return 2
+            line = _api_unreachable(exc) or io_failure(exc)
+            if line is None:
+                raise
+            with contextlib.suppress(Exception):  # the API may be the thing that is down
+                flush_prefect_services(stop_server, timeout=3.0)
+            print(f"aselect: error: {line}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # `aselect inspect | head`: the reader left; nothing more to say
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+            return 0
+        except OSError as exc:
+            line = io_failure(exc)
+            if line is None:
+                raise
+            flush_prefect_services(stop_server)
+            print(f"aselect: error: {line}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # in the run, or in the clean-up of an error above
         watch.stop()
-        flush_prefect_services(stop_server, timeout=3.0)
+        with contextlib.suppress(KeyboardInterrupt):  # one arriving past Interrupts.REPEAT_IGNORED
+            flush_prefect_services(stop_server, timeout=3.0)
         if watch.died is not None:
             watch.report()
             return 2
@@ -464,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         watch.stop()
+        Interrupts.restore(previous)
 
 
 def entry() -> None:
@@ -482,11 +603,13 @@ def entry() -> None:
     tests/test_faults.py::test_ctrl_c_stops_the_run_in_seconds_and_a_rerun_resumes (exit 130, the temporary
     server stopped by Prefect's atexit handler)."""
     code = main()
+    INTERRUPTS.install(reset=False)  # the exit work below takes a late Ctrl-C as the run did: ignored, not a traceback
     shutdown, run_exitfuncs = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
     if shutdown is None or run_exitfuncs is None:
         sys.exit(code)
-    shutdown()
-    run_exitfuncs()
+    with contextlib.suppress(KeyboardInterrupt):  # one past Interrupts.REPEAT_IGNORED: the user insists on leaving
+        shutdown()
+        run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -1,7 +1,7 @@
 """The two flows over the same stages.
 
-- `aselect-pipeline` (A-SelecT): ingest -> backbone -> calibrate (all timesteps, small subset) -> score HFR
-  -> select -> dump only the selected pair for every image -> probe.
+- `aselect-pipeline` (A-SelecT): ingest -> backbone -> calibrate (a small subset grown in rounds, t searched
+  coarse to fine) -> score HFR -> select -> dump only the selected pair for every image -> probe.
 - `aselect-exhaustive` (the oracle): ingest -> backbone -> dump the whole grid for every image
   -> score every pair with a linear probe -> select the best -> probe.
 """
@@ -21,6 +21,7 @@ from aselect.pipelines.select import middle_third
 from aselect.storage.errors import AselectError
 from aselect.storage.stages import StageRef, Workdir
 from aselect.tasks.backbone import ModelInfo, backbone, plan_backbone
+from aselect.tasks.calibrate import calibrate, plan_calibrate
 from aselect.tasks.dump import dump, plan_dump
 from aselect.tasks.ingest import DatasetCounts, ingest, plan_ingest
 from aselect.tasks.probe import plan_probe, probe
@@ -135,18 +136,27 @@ def calibration_layers(cfg: RunConfig, model: StageRef) -> list[int] | None:
 
 def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageReport], dataset: StageRef,
                          model: StageRef) -> StageRef:
-    """Stages 3-4 of the cheap flow: every candidate timestep (`calibrate.timesteps`) on the calibration subset.
+    """Stages 3-4 of the cheap flow: the candidate timesteps (`calibrate.timesteps`) on the calibration subset.
 
     `aselect` streams HFR (label-free) of the `calibrate.sites` token or attention maps: the forward hooks reduce
-    each map to one number per image, and scoring averages them. `fewshot` dumps pooled features (token maps
-    for segmentation) of the same few images and scores a probe with their labels (nearest class mean for
-    classification, a per-token probe for segmentation).
+    each map to one number per image, and scoring averages them; it searches t coarse to fine and adds images in
+    rounds until its choice is stable, within `calibrate.budget` of the exhaustive run's forward passes
+    (`plan.calibration_search`). `fewshot` dumps pooled features (token maps for segmentation) of the same few
+    images at every candidate and scores a probe with their labels (nearest class mean for classification, a
+    per-token probe for segmentation).
     """
-    calib = plan.calibration(cfg, is_segmentation(dataset), calibration_layers(cfg, model))
+    segmentation = is_segmentation(dataset)
+    calib = plan.calibration(cfg, segmentation, calibration_layers(cfg, model))
     calib_cfg, hfr, scorer, keep_maps = calib.dump, calib.hfr, calib.scorer, calib.keep_maps
-    calibration = plan_and_run(dump, plan_dump, work, reports, stage_name="calibrate", cfg=calib_cfg,
-                               dataset=dataset, model=model, calibration_images=cfg.calibrate.images, hfr=hfr,
-                               keep_maps=keep_maps, dask=cfg.dask)
+    if hfr is None:
+        calibration = plan_and_run(dump, plan_dump, work, reports, stage_name="calibrate", cfg=calib_cfg,
+                                   dataset=dataset, model=model, calibration_images=cfg.calibrate.fixed_images(),
+                                   hfr=hfr, keep_maps=keep_maps, dask=cfg.dask)
+    else:
+        counts = DatasetCounts.of(dataset)
+        search = plan.calibration_search(cfg, counts.images, counts.train, hfr_band(cfg, model), segmentation)
+        calibration = plan_and_run(calibrate, plan_calibrate, work, reports, cfg=calib_cfg, dataset=dataset,
+                                   model=model, search=search, hfr=hfr, keep_maps=keep_maps, dask=cfg.dask)
     return plan_and_run(score, plan_score, work, reports, cfg=cfg.score, scorer=scorer, features=calibration,
                         dataset=dataset, dask=cfg.dask)
 

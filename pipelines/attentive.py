@@ -34,14 +34,15 @@ from safetensors.torch import load_file, save_file
 from aselect.pipelines.config import ProbeConfig
 from aselect.pipelines.probe import (
     EVAL_BATCH,
+    IGNORE_ID,
     ProbeResult,
     grid_side,
     iou_from_confusion,
-    patch_fractions,
+    patch_labels,
     split_indices,
     upsample_bilinear,
 )
-from aselect.pipelines.training import save_checkpoint, warmup_cosine
+from aselect.pipelines.training import latest_good_checkpoint, load_state_strictly, save_checkpoint, warmup_cosine
 from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
@@ -158,11 +159,7 @@ def load_head(directory: Path) -> tuple[AttentiveHead, dict]:
     if missing:
         raise AselectError(f"{directory / 'head.json'}: missing {', '.join(missing)}")
     head = AttentiveHead(**{key: config[key] for key in HEAD_KEYS})
-    try:
-        head.load_state_dict(state)
-    except RuntimeError as exc:
-        raise AselectError(f"{directory / 'head.safetensors'}: weights do not fit head.json "
-                           f"({str(exc).splitlines()[0]})") from exc
+    load_state_strictly(head, state, directory / "head.safetensors")  # one line naming a missing/extra tensor
     return head.eval(), config
 
 
@@ -211,9 +208,10 @@ def _check_masks(masks: np.ndarray, n: int, tokens: int, classes: int) -> np.nda
     masks = np.asarray(masks)
     if masks.ndim != 3 or len(masks) != n:
         raise AselectError(f"attentive probe: expected masks (N, H, W) for {n} images, got {masks.shape}")
-    if not np.issubdtype(masks.dtype, np.integer) or masks.min() < 0 or masks.max() >= classes:
-        raise AselectError(f"attentive probe: mask values must be class ids in [0, {classes}), "
-                           f"got {masks.dtype} [{masks.min()}, {masks.max()}]")
+    if not np.issubdtype(masks.dtype, np.integer) or masks.min() < 0 or \
+            ((masks >= classes) & (masks != IGNORE_ID)).any():
+        raise AselectError(f"attentive probe: mask values must be class ids in [0, {classes}) or {IGNORE_ID} "
+                           f"(ignored), got {masks.dtype} [{masks.min()}, {masks.max()}]")
     side = grid_side(tokens)
     if masks.shape[1] % side or masks.shape[2] % side:
         raise AselectError(f"attentive probe: mask size {masks.shape[1]}x{masks.shape[2]} is not a multiple of "
@@ -263,22 +261,6 @@ def _fingerprint(cfg: ProbeConfig, draws: Sequence[np.ndarray], targets: np.ndar
                 targets=data.hexdigest()[:16], features=sample.hexdigest()[:16])
 
 
-def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
-    """The newest readable checkpoint for this fingerprint (unreadable or foreign ones are skipped, with a warning)."""
-    for path in sorted(ckpt_dir.glob("epoch-*.pt"), reverse=True):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a file truncated by a crash, or from another torch
-            logger.warning("%s: unreadable checkpoint, skipped (%s)", path, str(exc).splitlines()[0] if str(exc)
-                           else type(exc).__name__)
-            continue
-        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-            logger.warning("%s: checkpoint from a different config, dataset or code, ignored", path)
-            continue
-        return state
-    return None
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
@@ -317,7 +299,7 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
 
     ckpt_dir = Path(work_dir) / "checkpoints"
     start, curve, best_state, best_score, best_epoch, seconds, seen = 0, [], None, -math.inf, 0, 0.0, 0
-    if (state := _latest_checkpoint(ckpt_dir, fingerprint)) is not None:
+    if (state := latest_good_checkpoint(ckpt_dir, "epoch", fingerprint)) is not None:
         head.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -452,7 +434,8 @@ def _confusion(logits: torch.Tensor, masks: np.ndarray, classes: int) -> np.ndar
         probs = probs.reshape(len(probs), side, side, classes).transpose(0, 3, 1, 2)
         pred = upsample_bilinear(probs, height, width).argmax(axis=1)
         gt = masks[start:start + EVAL_BATCH]
-        confusion += np.bincount((gt * classes + pred).ravel(), minlength=classes * classes).reshape(classes, classes)
+        cells = (gt * classes + pred)[gt != IGNORE_ID]  # ignored pixels are not scored
+        confusion += np.bincount(cells, minlength=classes * classes).reshape(classes, classes)
     return confusion
 
 
@@ -484,7 +467,8 @@ def attentive_segmenter(draws: Sequence[np.ndarray], masks: np.ndarray, train: n
                                                            fit_rows)
     # (N, T) token labels: each patch's majority class (ties: the lowest id), as the linear probe trains on
     token_labels = np.zeros((n, tokens), dtype=np.int64)
-    token_labels[train] = patch_fractions(masks[train], grid_side(tokens), classes).argmax(axis=2)
+    # patches with every pixel ignored are UNLABELLED, cross_entropy's default ignore_index: not trained on
+    token_labels[train] = patch_labels(masks[train], tokens, classes)
     targets = torch.from_numpy(token_labels)
 
     def miou(model: AttentiveHead, rows: np.ndarray) -> tuple[float, dict[str, float], float]:

@@ -43,6 +43,7 @@ from aselect.pipelines.models import (
     make_flow_scheduler,
     make_scheduler,
 )
+from aselect.pipelines.training import tensor_mismatch
 from aselect.storage.errors import AselectError
 
 logger = logging.getLogger("aselect.backbone")
@@ -124,13 +125,23 @@ def _weights_reason(exc: BaseException) -> str:
 def load_model_part(cls: type, directory: Path, subfolder: str | None) -> torch.nn.Module:
     """from_pretrained one component, mapping any failure to a one-line AselectError."""
     where = directory / subfolder if subfolder else directory
-    if not any(where.glob("diffusion_pytorch_model*.safetensors")) and not any(where.glob("*.bin")):
+    weights = sorted(where.glob("diffusion_pytorch_model*.safetensors")) or sorted(where.glob("*.bin"))
+    if not weights:
         raise AselectError(f"{where}: cannot load weights (no diffusion_pytorch_model weights file)")
     try:
         with quiet_diffusers():
-            model = cls.from_pretrained(directory, subfolder=subfolder, local_files_only=True)
+            model, info = cls.from_pretrained(directory, subfolder=subfolder, local_files_only=True,
+                                              output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - safetensors, OSError, shape mismatch, ...: all mean "bad weights"
         raise AselectError(f"{where}: cannot load weights ({_weights_reason(exc)})") from None
+    # diffusers leaves a tensor the file lacks at its random init (and its warning is silenced above): refuse it
+    named = weights[0] if len(weights) == 1 else where
+    mismatch = tensor_mismatch(named, info.get("missing_keys") or [], info.get("unexpected_keys") or [])
+    if mismatch is not None:
+        raise mismatch
+    if info.get("mismatched_keys"):
+        name, found, wanted = info["mismatched_keys"][0]
+        raise AselectError(f"{named}: tensor {name!r} has shape {tuple(found)}, the model's is {tuple(wanted)}")
     return model.eval().requires_grad_(False)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,9 +15,15 @@ CONFIG_PACKAGE = "aselect.configs"  # the repository's configs/, installed as pa
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are rejected, values are immutable."""
+    """Base for every config section: unknown keys are rejected, values are immutable, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity (YAML's .nan, .inf) in any float, list or mapping of floats: refused before any stage
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# numpy's RandomState and scikit-learn's random_state take seeds in 0 .. 2**32 - 1: every `*seed*` key is one.
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,23 +34,26 @@ class Section(BaseModel):
 class IngestConfig(Section):
     """Stage 1: where images come from and how they are normalised and split."""
 
-    source: Literal["digits", "mnist5k", "shapes", "textures", "imagefolder"] = "digits"
-    root: Path | None = None  # imagefolder only: root/class_name/*.png|jpg|jpeg
+    source: Literal["digits", "mnist5k", "shapes", "textures", "imagefolder", "segfolder"] = "digits"
+    # imagefolder: root/class_name/*.png|jpg|jpeg; segfolder: root/images/*.png|jpg|jpeg, root/masks/<stem>.png
+    root: Path | None = None
     image_size: int = Field(16, ge=4, le=1024)
     channels: Literal[1, 3] = 1
     limit: int | None = Field(None, ge=4)  # keep at most this many images (stratified)
     num_images: int = Field(1000, ge=4)  # shapes and textures only: how many images to draw
     max_shapes: int = Field(3, ge=1, le=10)  # shapes and textures only: objects per image, 1..max
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
-    seed: int = 0
-    skip_bad: bool = False  # imagefolder: skip unreadable files (counted) instead of failing
+    seed: Seed = 0
+    skip_bad: bool = False  # imagefolder, segfolder: skip unreadable files (counted) instead of failing
+    ignore_index: int = Field(255, ge=0, le=255)  # segfolder: the mask value of unlabelled pixels (Pascal VOC's)
 
     @model_validator(mode="after")
-    def _root_only_for_imagefolder(self) -> IngestConfig:
-        if self.source == "imagefolder" and self.root is None:
-            raise ValueError("root is required when source is 'imagefolder'")
-        if self.source != "imagefolder" and self.root is not None:
-            raise ValueError(f"root is only used by source 'imagefolder', not {self.source!r}")
+    def _root_only_for_folders(self) -> IngestConfig:
+        folder = self.source in ("imagefolder", "segfolder")
+        if folder and self.root is None:
+            raise ValueError(f"root is required when source is {self.source!r}")
+        if not folder and self.root is not None:
+            raise ValueError(f"root is only used by sources 'imagefolder' and 'segfolder', not {self.source!r}")
         return self
 
 
@@ -56,7 +65,7 @@ class PretrainConfig(Section):
     learning_rate: float = Field(1e-3, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     checkpoint_every: int = Field(500, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     sample_steps: int = Field(50, ge=1)  # DDIM steps for the sample grid
     guidance_scale: float = Field(2.0, ge=1.0)
 
@@ -71,7 +80,7 @@ class LatentConfig(Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     kl_weight: float = Field(1e-6, ge=0.0)  # relative to the reconstruction loss summed over pixels, as in LDM
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("vae_blocks")
     @classmethod
@@ -141,6 +150,12 @@ DEFAULT_TIMESTEPS = (0, 10, 25, 50, 100, 200, 300, 500, 700, 900)
 MAX_PRETRAIN_TOKENS = 1024
 
 
+# A dump chunk (every layer and site of `images_per_chunk` images at one timestep) is one buffer for the blosc
+# codec, which refuses buffers past 2 GiB (its limit less its 16-byte header). The smallest dump a config makes
+# (one pooled pair, float32) has at least 4 bytes per image; pipelines.dump checks each dump's own chunk.
+MAX_CHUNK_BYTES = 2**31 - 1 - 16
+
+
 def _check_timesteps(name: str, values: list[int]) -> None:
     """Non-negative and unique (timesteps or layer indices)."""
     if any(v < 0 for v in values):
@@ -156,12 +171,12 @@ class DumpConfig(Section):
     layers: list[int] | None = None  # transformer block indices; default: every layer
     sites: list[SiteName] = Field(default_factory=lambda: ["block", "attn", "mlp"], min_length=1)
     spatial: bool = False  # also keep per-token maps (float16), for segmentation probes
-    images_per_chunk: int = Field(64, ge=1)
+    images_per_chunk: int = Field(64, ge=1, le=MAX_CHUNK_BYTES // 4)
     workers: int = Field(1, ge=1)  # processes, each owning whole chunks
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CUDA only: `auto` runs the forward pass in bf16 on CUDA (fp32 on the CPU); `none` keeps fp32 everywhere
     autocast: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    seed: int = 0  # noise seed; each (image, timestep) gets its own stream
+    seed: Seed = 0  # noise seed; each (image, timestep) gets its own stream
     # Which noise draw: draw k is seeded per (image, timestep, k); 0 is the draw every dump and calibration uses.
     # The attentive probe's probe.noise_draws K dumps the selected pair with draws 0..K-1.
     draw: int = Field(0, ge=0)
@@ -198,13 +213,26 @@ class TimestepRange(Section):
 
 
 class CalibrateConfig(Section):
-    """A-SelecT path: the label-free calibration pass over all candidate timesteps on a small subset.
+    """A-SelecT path: the label-free calibration pass over the candidate timesteps on a small subset.
 
     HFR is reduced inside the forward pass: per (image, timestep, layer, site) one number is kept, never
-    the token or attention maps unless `keep_maps` asks for them.
+    the token or attention maps unless `keep_maps` asks for them. How many images and which timesteps are
+    scored scale with the data (docs/method.md#calibration-size-and-the-timestep-search).
     """
 
-    images: int = Field(256, ge=8)  # stratified subset of the train split
+    # The stratified subset of the train split (C). `auto`: rounds of 16 images until the bootstrap choice is
+    # stable (`stable_share`), at most min(images_max, ceil(images_fraction x N train images)); an integer: that
+    # many. The aselect policy caps either at `budget`; few-shot and RankMe read `auto` as images_max.
+    images: int | Literal["auto"] = "auto"
+    images_max: int = Field(256, ge=16)
+    images_fraction: float = Field(0.125, gt=0.0, le=1.0)
+    stable_share: float = Field(0.95, gt=0.0, le=1.0)  # share of bootstrap resamples agreeing on (t, layer)
+    # aselect: calibration's forward passes stay within this share of the exhaustive run's (its images x
+    # dump.timesteps); the selection record says when it capped C. null: no cap.
+    budget: float | None = Field(0.5, gt=0.0, lt=1.0)
+    # `coarse`: score every ~10th candidate, then the candidates around the three best, finer each level, down to
+    # every candidate; `full`: every candidate.
+    search: Literal["coarse", "full"] = "coarse"
     # The candidate timesteps A-SelecT searches: a list, or {start, stop, step}; default: dump.timesteps.
     # Calibration is a reduction over a small subset, so it can afford a far denser grid than the dump.
     timesteps: list[int] | None = None
@@ -222,6 +250,17 @@ class CalibrateConfig(Section):
     # (select.layers, else the middle third, plus an int select.feature_layer), so the forward pass stops after
     # the deepest of them; `all` for every layer (heatmaps over the whole depth); or a list.
     layers: list[int] | Literal["all"] | None = None
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images_form(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 8:
+                raise ValueError("Input should be greater than or equal to 8, or 'auto'")
+            return value
+        if value != "auto":
+            raise ValueError("must be 'auto' or an integer of at least 8")
+        return value
 
     @field_validator("timesteps", mode="before")
     @classmethod
@@ -264,8 +303,12 @@ class CalibrateConfig(Section):
         """Noise draws per (image, t) the signal takes: `draws` for mean and debiased, else 1."""
         return self.draws if self.signal in ("mean", "debiased") else 1
 
+    def fixed_images(self) -> int:
+        """C for a calibration that does not grow in rounds (few-shot, RankMe): `images`, or images_max for auto."""
+        return self.images_max if self.images == "auto" else self.images
+
     def candidate_timesteps(self, dump: DumpConfig) -> list[int]:
-        """The timesteps calibration scores, ascending."""
+        """The timesteps calibration may score, ascending."""
         return sorted(dump.timesteps if self.timesteps is None else self.timesteps)
 
 
@@ -314,7 +357,7 @@ class SelectConfig(Section):
     # aselect: resample the calibration images this many times (no new forward passes) and record the share
     # of resamples that pick the same timestep and layer (`confidence`); 0 turns it off.
     bootstrap: int = Field(200, ge=0)
-    bootstrap_seed: int = 0
+    bootstrap_seed: Seed = 0
     # `aselect-published`: A-SelecT as the authors configured it, expanded once the backbone is known
     # (RunConfig.resolved): plain HFR of `query`, axis band, cutoff 0.15, argmax over t, features `query` of one
     # fixed block at their relative depth (block 9 of 24). It sets the keys it names, whatever they were.
@@ -347,9 +390,10 @@ class ProbeConfig(Section):
     kind: Literal["linear", "attentive"] = "linear"
     # `paper`: the authors' attentive-probe values (PAPER_PROBE) for the keys below that are not set explicitly
     preset: Literal["paper"] | None = None
-    cs: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)  # linear: C grid
+    cs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0],
+                                                      min_length=1)  # linear: C grid
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
     # Train features bigger than this (as float32) are not loaded: the probe streams them from the dump a batch at
     # a time (same objective and optimum, one pass per L-BFGS step, so slower). 0 always streams. Linear only.
     memory_budget_mb: float = Field(2048.0, ge=0.0)
@@ -503,6 +547,13 @@ class RunConfig(Section):
                 raise ValueError(f"backbone.latent.vae_blocks {latent.vae_blocks} makes {side}x{side} latents "
                                  f"from ingest.image_size {self.ingest.image_size}, not a multiple of {variant}'s "
                                  f"patch size {patch}")
+        width = VARIANTS[variant]["num_attention_heads"] * VARIANTS[variant]["attention_head_dim"]
+        per_image = 4 * width  # one pooled float32 row: the least any dump of this run stores per image
+        chunk = self.dump.images_per_chunk
+        if chunk * per_image > MAX_CHUNK_BYTES:
+            raise ValueError(f"dump.images_per_chunk {chunk}: a chunk of {variant}'s pooled features ({width} float32 "
+                             f"per image) would be {chunk * per_image / 2**30:.1f} GiB, past the codec's 2 GiB "
+                             f"buffer; at most {MAX_CHUNK_BYTES // per_image}")
         tokens = (self.ingest.image_size // down // patch) ** 2
         if tokens > MAX_PRETRAIN_TOKENS:
             raise ValueError(f"ingest.image_size {self.ingest.image_size} makes {tokens} tokens per image with "
@@ -529,6 +580,53 @@ def published_cutoff(token_grid: int) -> float:
 # ---------------------------------------------------------------------------------------------
 #                                           Loading
 # ---------------------------------------------------------------------------------------------
+
+
+# YAML aliases are references: a few nested ones expand to billions of values ("billion laughs") once a validator
+# or `--set` walks them. A config uses a handful at most.
+MAX_YAML_ALIASES = 100
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings in one document, every alias expanded
+MAX_EXTENDS = 32  # files in one `extends:` chain
+
+
+class YamlTooLarge(yaml.YAMLError):
+    """A document with too many aliases, or one that expands past MAX_YAML_VALUES."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses more than MAX_YAML_ALIASES aliases, or a document past MAX_YAML_VALUES values."""
+
+    aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise YamlTooLarge(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)")
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Counted on the node graph before any Python object exists: an alias is a shared node, counted each time
+        # it is reached, so the count is what the document expands to (a recursive alias never ends: refused).
+        count, stack = 0, [node]
+        while stack:
+            item = stack.pop()
+            count += 1
+            if count > MAX_YAML_VALUES:
+                raise YamlTooLarge(f"the YAML expands past {MAX_YAML_VALUES} values (nested aliases)")
+            if isinstance(item, yaml.SequenceNode):
+                stack.extend(item.value)
+            elif isinstance(item, yaml.MappingNode):
+                stack.extend(n for pair in item.value for n in pair)
+        return super().construct_document(node)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, bounded: aliases and the expanded size are limited (YamlTooLarge), and so is nesting."""
+    try:
+        return yaml.load(text, Loader=BoundedLoader)  # a SafeLoader subclass: plain data only
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise YamlTooLarge("the YAML is nested too deeply") from None
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -563,7 +661,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             raise AselectError(f"--set {assignment!r}: {key} is not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[keys[-1]] = load_yaml(raw) if raw.strip() else None
+    except YamlTooLarge as exc:
+        raise AselectError(f"--set {assignment!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise AselectError(f"--set {assignment!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})"
                            ) from None
@@ -596,7 +696,9 @@ def validation_messages(error: ValidationError) -> str:
 def _read_yaml(path: Path) -> dict[str, Any]:
     """One config file's mapping, or a one-line error naming the file."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
+    except YamlTooLarge as exc:
+        raise AselectError(f"{path}: {exc}") from None
     except UnicodeDecodeError:
         raise AselectError(f"{path}: not a text file (expected a YAML config)") from None
     except OSError as exc:
@@ -628,9 +730,14 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise AselectError(f"{path}: extends: expected a config name or path, got {base!r}")
     local = path.parent / base
     base_path = resolve_config_path(local if local.suffix in (".yaml", ".yml") and local.is_file() else base)
-    if base_path.resolve() in seen + (path.resolve(),):
+    chain = seen + (path.resolve(),)
+    if base_path.resolve() in chain:
         raise AselectError(f"{path}: extends: {base!r} extends itself (a cycle)")
-    parent = _read_with_bases(base_path, seen + (path.resolve(),))
+    if len(chain) >= MAX_EXTENDS:
+        names = [p.name for p in (*chain, base_path)]
+        shown = " -> ".join(names if len(names) <= 6 else [*names[:3], "...", *names[-2:]])
+        raise AselectError(f"{chain[0]}: extends: a chain of more than {MAX_EXTENDS} files ({shown})")
+    parent = _read_with_bases(base_path, chain)
     parent.pop("name", None)  # a config's name is its own
     return _merged(parent, data)
 

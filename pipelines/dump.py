@@ -15,7 +15,7 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from aselect.pipelines.backbone import encode_images, load_backbone
 from aselect.pipelines.cluster import dask_client
-from aselect.pipelines.config import DaskConfig, DumpConfig
+from aselect.pipelines.config import MAX_CHUNK_BYTES, DaskConfig, DumpConfig
 from aselect.pipelines.features import (
     ATTN_MAP,
     SITES,
@@ -98,27 +98,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
+# The config keys a calibration's grid comes from (pipelines.plan.calibration): `calibrate.timesteps`, which default
+# to `dump.timesteps`, and for a streamed one `calibrate.layers`, which default to the layers select reads.
+CALIBRATE_TIMESTEPS = "calibrate.timesteps (dump.timesteps when unset)"
+CALIBRATE_LAYERS = "calibrate.layers (select.layers and select.feature_layer when unset)"
+
+
 def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: HfrStream | None = None,
-                keep_maps: bool = False) -> FeatureLayout:
-    """The dump's shape, checked against the backbone (timesteps and layers in range).
+                keep_maps: bool = False, stage: str = "dump") -> FeatureLayout:
+    """The dump's shape, checked against the backbone (timesteps and layers in range) and the codec (chunk size).
 
     With `hfr` (a streamed calibration) the dump keeps per-image HFR of `hfr.sites` and no pooled features;
-    the maps HFR reads are stored only with `keep_maps`.
+    the maps HFR reads are stored only with `keep_maps`. `stage` (dump or calibrate) names the keys in errors.
     """
+    timesteps_key = CALIBRATE_TIMESTEPS if stage == "calibrate" else "dump.timesteps"
+    layers_key = CALIBRATE_LAYERS if stage == "calibrate" and hfr is not None else "dump.layers"
     train_steps = backbone.num_train_timesteps
     late = [t for t in cfg.timesteps if t >= train_steps]
     if late:
-        raise AselectError(f"dump.timesteps {late} must be < the scheduler's num_train_timesteps ({train_steps})")
+        raise AselectError(f"{timesteps_key} {late} must be < the scheduler's num_train_timesteps ({train_steps})")
     depth = backbone.num_layers
     layers = tuple(cfg.layers) if cfg.layers is not None else tuple(range(depth))
     if max(layers) >= depth:
-        raise AselectError(f"dump.layers {list(layers)}: the backbone has {depth} layers (0..{depth - 1})")
+        raise AselectError(f"{layers_key} {list(layers)}: the backbone has {depth} layers (0..{depth - 1})")
     side, width = backbone.token_grid, backbone.width
     common = dict(timesteps=tuple(sorted(cfg.timesteps)), layers=layers, samples=tuple(int(i) for i in samples),
                   width=width, tokens=side * side, chunk=cfg.images_per_chunk)
     if hfr is None:
-        return FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites), spatial=cfg.spatial,
-                             attn_map=ATTN_MAP in cfg.sites)
+        return _chunk_fits(FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites),
+                                         spatial=cfg.spatial, attn_map=ATTN_MAP in cfg.sites))
     high, non_dc = hfr_masks(side, side, hfr.cutoff, hfr.band)
     freq = band_frequency(side, side, hfr.band)
     highest, lowest = float(freq.max()), float(freq[non_dc].min())
@@ -133,11 +141,31 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
         raise AselectError(f"score.hfr_cutoff {hfr.cutoff}{band}: every non-DC frequency of the {side}x{side} token "
                            f"grid is above it (the lowest is {lowest:.3f}), so HFR is 1 for every map; raise it")
     token_sites = tuple(s for s in TOKEN_SITES if s in hfr.sites)
-    return FeatureLayout(**common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
-                         attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False,
-                         hfr_sites=tuple(s for s in SITES if s in hfr.sites), hfr_cutoff=hfr.cutoff,
-                         hfr_exclude_dc=hfr.exclude_dc, hfr_band=hfr.band, hfr_signal=hfr.signal,
-                         inputs_per_image=hfr.inputs_per_image)
+    return _chunk_fits(FeatureLayout(
+        **common, sites=token_sites if keep_maps else (), spatial=keep_maps and bool(token_sites),
+        attn_map=keep_maps and ATTN_MAP in hfr.sites, pooled=False, hfr_sites=tuple(s for s in SITES if s in hfr.sites),
+        hfr_cutoff=hfr.cutoff, hfr_exclude_dc=hfr.exclude_dc, hfr_band=hfr.band, hfr_signal=hfr.signal,
+        inputs_per_image=hfr.inputs_per_image))
+
+
+def chunk_bytes_per_image(layout: FeatureLayout) -> dict[str, int]:
+    """Bytes per image in one chunk of each array the dump writes (storage.features.create_store's chunks)."""
+    nl, ns, d, tok = len(layout.layers), len(layout.sites), layout.width, layout.tokens
+    per_image = {"pooled": nl * ns * d * 4 if layout.pooled else 0,
+                 "spatial": nl * ns * tok * d * 2 if layout.spatial else 0,
+                 "attn_map": nl * tok * tok * 2 if layout.attn_map else 0,
+                 "hfr": nl * len(layout.hfr_sites) * 8}
+    return {name: size for name, size in per_image.items() if size}
+
+
+def _chunk_fits(layout: FeatureLayout) -> FeatureLayout:
+    """`layout`, or a one-line error when a chunk of one of its arrays is past the codec's buffer limit."""
+    for name, per_image in chunk_bytes_per_image(layout).items():
+        if layout.chunk * per_image > MAX_CHUNK_BYTES:
+            raise AselectError(f"dump.images_per_chunk {layout.chunk}: a chunk of {name} features ({per_image} bytes "
+                               f"per image) would be {layout.chunk * per_image / 2**30:.1f} GiB, past the codec's "
+                               f"2 GiB buffer; at most {MAX_CHUNK_BYTES // per_image} for this dump")
+    return layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +459,9 @@ _WORKER_ARGS: tuple | None = None  # what this worker process's _WORKER was buil
 
 def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: FeatureLayout, cfg: DumpConfig,
              progress: Callable[[int, int], None] | None = None, backbone: Backbone | None = None,
-             dask: DaskConfig | None = None) -> DumpResult:
-    """Compute every unfinished (timestep, chunk) of `layout` into the stage's Zarr store.
+             dask: DaskConfig | None = None, items: Collection[tuple[int, int]] | None = None) -> DumpResult:
+    """Compute every unfinished (timestep, chunk) of `layout` (of `items` alone when given) into the stage's Zarr
+    store.
 
     In this process when `cfg.workers` is 1 and `dask` names no scheduler (or says `dump: false`); otherwise one
     Dask task per chunk, on a LocalCluster of `cfg.workers` processes or on the scheduler at `dask.address`.
@@ -448,11 +477,14 @@ def run_dump(model_dir: str, dataset_path: Path, stage_path: Path, layout: Featu
         if bad:  # recomputed below, bit-identically
             log.warning("%s: item t%d-c%d is damaged (%s): computing it again", stage_path, ti, ci, ", ".join(bad))
     done = {item for item, bad in damage.items() if not bad}
+    # a calibration that grows in rounds computes only the items each round asks for
+    chosen = None if items is None else set(items)
+    wanted = [item for item in layout.work_items() if chosen is None or item in chosen]
     pending: dict[int, list[int]] = {}
-    for ti, ci in layout.work_items():
+    for ti, ci in wanted:
         if (ti, ci) not in done:
             pending.setdefault(ci, []).append(ti)
-    total = len(layout.work_items())
+    total = len(wanted)
     reused = total - sum(len(v) for v in pending.values())
     where = (f"the Dask cluster at {dask.address}" if remote else
              "this process" if cfg.workers == 1 else f"a local Dask cluster of {cfg.workers} worker processes")

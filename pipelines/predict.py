@@ -12,6 +12,9 @@ and its probe's predictions on them. No Prefect.
 - `Run.predict(images, indices)`: class ids and per-class probabilities, or per-pixel masks.
 - `read_images(paths, size, channels)`: files and folders decoded by ingest's rules (`Run.read_images` fills in the
   run's size and channels).
+- `Run.predict_files(paths)`: the same predictions for many files, read and predicted a batch at a time.
+- `predict_to(run, paths, out)`: `predict_files` written as it goes (`PredictionWriter`: CSV or JSON lines, mask
+  PNGs), for the `aselect predict` command and the `aselect-predict` flow alike.
 
 Noise. The dump noises dataset image i at timestep t with a generator seeded by (dump seed, i, t, draw)
 (`pipelines.features.noise_seed`). `indices[k]` says which image index image k is noised as: the default, 0..N-1,
@@ -23,12 +26,15 @@ the run's features of it. The attentive probe averages its logits over the noise
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import os
+import secrets
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -54,7 +60,11 @@ HEAD_DIR = "head"  # the attentive probe's head in its stage (tasks.probe.HEAD_D
 METRICS_JSON = "metrics.json"
 SELECTION_JSON = "selection.json"
 TOKEN_SITES = ("block", "attn", "mlp", "query", "key", "value")
+STREAM_IMAGES = 256  # images decoded at once by `Run.predict_files` (rounded to the dump's batch)
+HEAD_ROWS = 10  # rows a prediction summary keeps
+SKIPPED_LISTED = 20  # skipped files a prediction summary names
 Progress = Callable[[int, int], None]  # (images done, total)
+Skip = Callable[[str], None]  # one line per file left out (with skip_bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,11 +72,13 @@ Progress = Callable[[int, int], None]  # (images done, total)
 # ---------------------------------------------------------------------------------------------
 
 
-def image_files(paths: Iterable[str | Path], skip_bad: bool = False, skipped: list[str] | None = None) -> list[Path]:
+def image_files(paths: Iterable[str | Path], skip_bad: bool = False, skipped: list[str] | None = None,
+                on_skip: Skip | None = None) -> list[Path]:
     """The image files named by `paths`: files as given, folders searched recursively for .png/.jpg/.jpeg (hidden
     entries skipped); without duplicates and sorted by path, so the order (and the noise index of each image) does
     not depend on the order of the arguments. A missing path or a file that is no image fails in one line, or is
-    recorded in `skipped` with `skip_bad`."""
+    recorded in `skipped` (or passed to `on_skip`) with `skip_bad`."""
+    sink = on_skip or _sink(skipped)
     found: set[Path] = set()
     for given in paths:
         path = Path(given)
@@ -74,21 +86,48 @@ def image_files(paths: Iterable[str | Path], skip_bad: bool = False, skipped: li
             found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif not path.exists():
-            _report(f"{path}: no such file or directory", skip_bad, skipped)
+            _report(f"{path}: no such file or directory", skip_bad, sink)
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            _report(f"{path}: not an image file (expected .png, .jpg or .jpeg)", skip_bad, skipped)
+            _report(f"{path}: not an image file (expected .png, .jpg or .jpeg)", skip_bad, sink)
         else:
             found.add(path)
     return sorted(found, key=str)
 
 
-def _report(message: str, skip_bad: bool, skipped: list[str] | None) -> None:
+def _sink(skipped: list[str] | None) -> Skip:
+    return skipped.append if skipped is not None else lambda message: log.warning("skipped %s", message)
+
+
+def _report(message: str, skip_bad: bool, sink: Skip) -> None:
     if not skip_bad:
         raise AselectError(message)
-    if skipped is not None:
-        skipped.append(message)
-    else:
-        log.warning("skipped %s", message)
+    sink(message)
+
+
+def image_batches(files: Sequence[str | Path], size: int, channels: int, batch_size: int, skip_bad: bool = False,
+                  on_skip: Skip | None = None) -> Iterator[tuple[np.ndarray, list[str], int]]:
+    """Image files decoded as `read_images` decodes them, `batch_size` readable images at a time (the last batch
+    may hold fewer): yields uint8 (n, channels, size, size), their paths, and how many of `files` are done so far
+    (skipped ones included). Only one batch is in memory at a time."""
+    mode = "L" if channels == 1 else "RGB"
+    sink = on_skip or _sink(None)
+    images: list[np.ndarray] = []
+    names: list[str] = []
+    for done, path in enumerate(files, 1):
+        try:
+            images.append(_read_image(Path(path), mode, size))
+        except AselectError as exc:
+            _report(str(exc), skip_bad, sink)
+        else:
+            names.append(str(path))
+        if images and (len(images) == batch_size or done == len(files)):
+            stacked = np.stack(images)
+            yield (stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)), names, done
+            images, names = [], []
+
+
+def _no_images(paths: Sequence[str | Path]) -> AselectError:
+    return AselectError(f"{', '.join(str(p) for p in paths) or 'no paths'}: no readable images")
 
 
 def read_images(paths: Iterable[str | Path], size: int, channels: int, skip_bad: bool = False,
@@ -98,19 +137,11 @@ def read_images(paths: Iterable[str | Path], size: int, channels: int, skip_bad:
     size) and each image's path. An unreadable file fails in one line naming it; with `skip_bad` it is left out
     (and its reason appended to `skipped`)."""
     paths = list(paths)
-    mode = "L" if channels == 1 else "RGB"
-    images, names = [], []
-    for path in image_files(paths, skip_bad, skipped):
-        try:
-            images.append(_read_image(path, mode, size))
-        except AselectError as exc:
-            _report(str(exc), skip_bad, skipped)
-            continue
-        names.append(str(path))
-    if not images:
-        raise AselectError(f"{', '.join(str(p) for p in paths) or 'no paths'}: no readable images")
-    stacked = np.stack(images)
-    return (stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)), names
+    sink = _sink(skipped)
+    files = image_files(paths, skip_bad, on_skip=sink)
+    for images, names, _ in image_batches(files, size, channels, max(len(files), 1), skip_bad, sink):
+        return images, names
+    raise _no_images(paths)
 
 
 def conform_images(images: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -329,6 +360,43 @@ class Run:
         probabilities = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, len(self.class_names)))
         return Prediction(self.task, list(self.class_names), classes=out, probabilities=probabilities)
 
+    @property
+    def stream_batch(self) -> int:
+        """Images `predict_files` decodes and predicts at once: a multiple of the dump's batch near `STREAM_IMAGES`,
+        so every forward pass holds the images one `predict` call over all of them would give it."""
+        batch = self.noise[0].batch
+        return batch * max(1, STREAM_IMAGES // batch)
+
+    def predict_files(self, paths: Iterable[str | Path], batch_size: int | None = None, skip_bad: bool = False,
+                      on_skip: Skip | None = None, progress: Progress | None = None
+                      ) -> Iterator[tuple[list[str], Prediction]]:
+        """`predict` on image files and folders (`image_files`), read and predicted `batch_size` images at a time
+        (default `stream_batch`), so memory does not grow with their number: yields each batch's paths and
+        prediction. The k-th readable file is noised as index k, so the predictions equal `predict` on
+        `read_images(paths)`. `progress` gets (files done, files) before the first batch and after each."""
+        paths = list(paths)
+        predicted = yield from self._stream(image_files(paths, skip_bad, on_skip=on_skip), batch_size, skip_bad,
+                                            on_skip, progress)
+        if not predicted:
+            raise _no_images(paths)
+
+    def _stream(self, files: Sequence[Path], batch_size: int | None, skip_bad: bool, on_skip: Skip | None,
+                progress: Progress | None) -> Generator[tuple[list[str], Prediction], None, int]:
+        """`predict_files` on files already found; returns how many images it predicted."""
+        step = batch_size or self.stream_batch
+        if progress is not None:
+            progress(0, len(files))
+        position = 0
+        for images, names, done in image_batches(files, self.image_size, self.channels, step, skip_bad, on_skip):
+            prediction = self.predict(images, indices=np.arange(position, position + len(images)))
+            position += len(images)
+            if progress is not None:
+                progress(done, len(files))
+            yield names, prediction
+        if progress is not None:
+            progress(len(files), len(files))  # files skipped after the last batch
+        return position
+
     def _linear(self, probe: FittedProbe, pixels: np.ndarray, indices: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         x = self._batch_features(pixels, indices, self.noise[0])
@@ -504,7 +572,8 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
 
 
 def write_mask_png(mask: np.ndarray, path: Path) -> None:
-    """A mask (H, W) of class ids as a palette PNG: each pixel's value is its class id, the palette colours them."""
+    """A mask (H, W) of class ids as a palette PNG: each pixel's value is its class id, the palette colours them.
+    Written through a temporary file beside it, so a killed run leaves no half-written PNG."""
     from PIL import Image
 
     mask = np.asarray(mask)
@@ -512,13 +581,188 @@ def write_mask_png(mask: np.ndarray, path: Path) -> None:
         raise AselectError(f"{path}: class ids in [{mask.min()}, {mask.max()}] do not fit a palette PNG (0..255)")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     image.putpalette([v for i in range(256) for v in PALETTE[i % len(PALETTE)]])
-    image.save(path, format="PNG")
+    tmp = _temporary(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temporary(path: Path) -> Path:
+    """A fresh hidden name beside `path`: on its file system, so `os.replace` swaps it in whole."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def stems_collide(paths: Sequence[str | Path]) -> bool:
+    """Whether two of `paths` share a stem, so their masks are numbered (`mask_name`)."""
+    stems = [Path(p).stem for p in paths]
+    return len(set(stems)) != len(stems)
+
+
+def mask_name(path: str | Path, position: int, numbered: bool) -> str:
+    """The mask file of the image at `position`: `<stem>.png`, or `<position>-<stem>.png` when stems collide."""
+    stem = Path(path).stem
+    return f"{position:05d}-{stem}.png" if numbered else f"{stem}.png"
 
 
 def mask_names(paths: Sequence[str]) -> list[str]:
     """File names for the masks of `paths`: `<stem>.png`, or `<position>-<stem>.png` for all when two stems
     collide."""
-    stems = [Path(p).stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return [f"{s}.png" for s in stems]
-    return [f"{i:05d}-{s}.png" for i, s in enumerate(stems)]
+    numbered = stems_collide(paths)
+    return [mask_name(p, i, numbered) for i, p in enumerate(paths)]
+
+
+class PredictionWriter:
+    """Predictions written batch by batch, as rows of CSV or JSON lines. Classification: `path`, `class`,
+    `p_<class>`... (JSON: `path`, `class`, `class_id`, `probabilities`). Segmentation: each mask as a palette PNG in
+    `masks`, and a row naming it with the fraction of pixels per class (`f_<class>`..., JSON `fractions`). Rows go
+    to `stream`, or to the file `table` through a temporary file beside it that replaces it on `commit`: a run that
+    fails or is killed leaves an earlier `table` as it was. Keeps the first rows (`head`) and, for classification,
+    the images per predicted class (`counts`)."""
+
+    def __init__(self, task: str, class_names: Sequence[str], *, table: Path | None = None,
+                 stream: TextIO | None = None, masks: Path | None = None, as_json: bool = False,
+                 numbered: bool = False, keep: int = HEAD_ROWS) -> None:
+        if (table is None) == (stream is None):
+            raise ValueError("PredictionWriter: give one of table and stream")
+        if task == "segmentation" and masks is None:
+            raise ValueError("PredictionWriter: segmentation needs the masks directory")
+        self.task, self.class_names, self.masks = task, list(class_names), masks
+        self.table, self.as_json, self.numbered, self.keep = table, as_json, numbered, keep
+        self.rows = 0
+        self.head: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {}
+        self._tmp: Path | None = None
+        if masks is not None:
+            masks.mkdir(parents=True, exist_ok=True)
+        if table is not None:
+            table.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = _temporary(table)
+            self._out: TextIO = open(self._tmp, "x", newline="")  # noqa: SIM115 (closed by commit or discard)
+        else:
+            self._out = stream
+        self._csv = csv.writer(self._out, lineterminator="\n")
+        if not as_json:
+            first, prefix = ("class", "p_") if task == "classification" else ("mask", "f_")
+            self._csv.writerow(["path", first, *(f"{prefix}{name}" for name in self.class_names)])
+        self._open = True
+
+    def write(self, names: Sequence[str], prediction: Prediction) -> None:
+        """One batch's rows (and mask PNGs); the rows reach the stream or temporary file before it returns."""
+        names_ = self.class_names
+        if self.task == "classification":
+            for name, cls, probs in zip(names, prediction.classes, prediction.probabilities, strict=True):
+                label = names_[int(cls)]
+                if self.as_json:
+                    self._out.write(json.dumps({"path": name, "class": label, "class_id": int(cls),
+                                                "probabilities": dict(zip(names_, map(float, probs), strict=True))})
+                                    + "\n")
+                else:
+                    self._csv.writerow([name, label, *(f"{p:.8g}" for p in probs)])
+                self.counts[label] = self.counts.get(label, 0) + 1
+                self._row({"path": name, "class": label, "probability": round(float(probs[int(cls)]), 6)})
+        else:
+            assert self.masks is not None
+            for name, mask in zip(names, prediction.masks, strict=True):
+                file = self.masks / mask_name(name, self.rows, self.numbered)
+                write_mask_png(mask, file)
+                fractions = np.bincount(mask.ravel(), minlength=len(names_)) / mask.size
+                if self.as_json:
+                    self._out.write(json.dumps({"path": name, "mask": str(file), "fractions": dict(
+                        zip(names_, map(float, fractions), strict=True))}) + "\n")
+                else:
+                    self._csv.writerow([name, str(file), *(f"{f:.6g}" for f in fractions)])
+                self._row({"path": name, "mask": str(file), "largest": names_[int(fractions.argmax())]})
+        self._out.flush()
+
+    def _row(self, summary: dict[str, Any]) -> None:
+        if len(self.head) < self.keep:
+            self.head.append(summary)
+        self.rows += 1
+
+    def commit(self) -> None:
+        """Finish: the temporary file, flushed to disk, replaces `table`."""
+        if not self._open:
+            return
+        self._open = False
+        self._out.flush()
+        if self._tmp is not None and self.table is not None:
+            os.fsync(self._out.fileno())
+            self._out.close()
+            os.replace(self._tmp, self.table)
+
+    def discard(self) -> None:
+        """Give up: the temporary file goes, `table` stays as it was (mask PNGs already written stay)."""
+        if not self._open:
+            return
+        self._open = False
+        if self._tmp is not None:
+            self._out.close()
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        self.commit() if kind is None else self.discard()
+
+
+def check_out(task: str, out: Path | None, label: str = "--out") -> None:
+    """Fail in one line when `out` cannot take a run's output: segmentation writes mask PNGs into a directory,
+    classification one table file."""
+    if task == "segmentation" and out is None:
+        raise AselectError(f"{label}: a segmentation run writes one mask PNG per image; give a directory")
+    if out is not None and task == "segmentation" and out.exists() and not out.is_dir():
+        raise AselectError(f"{out}: not a directory (a segmentation run writes one mask PNG per image into {label})")
+    if out is not None and task == "classification" and out.is_dir():
+        raise AselectError(f"{out}: is a directory (a classification run writes one CSV or JSON-lines file)")
+
+
+def predict_to(run: Run, paths: Iterable[str | Path], out: Path | None, *, as_json: bool = False,
+               skip_bad: bool = False, stream: TextIO | None = None, on_skip: Skip | None = None,
+               progress: Progress | None = None, batch_size: int | None = None, label: str = "--out"
+               ) -> dict[str, Any]:
+    """Predict image files and folders with `run` batch by batch (`Run.predict_files`) and write the results as
+    they come (`PredictionWriter`): a classification table to the file `out`, or to `stream` without one;
+    segmentation masks into the directory `out` and their table to `stream`, or without one to `predictions.csv`
+    (`.jsonl`) in `out`. Returns a summary: the run, images, skipped files, where the output went, the selection,
+    the probe's metric, the first rows and the images per predicted class."""
+    check_out(run.task, out, label)
+    paths = list(paths)
+    skipped: list[str] = []
+
+    def skip(message: str) -> None:
+        skipped.append(message)
+        if on_skip is not None:
+            on_skip(message)
+
+    files = image_files(paths, skip_bad, on_skip=skip)
+    if not files:
+        raise _no_images(paths)
+    segmentation = run.task == "segmentation"
+    table = out if not segmentation else None if stream is not None else \
+        out / f"predictions.{'jsonl' if as_json else 'csv'}"
+    with PredictionWriter(run.task, run.class_names, table=table, stream=None if table else stream,
+                          masks=out if segmentation else None, as_json=as_json,
+                          numbered=segmentation and stems_collide(files)) as writer:
+        for names, prediction in run._stream(files, batch_size, skip_bad, skip, progress):
+            writer.write(names, prediction)
+        if not writer.rows:
+            raise _no_images(paths)
+    metrics = run.metrics
+    return {"run": run.key, "flow": run.flow, "task": run.task, "probe": run.probe, "images": writer.rows,
+            "skipped": len(skipped), "skipped_files": skipped[:SKIPPED_LISTED],
+            "out": str(out) if out is not None else None, "table": str(table) if table is not None else None,
+            "selection": dict(run.selection), "metric": {"name": metrics.get("metric"), "value": metrics.get("value")},
+            "head": writer.head, "counts": writer.counts}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line about a `predict_to` summary: images, the run and its selection, skips, where the output went."""
+    sel, metric = summary["selection"], summary["metric"]
+    return (f"{summary['images']} images with run {summary['run']} (t={sel['timestep']} layer {sel['layer']} "
+            f"{sel['site']}, {summary['probe']} {summary['task']} probe, {metric['name']} {metric['value'] or 0:.4f} "
+            f"on its test split)" + (f", {summary['skipped']} skipped" if summary["skipped"] else "")
+            + f" -> {summary['out'] or 'stdout'}")

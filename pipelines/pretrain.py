@@ -55,10 +55,11 @@ from aselect.pipelines.models import (
     save_backbone,
 )
 from aselect.pipelines.threads import torch_threads
-from aselect.pipelines.training import save_checkpoint, warmup_cosine
+from aselect.pipelines.training import latest_good_checkpoint, save_checkpoint, warmup_cosine
 from aselect.storage.code import code_digest
 from aselect.storage.errors import AselectError
 from aselect.storage.faults import failpoint
+from aselect.storage.stages import damaged_files, file_digest, files_entry_error
 
 logger = logging.getLogger("aselect.backbone")
 
@@ -181,19 +182,22 @@ class _LossTrack:
         return step % max(1, self.total // 10) == 0 or last
 
 
-def _latest_checkpoint(ckpt_dir: Path, fingerprint: dict) -> dict | None:
-    """The newest readable checkpoint for this fingerprint (unreadable or foreign ones are skipped)."""
-    for path in sorted(ckpt_dir.glob("step-*.pt"), reverse=True):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a truncated file from a crash mid-write of an older version
-            logger.warning("%s: unreadable checkpoint, skipped (%s)", path, short_error(exc))
-            continue
-        if state.get("fingerprint") != fingerprint:
-            logger.warning("%s: checkpoint from a different config or dataset, skipped", path)
-            continue
-        return state
-    return None
+DONE_FILE = "done.json"  # written last into a saved model or VAE: its fingerprint, result and files' digests
+
+
+def _digests(directory: Path) -> dict[str, list]:
+    """[size, sha256] of every file under `directory` but its done.json (what `_damage` checks before a reuse)."""
+    return {p.relative_to(directory).as_posix(): file_digest(p)
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != DONE_FILE}
+
+
+def _damage(directory: Path, done: dict) -> str:
+    """Why a saved model or VAE cannot be reused as its done.json describes it ('' when every file matches)."""
+    files = done.get("files")
+    if not isinstance(files, dict) or not files or any(files_entry_error(v) for v in files.values()):
+        return f"{DONE_FILE} lists no file digests"
+    bad = damaged_files(directory, files, full=True)
+    return f"{', '.join(bad[:3])} missing or changed since it was saved" if bad else ""
 
 
 def _save_model(out_dir: Path, model: DiTTransformer2DModel | ClassMMDiT,
@@ -211,7 +215,7 @@ def _save_model(out_dir: Path, model: DiTTransformer2DModel | ClassMMDiT,
         scheduler.save_pretrained(tmp / "scheduler")
     else:  # + vae/ and model_index.json: what real latent DiT checkpoints look like
         save_backbone(Backbone(transformer=model, scheduler=scheduler, vae=vae, source=str(final)), tmp)
-    (tmp / "done.json").write_text(json.dumps(done, indent=1))
+    (tmp / DONE_FILE).write_text(json.dumps({**done, "files": _digests(tmp)}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -225,6 +229,9 @@ def _finished(out_dir: Path, fingerprint: dict) -> PretrainResult | None:
         done = json.loads((model_dir / "done.json").read_text())
         if done.get("fingerprint") != fingerprint:
             logger.warning("%s: trained with a different config or dataset; retraining", model_dir)
+            return None
+        if damage := _damage(model_dir, done):
+            logger.warning("%s: %s; retraining", model_dir, damage)
             return None
         vae = done.get("vae")
         return PretrainResult(
@@ -331,7 +338,7 @@ def _train(
     # 3. Resume from the newest usable checkpoint.
     ckpt_dir = out_dir / "checkpoints"
     start, loss_curve, window_losses = 0, [], []
-    if (state := _latest_checkpoint(ckpt_dir, fingerprint)) is not None:
+    if (state := latest_good_checkpoint(ckpt_dir, "step", fingerprint)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -448,6 +455,9 @@ def _saved_vae(out_dir: Path, fingerprint: dict) -> tuple[AutoencoderKL, VAEResu
         if done.get("fingerprint") != fingerprint:
             logger.warning("%s: VAE trained with a different config or dataset; retraining", out_dir / VAE_DIR)
             return None
+        if damage := _damage(out_dir / VAE_DIR, done):
+            logger.warning("%s: %s; retraining", out_dir / VAE_DIR, damage)
+            return None
         result = _vae_result(done["result"])
         vae = load_model_part(AutoencoderKL, out_dir, VAE_DIR)
     except (OSError, ValueError, KeyError, TypeError, AselectError) as exc:
@@ -461,7 +471,8 @@ def _save_vae(out_dir: Path, vae: AutoencoderKL, fingerprint: dict, result: VAER
     final, tmp = out_dir / VAE_DIR, out_dir / f"{VAE_DIR}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
-    (tmp / "done.json").write_text(json.dumps(dict(fingerprint=fingerprint, result=asdict(result)), indent=1))
+    (tmp / DONE_FILE).write_text(json.dumps(dict(fingerprint=fingerprint, result=asdict(result), files=_digests(tmp)),
+                                            indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

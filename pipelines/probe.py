@@ -37,6 +37,8 @@ from aselect.storage.faults import failpoint
 
 MAX_ITER = 1000
 EVAL_BATCH = 64  # images per upsampling batch: bounds memory at EVAL_BATCH * K * H * W floats
+IGNORE_ID = 255  # a mask pixel with this value has no class (ingest's MASK_IGNORE): never fitted nor scored
+UNLABELLED = -100  # the label of a patch whose pixels are all ignored (torch cross_entropy's ignore_index)
 
 
 @dataclass
@@ -206,7 +208,8 @@ def grid_side(tokens: int) -> int:
 
 
 def patch_fractions(masks: np.ndarray, side: int, num_classes: int) -> np.ndarray:
-    """Per-patch class fractions (n, side * side, K) of integer masks (n, H, W); patches row-major."""
+    """Per-patch class fractions (n, side * side, K) of integer masks (n, H, W); patches row-major; IGNORE_ID
+    pixels count for no class."""
     n, height, width = masks.shape
     if height % side or width % side:
         raise AselectError(f"mask size {height}x{width} is not a multiple of the {side}x{side} token grid")
@@ -215,7 +218,8 @@ def patch_fractions(masks: np.ndarray, side: int, num_classes: int) -> np.ndarra
     cols = np.arange(width)[None, :] // pw
     patch = (rows * side + cols)[None] + (np.arange(n) * side * side)[:, None, None]  # (n, H, W) global patch id
     # one bincount over (patch, class) instead of a dense one-hot (n, H, W, K)
-    counts = np.bincount((patch * num_classes + masks).ravel(), minlength=n * side * side * num_classes)
+    ids, labelled = (patch * num_classes + masks).ravel(), masks.ravel() != IGNORE_ID
+    counts = np.bincount(ids if labelled.all() else ids[labelled], minlength=n * side * side * num_classes)
     return counts.reshape(n, side * side, num_classes) / float(ph * pw)
 
 
@@ -246,8 +250,8 @@ def _check_segmentation(tokens: np.ndarray, masks: np.ndarray, num_classes: int,
         raise AselectError(f"{name}: expected token features (n, T, D), got {tokens.shape}")
     if masks.ndim != 3 or len(masks) != len(tokens):
         raise AselectError(f"{name}: expected masks (n, H, W) for {len(tokens)} images, got {masks.shape}")
-    if masks.size and (masks.min() < 0 or masks.max() >= num_classes):
-        raise AselectError(f"{name}: mask values must be class ids in [0, {num_classes}), "
+    if masks.size and (masks.min() < 0 or ((masks >= num_classes) & (masks != IGNORE_ID)).any()):
+        raise AselectError(f"{name}: mask values must be class ids in [0, {num_classes}) or {IGNORE_ID} (ignored), "
                            f"got [{masks.min()}, {masks.max()}]")
     return tokens, masks.astype(np.int64, copy=False)
 
@@ -270,15 +274,21 @@ class FittedProbe:
 _TokenProbe = FittedProbe  # its name when it was per-token only
 
 
-def _token_labels(masks: np.ndarray, tokens: int, num_classes: int) -> np.ndarray:
-    """(n, T) token labels: each patch's majority class (ties -> lowest class id)."""
-    return patch_fractions(masks, grid_side(tokens), num_classes).argmax(axis=2)
+def patch_labels(masks: np.ndarray, tokens: int, num_classes: int) -> np.ndarray:
+    """(n, T) token labels: each patch's majority class (ties -> lowest class id), UNLABELLED where every pixel of
+    the patch is ignored."""
+    fractions = patch_fractions(masks, grid_side(tokens), num_classes)
+    return np.where(fractions.any(axis=2), fractions.argmax(axis=2), UNLABELLED)
 
 
 def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C: float) -> FittedProbe:
     n, T, D = tokens.shape
     x = tokens.reshape(n * T, D).astype(np.float32)
-    y = _token_labels(masks, T, num_classes).reshape(n * T)
+    y = patch_labels(masks, T, num_classes).reshape(n * T)
+    if (y == UNLABELLED).any():  # patches with no labelled pixel are not fitted
+        x, y = x[y != UNLABELLED], y[y != UNLABELLED]
+    if not len(y):
+        raise AselectError(f"segmentation probe: every pixel of the {n} training masks is ignored ({IGNORE_ID})")
     scaler = StandardScaler().fit(x)
     classes = np.unique(y)
     if len(classes) < 2:  # nothing to discriminate: predict the only class everywhere
@@ -315,8 +325,8 @@ def _confusion(probe: FittedProbe, token_batches: Iterable[np.ndarray], masks: n
         pred = predict_token_masks(probe, tokens, height, width)
         gt = masks[start:start + nb]
         start += nb
-        confusion += np.bincount((gt * num_classes + pred).ravel(),
-                                 minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+        cells = (gt * num_classes + pred)[gt != IGNORE_ID]  # ignored pixels are not scored
+        confusion += np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     return confusion
 
 
@@ -501,15 +511,20 @@ def _token_passes(rows: Rows, positions: np.ndarray, token_labels: np.ndarray) -
         start = 0
         for tokens in rows(positions):
             nb, T, D = tokens.shape
-            yield tokens.reshape(nb * T, D), token_labels[start:start + nb].reshape(nb * T)
+            x, y = tokens.reshape(nb * T, D), token_labels[start:start + nb].reshape(nb * T)
             start += nb
+            labelled = y != UNLABELLED  # patches with no labelled pixel are not fitted
+            yield (x, y) if labelled.all() else (x[labelled], y[labelled])
     return one_pass
 
 
 def _streamed_token_probe(rows: Rows, fit_pos: np.ndarray, fit_masks: np.ndarray, num_classes: int, tokens: int,
                           C: float) -> FittedProbe:
-    labels = _token_labels(fit_masks, tokens, num_classes)
-    classes = np.unique(labels)
+    labels = patch_labels(fit_masks, tokens, num_classes)
+    classes = np.unique(labels[labels != UNLABELLED])
+    if not len(classes):
+        raise AselectError(f"streamed segmentation probe: every pixel of the {len(fit_pos)} training masks is "
+                           f"ignored ({IGNORE_ID})")
     if len(classes) < 2:  # nothing to discriminate: predict the only class everywhere
         return FittedProbe(None, None, classes)
     model = fit_streamed_logistic(_token_passes(rows, fit_pos, labels), C)
@@ -568,6 +583,7 @@ def array_rows(features: np.ndarray, batch: int) -> Rows:
 LINEAR_WEIGHTS = "linear.safetensors"
 LINEAR_META = "linear.json"
 LINEAR_FORMAT = 1
+LINEAR_TENSORS = {"sklearn": ("coef", "intercept"), "streamed": ("mean", "scale", "coef", "intercept")}  # + classes
 
 
 def save_linear(directory: Path, probe: FittedProbe, meta: dict[str, Any]) -> None:
@@ -620,6 +636,10 @@ def load_linear(directory: Path) -> tuple[FittedProbe, dict[str, Any]]:
             or "classes" not in tensors:
         raise AselectError(f"{directory / LINEAR_META}: not a saved linear probe (no model kind or classes)")
     dtypes = meta.get("dtypes", {})
+    known = {"classes", "scaler_mean", "scaler_scale", *LINEAR_TENSORS.get(meta["model"], ())}
+    if unexpected := sorted(set(tensors) - known):  # a file that is not what save_linear wrote for this kind
+        raise AselectError(f"{directory / LINEAR_WEIGHTS}: unexpected tensor {unexpected[0]!r} "
+                           f"({meta['model']} probe)")
 
     def array(name: str) -> np.ndarray:
         if name not in tensors:

@@ -41,6 +41,8 @@ class Selection:
     table: list[dict]
     # aselect: how stable the choice is when the calibration images are resampled (see `bootstrap_confidence`)
     confidence: dict | None = None
+    # aselect: what calibration cost and why it stopped where it did (pipelines.plan.SearchOutcome.record)
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (manifests, artifacts)."""
@@ -191,9 +193,9 @@ def middle_third(layers: Sequence[int]) -> list[int]:
     return ordered[cut:len(ordered) - cut]
 
 
-def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[int] | None = None,
-             feature_site: str = "block", feature_layer: int | str = "argmax") -> Selection:
-    """A-SelecT: t* = argmax over t of HFR (of `hfr_site`) averaged over `layers`; features at (t*, layer, site)."""
+def _hfr_curve(rows: list[dict], hfr_site: str, layers: Sequence[int] | None
+               ) -> tuple[dict[tuple[int, int], float], list[int], list[int], dict[int, float]]:
+    """HFR of `hfr_site` per (t, layer), the layers present, the band averaged over, and the band's mean per t."""
     hfr = {(t, layer): s for (t, layer, site), s in scores_of(rows, "hfr").items() if site == hfr_site}
     require_signal("aselect", [r for r in rows if r["site"] == hfr_site], "hfr", hfr)
     if not hfr:
@@ -212,6 +214,19 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
         if gaps:  # a partial mean would compare timesteps over different layers
             raise AselectError(f"policy 'aselect': no finite hfr at t={t} for layers {gaps}")
         curve[t] = sum(hfr[(t, layer)] for layer in band) / len(band)
+    return hfr, present, band, curve
+
+
+def aselect_curve(table: Sequence[dict], hfr_site: str = "attn_map", layers: Sequence[int] | None = None
+                  ) -> dict[int, float]:
+    """The curve the aselect policy maximises: {t: HFR of `hfr_site` averaged over `layers`} (default: middle third)."""
+    return _hfr_curve(normalise_table(table), hfr_site, layers)[3]
+
+
+def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[int] | None = None,
+             feature_site: str = "block", feature_layer: int | str = "argmax") -> Selection:
+    """A-SelecT: t* = argmax over t of HFR (of `hfr_site`) averaged over `layers`; features at (t*, layer, site)."""
+    hfr, present, band, curve = _hfr_curve(rows, hfr_site, layers)
     order = sorted(curve, key=lambda t: (-curve[t], t))
 
     if feature_layer != "argmax" and (isinstance(feature_layer, bool) or not isinstance(feature_layer, int)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -28,7 +29,26 @@ log = logging.getLogger("aselect.stage")
 
 MANIFEST = "manifest.json"
 RECORDS_DIR = "done"  # per-item completion records of stages that resume item by item (the dumps)
+WORKDIR_MARKER = ".aselect-workdir"  # at a workdir's root: written when aselect first uses the directory
 Status = Literal["complete", "partial", "missing", "damaged"]  # damaged: complete, but files missing or changed
+KEY_PATTERN = re.compile(r"^[0-9a-f]{16}$")  # what stage_key returns
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# What a reused stage's files are checked with (`StageDir.damage(full=None)`): sizes always; sha256 of every file
+# up to SMALL_FILE (results, model weights, probe heads, JSON), and of every file when hashing all of them is
+# estimated to cost at most REUSE_HASH_SHARE of the stage's own compute seconds (or REUSE_HASH_FLOOR_S). The rate
+# is conservative: sha256 ran at 1.1 GiB/s on the 2-core test host (`openssl speed -evp sha256`, 2026-12-02).
+SMALL_FILE = 64 * 2**20
+HASH_BYTES_PER_SECOND = 400 * 2**20
+REUSE_HASH_SHARE = 0.05
+REUSE_HASH_FLOOR_S = 1.0
+NUMBER = (int, float)
+# Manifest fields that code reads, and the JSON types they must have (a stage's own fields are its own business).
+MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "key": (str,), "status": (str,), "summary": (str,), "inputs": (dict,), "files": (dict,),
+    "started": NUMBER, "finished": NUMBER, "seconds": NUMBER, "attempts": (int,), "bytes": (int,), "pid": (int,),
+    "accounting": (dict,), "probe_fits": (int,), "model": (dict,), "digest": (str,),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,25 +109,80 @@ def file_digest(path: Path) -> list:
 
 def read_record(marker: Path) -> dict:
     """A completion record (`done/...`): {"bytes", "files": {path under the stage: [size, sha256]}}; {} if
-    unreadable."""
+    unreadable or malformed (its item is then computed again)."""
     try:
         record = json.loads(marker.read_text())
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) else {"bytes": record}  # records before checksums held a number
+    if not isinstance(record, dict):
+        return {"bytes": record} if isinstance(record, int) else {}  # records before checksums held a number
+    files = record.get("files", {})
+    if not isinstance(files, dict) or any(files_entry_error(v) for v in files.values()):
+        return {}
+    return record
 
 
-def damaged_files(stage_path: Path, files: Mapping[str, list], full: bool = False) -> list[str]:
-    """The listed files that are missing or changed: size by default, size and sha256 with `full`."""
+def files_entry_error(entry: Any) -> str:
+    """What is wrong with one [size, sha256] entry of a manifest or record ('' when nothing)."""
+    if not isinstance(entry, list) or len(entry) != 2:
+        return f"is {_shown(entry)}, not [size, sha256]"
+    size, sha = entry
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"has size {_shown(size)}, not a byte count"
+    if not isinstance(sha, str) or not SHA256.match(sha):
+        return f"has sha256 {_shown(sha)}, not 64 hex digits"
+    return ""
+
+
+def _shown(value: Any) -> str:
+    """A value as an error line shows it: short."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest, or an AselectError naming its file and the first field whose type is wrong."""
+    for name, types in MANIFEST_TYPES.items():
+        value = manifest.get(name)
+        if name in manifest and (not isinstance(value, types) or isinstance(value, bool)):
+            wanted = " or ".join({"str": "a string", "dict": "an object", "int": "an integer",
+                                  "float": "a number"}[t.__name__] for t in types)
+            raise AselectError(f"{path}: field {name!r} is {_shown(value)}, expected {wanted}; remove the stage "
+                               f"directory {path.parent} to compute it again")
+    for rel, entry in manifest.get("files", {}).items():
+        if problem := files_entry_error(entry):
+            raise AselectError(f"{path}: field 'files' entry {rel!r} {problem}; remove the stage directory "
+                               f"{path.parent} to compute it again")
+    return manifest
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON without its own `digest` field: a complete manifest records it, so a manifest
+    changed after the stage finished is damage like a changed file."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "digest"}, default=str))
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def damaged_files(stage_path: Path, files: Mapping[str, list], full: bool | int = False) -> list[str]:
+    """The listed files that are missing or changed: size by default, size and sha256 with `full` (True: every
+    file; a number: files of at most that many bytes)."""
     bad = []
     for rel, (size, sha) in files.items():
         path = stage_path / rel
+        hashed = full is True or (full is not False and size <= full)
         try:
-            if path.stat().st_size != size or (full and file_digest(path)[1] != sha):
+            if path.stat().st_size != size or (hashed and file_digest(path)[1] != sha):
                 bad.append(rel)
         except OSError:
             bad.append(rel)
     return bad
+
+
+def reuse_hash_limit(total_bytes: int, compute_seconds: float) -> bool | int:
+    """The `full` of `damaged_files` for a reuse check: every file when hashing them all is cheap next to
+    recomputing the stage, else files up to SMALL_FILE."""
+    budget = max(REUSE_HASH_FLOOR_S, REUSE_HASH_SHARE * max(compute_seconds, 0.0))
+    return True if total_bytes / HASH_BYTES_PER_SECOND <= budget else SMALL_FILE
 
 
 def dir_size(path: Path) -> int:
@@ -137,6 +212,7 @@ class StageDir:
         return StageRef(self.name, self.key, str(self.path))
 
     def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest (None when there is none); one whose fields have the wrong types is an AselectError."""
         try:
             manifest = json.loads(self.manifest_path.read_text())
         except (FileNotFoundError, NotADirectoryError):
@@ -145,7 +221,7 @@ class StageDir:
             return {"status": "partial", "summary": "unreadable manifest"}
         if not isinstance(manifest, dict):
             return {"status": "partial", "summary": f"unreadable manifest (a JSON {type(manifest).__name__})"}
-        return manifest
+        return check_manifest(self.manifest_path, manifest)
 
     def status(self) -> Status:
         manifest = self.read_manifest()
@@ -157,11 +233,12 @@ class StageDir:
         return self.status() == "complete"
 
     def begin(self, inputs: Mapping[str, Any]) -> None:
-        """Create the directory and record that work started (status partial)."""
+        """Create the directory (and the workdir's marker) and record that work started (status partial)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise AselectError(f"{self.path}: cannot create stage directory ({exc.strerror or exc})") from None
+        mark_workdir(self.path.parent.parent)
         previous = self.read_manifest() or {}
         write_json_atomic(self.manifest_path, {
             "stage": self.name, "key": self.key, "inputs": dict(inputs), "status": "partial",
@@ -183,6 +260,7 @@ class StageDir:
             "seconds": round(finished - float(manifest.get("started", finished)), 3),
             "bytes": dir_size(self.path), "files": self._digests(),
         })
+        manifest["digest"] = manifest_digest(manifest)
         write_json_atomic(self.manifest_path, manifest)
         return manifest
 
@@ -200,26 +278,59 @@ class StageDir:
                 digests[rel] = file_digest(path)
         return digests
 
-    def damage(self, full: bool = False) -> list[str]:
-        """Files of a complete stage that are missing or changed since it finished (sizes; sha256 too with
-        `full`), its own and those its completion records vouch for. [] when intact (or not complete)."""
+    def damage(self, full: bool | None = False) -> list[str]:
+        """Files of a complete stage that are missing or changed since it finished, its own and those its
+        completion records vouch for, and its manifest if that changed. Sizes by default; sha256 too with `full`;
+        `full=None` is the check before a reuse (`reuse_hash_limit`). [] when intact (or not complete)."""
         manifest = self.read_manifest() or {}
         if manifest.get("status") != "complete":
             return []
-        bad = damaged_files(self.path, manifest.get("files", {}), full)
-        for name, record in self._records().items():
+        bad = [MANIFEST] if "digest" in manifest and manifest["digest"] != manifest_digest(manifest) else []
+        records = self._records()
+        limit: bool | int = bool(full)
+        if full is None:
+            listed = [*manifest.get("files", {}).values(),
+                      *(entry for record in records.values() for entry in record.get("files", {}).values())]
+            limit = reuse_hash_limit(sum(size for size, _ in listed), float(manifest.get("seconds", 0.0)))
+        bad += damaged_files(self.path, manifest.get("files", {}), limit)
+        return bad + self._record_damage(records, limit)
+
+    def item_damage(self) -> list[str]:
+        """What the completion records of a partial stage vouch for that is missing or changed (the check before
+        a resume reuses its finished items)."""
+        records = self._records()
+        listed = [entry for record in records.values() for entry in record.get("files", {}).values()]
+        return self._record_damage(records, reuse_hash_limit(sum(size for size, _ in listed), 0.0))
+
+    def _record_damage(self, records: dict[str, dict], full: bool | int) -> list[str]:
+        bad = []
+        for name, record in records.items():
             bad += damaged_files(self.path, record.get("files", {}), full) if record else [f"{RECORDS_DIR}/{name}"]
         return bad
 
-    def reopen(self) -> None:
-        """A damaged complete stage becomes computable again: a stage with completion records keeps its intact
-        items (the rest are recomputed), any other starts over."""
-        if (self.path / RECORDS_DIR).is_dir():
-            manifest = self.read_manifest() or {}
-            manifest["status"] = "partial"
-            write_json_atomic(self.manifest_path, manifest)
-        else:
+    def reopen(self, damaged: list[str] | None = None) -> None:
+        """A damaged stage becomes computable again. When everything `damaged` is vouched for by completion
+        records (or is a record or the manifest), those items' records are removed, so only they are recomputed;
+        any other damage starts the stage over."""
+        records = self._records() if (self.path / RECORDS_DIR).is_dir() else None
+        if records is None:
             self.reset()
+            return
+        bad = set(damaged or [])
+        names = {name for name, record in records.items()
+                 if f"{RECORDS_DIR}/{name}" in bad or bad & set(record.get("files", {}))}
+        covered = {f"{RECORDS_DIR}/{name}" for name in names} | {
+            rel for name in names for rel in records[name].get("files", {})} | {MANIFEST}
+        if bad - covered:  # a file no record vouches for (the store's metadata): start over
+            self.reset()
+            return
+        for name in sorted(names):
+            (self.path / RECORDS_DIR / name).unlink(missing_ok=True)
+        manifest = self.read_manifest() or {}
+        if manifest:
+            manifest["status"] = "partial"
+            manifest.pop("digest", None)
+            write_json_atomic(self.manifest_path, manifest)
 
     def reset(self) -> None:
         """Remove a partial stage's files (used by stages that cannot resume)."""
@@ -261,6 +372,14 @@ class StageDir:
 # ---------------------------------------------------------------------------------------------
 
 
+def mark_workdir(root: Path) -> None:
+    """Write the workdir marker once (never rewritten: a finished workdir's files stay as they are)."""
+    marker = root / WORKDIR_MARKER
+    if not marker.is_file():
+        with contextlib.suppress(OSError):  # a workdir that cannot take it still works: it holds stages
+            write_json_atomic(marker, {"aselect": "workdir", "created": time.time()})
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """One line of `aselect inspect`."""
@@ -281,10 +400,17 @@ class Workdir:
     """The root that holds every stage, plus the Prefect result store used for task caching."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser().resolve()
+        given = Path(root).expanduser()
+        try:
+            self.root = given.resolve()
+        except RuntimeError:  # Python before 3.13 says "Symlink loop" this way
+            raise AselectError(f"{given}: workdir path is a symlink loop") from None
+        except OSError as exc:
+            reason = "a symlink loop" if exc.errno == errno.ELOOP else f"unusable ({exc.strerror or exc})"
+            raise AselectError(f"{given}: workdir path is {reason}") from None
 
     def check_writable(self) -> None:
-        """Fail early, in one line, when the workdir cannot hold stages."""
+        """Fail early, in one line, when the workdir cannot hold stages; mark it as an aselect workdir."""
         if self.root.exists() and not self.root.is_dir():
             raise AselectError(f"{self.root}: workdir path is a file, not a directory")
         try:
@@ -295,6 +421,33 @@ class Workdir:
         except OSError as exc:
             reason = "read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else exc.strerror
             raise AselectError(f"{self.root}: workdir is not writable ({reason})") from None
+        mark_workdir(self.root)
+
+    def check_readable(self) -> None:
+        """Fail in one line unless the workdir exists, can be listed, and is an aselect workdir: it has the marker
+        or holds stage directories (workdirs from before the marker have only the latter)."""
+        if not self.root.exists():
+            raise AselectError(f"{self.root}: no such workdir")
+        if not self.root.is_dir():
+            raise AselectError(f"{self.root}: workdir path is a file, not a directory")
+        try:
+            next(os.scandir(self.root), None)
+        except OSError as exc:
+            raise AselectError(f"{self.root}: workdir is not readable ({exc.strerror or exc})") from None
+        if not (self.root / WORKDIR_MARKER).is_file() and not self._stage_paths():
+            raise AselectError(f"{self.root}: not an aselect workdir (no {WORKDIR_MARKER} and no stage directories); "
+                               f"pass the --workdir of a run")
+
+    def _stage_paths(self, name: str | None = None) -> list[Path]:
+        """`<name>/<key>` directories that are stages: with a manifest, or named by a stage key."""
+        found = []
+        for path in self.root.glob(f"{name}/*" if name else "*/*"):
+            with contextlib.suppress(OSError):
+                if path.parent.name.startswith(".") or not path.is_dir():
+                    continue
+                if KEY_PATTERN.match(path.name) or (path / MANIFEST).is_file():
+                    found.append(path)
+        return found
 
     def stage(self, name: str, key: str) -> StageDir:
         return StageDir(self.root / name / key, name, key)
@@ -319,10 +472,7 @@ class Workdir:
     def stages(self, name: str | None = None) -> list[StageInfo]:
         """Every stage directory under the workdir (optionally of one stage name), newest first."""
         infos = []
-        pattern = f"{name}/*" if name else "*/*"
-        for path in self.root.glob(pattern):
-            if not path.is_dir() or path.parent.name.startswith("."):
-                continue
+        for path in self._stage_paths(name):
             stage = StageDir(path, path.parent.name, path.name)
             manifest = stage.read_manifest() or {}
             status = stage.status()

@@ -54,7 +54,7 @@ def dump(stage: StageRef, cfg: DumpConfig, dataset: StageRef, model: StageRef,
                    if calibration_images else np.arange(len(labels)))
         model_path = backbone_dir(model)
         model_backbone = load_backbone(model_path)
-        layout = plan_layout(model_backbone, samples, cfg, hfr=hfr, keep_maps=keep_maps)
+        layout = plan_layout(model_backbone, samples, cfg, hfr=hfr, keep_maps=keep_maps, stage=stage.name)
         progress = ProgressArtifact(f"{stage.name}-progress",
                                     f"{stage.name}: {len(layout.timesteps)} timesteps x {len(samples)} images")
         result = run_dump(model_path, dataset.dir.path, stage_dir.path, layout, cfg,

@@ -19,7 +19,8 @@ from aselect.pipelines.grid import candidate_pairs, score_grid, streamed_hfr_tab
 from aselect.pipelines.scoring import get_scorer
 from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_masks, read_split
-from aselect.storage.features import FEATURES_STORE, has_streamed_hfr, read_samples
+from aselect.storage.errors import AselectError
+from aselect.storage.features import FEATURES_STORE, finished_items, has_streamed_hfr, read_hfr, read_samples
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
 from aselect.tasks.stage import Finished, ProgressArtifact, stage_body
 
@@ -59,6 +60,7 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         store = features.dir.path / FEATURES_STORE
         spec = get_scorer(scorer)
         labels = masks = rows = None
+        calibration = None
         if spec.needs_labels:
             samples = read_samples(features.dir.path)
             all_labels, train_idx, _ = read_split(dataset.dir.path)
@@ -69,7 +71,9 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         if scorer == "hfr" and has_streamed_hfr(features.dir.path):
             # reduced in the calibration's forward pass: the score is a mean of per-image values, no Dask
             table, per_image, samples = streamed_hfr_table(features.dir.path, scorer_params(cfg, scorer))
+            table, per_image, samples = computed_part(features.dir.path, table, per_image, samples)
             write_per_image(stage_dir.path, per_image, samples)
+            calibration = (features.dir.read_manifest() or {}).get("calibration")
             workers, how = 0, f"streamed per-image values of {per_image.shape[1]} images"
         else:
             pairs = candidate_pairs(store, plan.scored_sites(spec.needs))
@@ -87,13 +91,38 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
         # "highest", not "best": for HFR the raw maximum is not the selection (the select stage decides).
         summary = (f"{scorer} on {len(table)} pairs with {how}; highest t={top['timestep']} "
                    f"l={top['layer']} {top['site']} ({top['score']:.4f})")
-        return Finished(summary, {"scorer": scorer, "pairs": len(table), "dask_workers": workers,
-                                  "probe_fits": probe_fits(cfg, scorer, len(table)),
-                                  "task_seconds": round(sum(r["seconds"] for r in table), 3)}, {"rows": table})
+        manifest = {"scorer": scorer, "pairs": len(table), "dask_workers": workers,
+                    "probe_fits": probe_fits(cfg, scorer, len(table)),
+                    "task_seconds": round(sum(r["seconds"] for r in table), 3)}
+        if calibration is not None:  # what the calibration it read spent, for the selection record
+            manifest["calibration"] = calibration
+        return Finished(summary, manifest, {"rows": table})
 
     inputs = {"scorer": scorer, "params": scorer_params(cfg, scorer), "upstream": {"features": features.key}}
     return stage_body(stage, inputs, work, reuse=lambda _: {"rows": read_rows(stage)},
                       artifact=lambda done: _table_artifact(scorer, done.result["rows"]))
+
+
+def computed_part(stage_path: Path, table: list[dict[str, Any]], per_image: np.ndarray, samples: np.ndarray
+                  ) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """The rows and images a calibration computed: a search that grows in rounds and scores t coarse to fine
+    leaves the other (timestep, chunk) items of its store unwritten. Every kept timestep has the same images."""
+    _, layout = read_hfr(stage_path)
+    timesteps, chunk, n = layout["timesteps"], int(layout["chunk"]), len(samples)
+    chunks: dict[int, set[int]] = {}
+    for ti, ci in finished_items(stage_path):
+        chunks.setdefault(int(timesteps[ti]), set()).add(ci)
+    if len({frozenset(c) for c in chunks.values()}) > 1:
+        raise AselectError(f"{stage_path}: its timesteps were calibrated on different images ("
+                           + ", ".join(f"t={t}: chunks {sorted(c)}" for t, c in sorted(chunks.items())) + ")")
+    done = sorted(next(iter(chunks.values()), set()))
+    cols = np.concatenate([np.arange(ci * chunk, min((ci + 1) * chunk, n)) for ci in done]) if done else []
+    if not done or (len(chunks) == len(timesteps) and len(cols) == n):
+        return table, per_image, samples  # every item: nothing to leave out
+    keep = [i for i, row in enumerate(table) if row["timestep"] in chunks]
+    values = per_image[keep][:, cols]
+    rows = [{**table[i], "score": float(v.mean())} for i, v in zip(keep, values, strict=True)]
+    return rows, values, samples[cols]
 
 
 def read_rows(stage: StageRef) -> list[dict[str, Any]]:

@@ -69,6 +69,14 @@ def _confidence(cfg: SelectConfig, table: list[dict[str, Any]], scores: list[Sta
     return bootstrap_confidence(cfg.policy, table, per_image, policy_params(cfg), cfg.bootstrap, cfg.bootstrap_seed)
 
 
+def _calibration(cfg: SelectConfig, scores: list[StageRef]) -> dict[str, Any] | None:
+    """What the aselect calibration spent (images, rounds, timesteps scored, forward passes, budget), as the
+    score stage carried it from the calibration."""
+    if cfg.policy != "aselect" or len(scores) != 1:
+        return None
+    return (scores[0].dir.read_manifest() or {}).get("calibration")
+
+
 @task(name="select")
 def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
                 scores: list[StageRef] | None = None, schedule: dict[str, Any] | None = None) -> State:
@@ -78,6 +86,7 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
     def work(stage_dir: StageDir) -> Finished:
         chosen = select(cfg.policy, table, **policy_params(cfg))
         chosen.confidence = _confidence(cfg, table, scores or [])
+        chosen.calibration = _calibration(cfg, scores or [])
         selection = chosen.to_dict()
         if schedule is not None:
             selection["noise"] = noise_point(scheduler_from_config(schedule), selection["timestep"]).record()
@@ -86,6 +95,10 @@ def select_pair(stage: StageRef, cfg: SelectConfig, table: list[dict[str, Any]],
         confidence = selection["confidence"]
         sure = (f"; confidence {confidence['value']:.2f} ({confidence['resamples']} bootstrap resamples of "
                 f"{confidence['images']} images)" if confidence else "")
+        spent = selection["calibration"]
+        if spent:
+            sure += (f"; calibration {spent['forward_passes']} forward passes, {spent['images']} images x "
+                     f"{spent['timesteps_scored']} of {spent['timesteps_candidates']} timesteps")
         summary = (f"{cfg.policy}: t={selection['timestep']}{noise_words(selection.get('noise'))} layer "
                    f"{selection['layer']} {selection['site']} "
                    f"({selection['reason']}{sure})")

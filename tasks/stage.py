@@ -41,12 +41,15 @@ CACHED = "Cached"  # the state name of a task whose stage was already finished o
 def stage_body(stage: StageRef, inputs: dict[str, Any], work: Callable[[StageDir], Finished],
                reuse: Callable[[StageDir], dict[str, Any]] | None = None,
                artifact: Callable[[Finished], None] | None = None) -> State:
-    """The body of every stage task: under the stage's lock, a finished stage is read back (`reuse` reads the
+    """The body of every stage task: under the stage's lock, what it would reuse is verified first
+    (`verify_before_reuse`), then a finished stage is read back (`reuse` reads the
     task's extra return values from disk) into a `Cached` state; else begin with `inputs`, `work`, and complete
     with its manifest fields; then the optional artifact (never fatal) and the log line. The state's data is
     the task's result: `{"summary", **extra}`."""
     with stage.dir.lock():
+        verify_before_reuse(stage.dir)
         if stage.dir.is_complete():  # finished by an earlier run, or by another run while we waited for the lock
+            # the result is read from the files just verified: nothing else (no Prefect result) is a source of it
             result = {"summary": stage.dir.read_manifest()["summary"], **(reuse(stage.dir) if reuse else {})}
             get_run_logger().info("%s %s: finished earlier, reused: %s", stage.name, stage.key, result["summary"])
             return Completed(name=CACHED, message="finished earlier; read from the stage directory", data=result)
@@ -60,6 +63,23 @@ def stage_body(stage: StageRef, inputs: dict[str, Any], work: Callable[[StageDir
             log.warning("%s %s: its artifact was not written (%s)", stage.name, stage.key, exc)
     get_run_logger().info("%s %s: %s", stage.name, stage.key, done.summary)
     return Completed(data={"summary": done.summary, **done.result})
+
+
+def verify_before_reuse(stage: StageDir) -> list[str]:
+    """Check what a stage would reuse against what it recorded (call under its lock); returns what was damaged.
+
+    A complete stage: sizes of every file, sha256 of small ones (results, weights, heads) and of all when that
+    is cheap next to recomputing it (`StageDir.damage(full=None)`), and its manifest's own digest. A partial
+    stage's completion records likewise, before a resume reuses their items. Damage is logged, file by file, and
+    reopens the stage: a dump recomputes only the damaged items, any other stage starts over."""
+    complete = stage.is_complete()
+    damaged = stage.damage(full=None) if complete else stage.item_damage()
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        log.warning("%s %s: %s missing or changed since %s: computing %s again", stage.name, stage.key, shown,
+                    "the stage finished" if complete else "its item finished", "it" if complete else "them")
+        stage.reopen(damaged)
+    return damaged
 
 
 @dataclass(frozen=True)
@@ -97,17 +117,8 @@ class StageReport:
 
 
 def run_stage(stage_task: Task, stage: StageRef, workdir: Workdir, **inputs: Any) -> StageReport:
-    """Run a stage task; a finished stage whose files are intact is reused, a damaged one computed again."""
-    # A finished stage is only as good as its files: one missing or resized since the stage finished reopens it.
-    # A dump recomputes only its damaged items; other stages start over.
-    if stage.dir.is_complete():
-        with stage.dir.lock():  # not while another run is finishing or repairing it
-            damaged = stage.dir.damage()
-            if damaged:
-                shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-                log.warning("%s %s: %s missing or changed since the stage finished: computing it again",
-                            stage.name, stage.key, shown)
-                stage.dir.reopen()
+    """Run a stage task; a finished stage whose files are intact is reused, a damaged one computed again
+    (`stage_body` verifies it under its lock)."""
     # The manifest decides what is done (stage_body): no Prefect cache or result records beside it.
     configured = stage_task.with_options(name=stage.name, cache_policy=NO_CACHE, persist_result=False)
     started = time.perf_counter()

@@ -3,16 +3,25 @@ temporary one), JSON on stdout, one-line errors, `inspect`, and `aselect bench` 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import resource
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aselect.flows.benchmark import BENCH_WORK
+from aselect.flows.cli import main
 from aselect.pipelines.benchmark import README_END, README_START, readme_section
+from aselect.storage import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 ASELECT_STAGES = ["ingest", "backbone", "calibrate", "score", "select", "dump", "probe"]
@@ -123,11 +132,12 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
         assert row["cost_ratio"]["forward_passes"] == pytest.approx(
             oracle["forward_passes"] / row["forward_passes"], abs=0.01)
-    # forward passes are images x timesteps: 200 images, 64 calibration images, and the oracle searches the
-    # same 10 candidate timesteps as A-SelecT (calibrate.timesteps), not the 4 of dump.timesteps
-    # the default noise_relative signal runs each calibration image and its noise-only twin; plain runs the image
-    assert oracle["forward_passes"] == 200 * 10 and rows["aselect"]["forward_passes"] == 2 * 64 * 10 + 200
-    assert rows["aselect-plain"]["forward_passes"] == 64 * 10 + 200
+    # forward passes are images x timesteps: 200 images, and the oracle searches the same 10 candidate timesteps as
+    # A-SelecT (calibrate.timesteps), not the 4 of dump.timesteps. calibrate.images asks for 64, but calibration
+    # may spend half of `aselect run --exhaustive`'s 200 x 4 passes: the default noise_relative signal runs each
+    # image and its noise-only twin at 10 timesteps, so C = 400 // 20 = 20; plain runs the image alone, C = 40.
+    assert oracle["forward_passes"] == 200 * 10 and rows["aselect"]["forward_passes"] == 2 * 20 * 10 + 200
+    assert rows["aselect-plain"]["forward_passes"] == 40 * 10 + 200
     assert (rows["fixed"]["timestep"], rows["fixed"]["layer"], rows["fixed"]["site"]) == (100, 1, "block")
     assert rows["fixed"]["forward_passes"] == 200 and rows["fewshot"]["site"] in ("block", "attn", "mlp")
     assert "spearman_hfr_vs_probe" in rows["aselect-attn_map"] and "spearman_hfr_vs_probe" not in rows["fixed"]
@@ -137,19 +147,19 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     assert goals["cost"]["measured"] == rows["aselect"]["cost_ratio"]["compute_seconds"]
     assert goals["cost_forward_passes"]["measured"] == rows["aselect"]["cost_ratio"]["forward_passes"]
     # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (K*C*T + N)
-    assert config["grid"] == {"family": "dit", "timesteps": 10, "oracle_timesteps": 10, "images": 200,
-                              "calibration_images": 64, "calibration_inputs": 2}
+    assert config["grid"] == {"family": "dit", "timesteps": 10, "candidate_timesteps": 10, "oracle_timesteps": 10,
+                              "images": 200, "calibration_images": 20, "calibration_inputs": 2}
     # the published configuration: plain HFR of query (one input per image), features query of block 9/24 of 2
     published = rows["aselect-published"]
     assert (published["layer"], published["site"]) == (1, "query")
-    assert published["forward_passes"] == 64 * 10 + 200
+    assert published["forward_passes"] == 40 * 10 + 200
     assert goals["cost"]["forward_pass_ceiling"] == rows["aselect"]["cost_ratio"]["forward_passes"] == round(
-        10 * 200 / (2 * 64 * 10 + 200), 2)
-    # confidence vs C, bootstrapped from the default selector's 64 calibration images
+        10 * 200 / (2 * 20 * 10 + 200), 2)
+    # confidence vs C, bootstrapped from the default selector's calibration: the 20 images the budget left it
     curve = config["confidence_curve"]
-    assert [p["images"] for p in curve] == [16, 32, 64]
+    assert [p["images"] for p in curve] == [16, 20]
     assert curve[-1]["confidence"] == rows["aselect"]["confidence"] and curve[-1]["agrees"] == 1.0
-    assert [p["subsets"] for p in curve] == [8, 8, 1] and all(0.0 <= p["timestep"] <= 1.0 for p in curve)
+    assert [p["subsets"] for p in curve] == [8, 1] and all(0.0 <= p["timestep"] <= 1.0 for p in curve)
     assert curve[-1]["selected"] == {"timestep": rows["aselect"]["timestep"], "layer": rows["aselect"]["layer"]}
     assert goals["confidence"]["measured"] == curve[-1]["timestep"]
     assert rows["fewshot"]["confidence"] is None and rows["oracle"]["confidence"] is None
@@ -191,3 +201,170 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     rerun = run_cli("bench", "smoke", "--workdir", str(smoke_workdir), "--json", check=True, timeout=300)
     assert json.loads(rerun.stdout)["configs"] == report["configs"] == [json.loads(kept.read_text())]
     assert "bench smoke: finished in an earlier run" in rerun.stderr  # nothing was measured again
+
+
+# ---------------------------------------------------------------------------------------------
+#                        A Prefect API that is not there, a full disk, Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+
+def aselect_argv(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir), *args]
+
+
+def last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("api", ["refuses connections", "accepts and never answers"])
+def test_an_unreachable_prefect_api_url_is_one_line_in_seconds(tmp_path: Path, api: str) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        if api == "accepts and never answers":
+            listener.listen(4)  # the kernel completes the handshake; nothing ever reads or replies
+        else:
+            listener.close()
+        url = f"http://127.0.0.1:{port}/api"
+        env = dict(os.environ, PREFECT_API_URL=url, PREFECT_API_REQUEST_TIMEOUT="2")
+        started = time.monotonic()
+        proc = subprocess.run(aselect_argv(tmp_path / "w"), cwd=ROOT, env=env, text=True, capture_output=True,
+                              timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    reason = "no answer within 2 s" if api == "accepts and never answers" else "cannot connect (Connection refused)"
+    assert last_line(proc.stderr).startswith(f"aselect: error: PREFECT_API_URL {url}: {reason}"), proc.stderr
+    assert took < 15, f"took {took:.1f} s"
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def _small_file_limit() -> None:
+    """In the child before exec: writes past 64 KiB fail with EFBIG, as on a full disk (not a SIGXFSZ kill)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_refused_checkpoint_write_is_one_line(prefect_api_url: str, tmp_path: Path) -> None:
+    """The smoke dataset's files are a few KiB and the first pretraining checkpoint some hundreds: its write fails."""
+    workdir = tmp_path / "w"
+    proc = subprocess.run(aselect_argv(workdir), cwd=ROOT, env=dict(os.environ, PREFECT_API_URL=prefect_api_url),
+                          text=True, capture_output=True, timeout=300, preexec_fn=_small_file_limit)
+    line = last_line(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (backbone,) = workdir.glob("backbone/*")
+    assert line.startswith(f"aselect: error: {backbone}/checkpoints/step-") and ".pt.tmp: " in line, line
+    assert line.endswith("finished stages and chunks are kept, rerun to resume"), line
+    (ingest,) = workdir.glob("ingest/*")  # what was finished before stays finished
+    assert json.loads((ingest / "manifest.json").read_text())["status"] == "complete"
+    assert json.loads((backbone / "manifest.json").read_text())["status"] == "partial"
+
+
+def test_a_full_disk_while_writing_a_manifest_is_one_line(prefect_api_url: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """The disk fills as the first stage manifest is written: that file's writes go to /dev/full (ENOSPC from the
+    kernel) under the manifest's own temporary name. In process (`main`), every byte written to stderr captured."""
+
+    def open_on_a_full_disk(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if Path(file).name.startswith(".manifest.json.") and "w" in mode:
+            raw = io.FileIO(os.open("/dev/full", os.O_WRONLY), "w")
+            raw.name = str(file)
+            text = io.TextIOWrapper(io.BufferedWriter(raw))
+            text.mode = mode  # as open() sets it
+            return text
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    monkeypatch.setattr(stages, "open", open_on_a_full_disk, raising=False)
+    workdir = tmp_path / "w"
+    capfd.readouterr()
+    code = main(["run", "smoke", "--workdir", str(workdir)])
+    err = capfd.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (ingest,) = workdir.glob("ingest/*")
+    assert re.fullmatch(rf"aselect: error: {re.escape(str(ingest))}/\.manifest\.json\.\d+\.tmp: No space left on "
+                        rf"device; finished stages and chunks are kept, rerun to resume", last_line(err)), err[-3000:]
+    assert not (ingest / "manifest.json").exists()  # nothing half-written under the manifest's name
+
+
+def _terminal_sigint() -> None:
+    """In the child before exec: SIGINT delivered and at its default, as in a shell's foreground job."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _wait_for_hit(proc: subprocess.Popen[str], hits: Path, name: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if hits.exists() and name in hits.read_text().split():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {name!r} hit before the run ended (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_repeated_ctrl_c_during_calibration_exits_130_with_one_line(prefect_api_url: str, tmp_path: Path) -> None:
+    hits = tmp_path / "hits.log"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url, ASELECT_FAILPOINT_LOG=str(hits))
+    # 500 candidate timesteps: calibration runs for many seconds, the first of its items marks that it started
+    argv = aselect_argv(tmp_path / "w", "--set", "calibrate.timesteps={start: 0, stop: 1000, step: 2}")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_terminal_sigint)
+    try:
+        _wait_for_hit(proc, hits, "chunk")
+        interrupted = time.monotonic()
+        # a user leaning on Ctrl-C: one every 50 ms for 3 s, so some land in every step of the clean-up
+        while proc.poll() is None and time.monotonic() - interrupted < 3.0:
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert last_line(err).startswith("aselect: interrupted: rerun to resume"), err[-3000:]
+    assert time.monotonic() - interrupted < 30
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_temporary_server_ends_with_a_killed_run(new_prefect_home, tmp_path: Path) -> None:
+    """SIGKILL of the run alone: its temporary Prefect server exits too, so the run's stderr reaches end-of-file."""
+    home, hits = new_prefect_home(tmp_path / "prefect-home"), tmp_path / "hits.log"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), ASELECT_FAILPOINT_LOG=str(hits))
+    proc = subprocess.Popen(aselect_argv(tmp_path / "w", "--set", "backbone.pretrain.steps=400"), cwd=ROOT,
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _wait_for_hit(proc, hits, "pretrain")
+        servers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                   if _reads(p).count(b"uvicorn") and str(home).encode() in _reads(p.with_name("environ"))]
+        assert len(servers) == 1, servers
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.communicate(timeout=30)  # returns at end-of-file on both pipes: nothing holds them open
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert took < 15, f"the run's stderr stayed open {took:.1f} s after the kill"
+    deadline = time.monotonic() + 10
+    while _alive(servers[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(servers[0]), "the temporary server outlived its run"
+
+
+def _reads(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

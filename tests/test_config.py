@@ -112,3 +112,71 @@ def test_bad_extends_is_one_line(tmp_path: Path, text: str, pattern: str) -> Non
     (tmp_path / "loop.yaml").write_text(text)
     with pytest.raises(AselectError, match=pattern):
         load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("ingest.seed=-1", "ingest.seed: Input should be greater than or equal to 0 (got -1)"),
+    ("dump.seed=100000000000000000000000", "dump.seed: Input should be less than or equal to 4294967295"),
+    ("select.bootstrap_seed=-3", "select.bootstrap_seed: Input should be greater than or equal to 0 (got -3)"),
+    ("probe.seed=4294967296", "probe.seed: Input should be less than or equal to 4294967295"),
+    ("backbone.pretrain.seed=-1", "backbone.pretrain.seed: Input should be greater than or equal to 0"),
+    ("probe.cs=[.nan]", "probe.cs.0: Input should be a finite number (got nan)"),
+    ("probe.cs=[1, -1]", "probe.cs.1: Input should be greater than 0 (got -1)"),
+    ("score.hfr_cutoff=.inf", "score.hfr_cutoff: Input should be a finite number (got inf)"),
+    ("dump.sensor_noise=.nan", "dump.sensor_noise: Input should be a finite number (got nan)"),
+    ("bench.scaling_fractions=[0.5, -.inf]", "bench.scaling_fractions.1: Input should be a finite number"),
+    ("dask.resources={GPU: .nan}", "dask.resources.GPU: Input should be a finite number (got nan)"),
+    ("dump.images_per_chunk=20000000", "dump.images_per_chunk 20000000: a chunk of DiT-XS/2's pooled features (32 "
+     "float32 per image) would be 2.4 GiB, past the codec's 2 GiB buffer; at most 16777215"),
+    ("dump.images_per_chunk=900000000", "dump.images_per_chunk: Input should be less than or equal to 536870907"),
+])
+def test_out_of_range_seeds_non_finite_numbers_and_huge_chunks_are_refused(override: str, message: str) -> None:
+    with pytest.raises(AselectError) as info:
+        load_config("smoke", [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_largest_seed_and_chunk_are_accepted() -> None:
+    cfg = load_config("smoke", ["ingest.seed=4294967295", "dump.images_per_chunk=16777215"])
+    assert (cfg.ingest.seed, cfg.dump.images_per_chunk) == (2**32 - 1, 16777215)
+
+
+def alias_bomb(levels: int) -> str:
+    """A YAML "billion laughs": `levels` lists of 10 aliases of the list before, 10**(levels + 1) values in all."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "laughs:\n" + "".join(f"  {line}\n" for line in lines) + f"name: *a{levels}\n"
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    (alias_bomb(8), r"run\.yaml: the YAML expands past 100000 values \(nested aliases\)$"),
+    ("name: &a [*a]\n", r"run\.yaml: the YAML expands past 100000 values"),  # a list holding itself
+    ("x: &x 1\n" + "".join(f"y{i}: *x\n" for i in range(101)), r"run\.yaml: more than 100 YAML aliases"),
+    ("name: " + "[" * 600 + "]" * 600 + "\n", r"run\.yaml: the YAML is nested too deeply$"),
+])
+def test_yaml_bombs_are_refused_in_one_line(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(AselectError, match=pattern) as info:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_a_yaml_bomb_in_an_override_is_refused() -> None:
+    with pytest.raises(AselectError, match=r"^--set 'name=&a \[\*a\]': the YAML expands past 100000 values"):
+        load_config("smoke", ["name=&a [*a]"])
+
+
+def test_a_few_aliases_still_load(tmp_path: Path) -> None:
+    path = write(tmp_path, "extends: smoke\ndump:\n  timesteps: &grid [0, 100]\nbench:\n  fixed_timestep: 100\n"
+                           "calibrate:\n  timesteps: *grid\n")
+    assert load_config(path).calibrate.timesteps == [0, 100]
+
+
+def test_an_extends_chain_is_limited_and_named(tmp_path: Path) -> None:
+    for i in range(1500):
+        (tmp_path / f"c{i}.yaml").write_text(f"extends: c{i + 1}.yaml\n" if i < 1499 else "extends: smoke\n")
+    with pytest.raises(AselectError) as info:
+        load_config(tmp_path / "c0.yaml")
+    assert str(info.value) == (f"{tmp_path / 'c0.yaml'}: extends: a chain of more than 32 files "
+                               f"(c0.yaml -> c1.yaml -> c2.yaml -> ... -> c31.yaml -> c32.yaml)")
+    (tmp_path / "c30.yaml").write_text("extends: smoke\n")  # 32 files, the bundled base the last: allowed
+    assert load_config(tmp_path / "c0.yaml").name == "c0"

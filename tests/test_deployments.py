@@ -160,3 +160,57 @@ def test_malformed_parameter_is_refused_at_submission(server: Server) -> None:
     assert proc.returncode != 0
     assert "Validation failed for field 'overrides[0]'" in proc.stdout + proc.stderr
     assert "'nonsense' does not match" in proc.stdout + proc.stderr
+
+
+def _finished_smoke_workdir(server: Server, tmp_path: Path) -> Path:
+    """The workdir of a completed `aselect-pipeline/smoke` run on this server, else of a new one."""
+    runs = server.post("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    for run in runs:
+        workdir = Path(run["parameters"].get("workdir") or "")
+        if run["parameters"].get("config") == "smoke" and str(workdir) and (workdir / "probe").is_dir():
+            return workdir
+    workdir = tmp_path / "smoke-work"
+    run = server.run_deployment("aselect-pipeline/smoke", f"workdir={workdir}")
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    return workdir
+
+
+def test_predict_deployment_writes_the_runs_predictions_of_a_folder(server: Server, tmp_path: Path) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from aselect.pipelines.predict import load_run
+    from aselect.storage.datasets import read_dataset
+
+    assert "aselect-predict/predict" in server.cli("deployment", "ls")
+    deployed = server.post("/deployments/filter", {"deployments": {"name": {"any_": ["predict"]}}})[0]
+    assert deployed["parameters"]["paths"] == ["aselect-work/predict-inbox"]  # the documented example
+    workdir = _finished_smoke_workdir(server, tmp_path)
+    run = load_run(workdir)
+    data = read_dataset(run.stages["ingest"])
+    inbox = tmp_path / "inbox"
+    (inbox / "more").mkdir(parents=True)
+    for i, index in enumerate(data.test_idx[:6]):
+        image = np.asarray(data.images[index])
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
+            inbox / ("more" if i % 2 else ".") / f"{index:04d}.png")
+    (inbox / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "predictions.csv"
+    out.write_text("an earlier table\n")
+
+    flow_run = server.run_deployment("aselect-predict/predict", f"paths={json.dumps([str(inbox)])}",
+                                     f"workdir={workdir}", f"out={out}", "skip_bad=true")
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    assert server.task_states(flow_run["id"]) == {"predict": "Completed"}
+    images, names = run.read_images([inbox], skip_bad=True, skipped=[])
+    expected = run.predict(images)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [r["path"] for r in rows] == names and len(names) == 6
+    assert [r["class"] for r in rows] == [run.class_names[c] for c in expected.classes]
+    np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in run.class_names] for r in rows],
+                               expected.probabilities, rtol=1e-6, atol=1e-9)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the table was swapped in whole
+    artifact = server.cli("artifact", "inspect", "predictions")
+    assert f"6 images with run {run.key}" in artifact and "1 skipped" in artifact and "broken.png" in artifact

@@ -121,21 +121,24 @@ def test_changing_a_backbone_parameter_keeps_ingest(smoke_workdir: Path) -> None
 
 def test_aselect_path_calibrates_then_dumps_only_the_selected_pair(smoke_workdir: Path) -> None:
     calibration = json.loads((first_stage("calibrate") / "manifest.json").read_text())
-    # calibrate.timesteps (every 100th) is its own grid, denser than dump.timesteps
-    assert calibration["layout"]["timesteps"] == list(range(0, 1000, 100)) and calibration["layout"]["samples"] == 64
+    # calibrate.timesteps (every 100th) is its own grid, denser than dump.timesteps; of the 64 images asked for,
+    # calibrate.budget (half of the exhaustive run's 200 images x 4 dump timesteps) leaves 400 // (10 x 2) = 20
+    assert calibration["layout"]["timesteps"] == list(range(0, 1000, 100)) and calibration["layout"]["samples"] == 20
+    record = calibration["calibration"]
+    assert record["capped"] and record["ceiling"] == 64 and record["forward_passes"] == 400 == record["budget"]
     # HFR streamed in the forward pass: per-image scalars only, no token maps, no pooled features
     assert calibration["layout"]["hfr_sites"] == ["attn"] and not calibration["layout"]["spatial"]
     assert not calibration["layout"]["pooled"] and calibration["layout"]["sites"] == []
     assert calibration["accounting"]["bytes_per_image"] == 10 * 2 * 1 * 8  # timesteps x layers x sites x float64
     assert calibration["accounting"]["batches"] == 10  # 10 timesteps x 1 chunk
     # the default signal, noise_relative, runs each image and its noise-only twin in the same batch
-    assert calibration["accounting"]["images_timesteps"] == 2 * 64 * 10
+    assert calibration["accounting"]["images_timesteps"] == 2 * 20 * 10
     selection = json.loads((first_stage("select") / "selection.json").read_text())
     hfr_rows = [r for r in selection["table"] if r["scorer"] == "hfr"]
     assert len(hfr_rows) == 10 * 2 and {r["site"] for r in hfr_rows} == {"attn"}  # every (timestep, layer)
     assert selection["runner_up"]["timestep"] != selection["timestep"] and selection["reason"]
     confidence = selection["confidence"]
-    assert confidence["resamples"] == 200 and confidence["images"] == 64 and 0.0 <= confidence["value"] <= 1.0
+    assert confidence["resamples"] == 200 and confidence["images"] == 20 and 0.0 <= confidence["value"] <= 1.0
     assert confidence["selected"] == {"timestep": selection["timestep"], "layer": selection["layer"]}
     assert confidence["value"] <= min(confidence["timestep"], confidence["layer"])
     assert (first_stage("select") / "heatmap-hfr-attn.png").stat().st_size > 1000

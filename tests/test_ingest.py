@@ -491,3 +491,45 @@ def test_a_failed_streaming_ingest_leaves_the_previous_store(tmp_path: Path) -> 
         ingest_module.ingest_dataset(good.model_copy(update={"skip_bad": False}), tmp_path / "stage")
     after = read_dataset(tmp_path / "stage")
     assert np.array_equal(after.images, before.images) and after.skipped == before.skipped
+
+
+# ---------------------------------------------------------------------------------------------
+#                                  Every test class is trained on
+# ---------------------------------------------------------------------------------------------
+
+
+def class_folder(root: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        for i in range(count):
+            save(root / name / f"{i:03d}.png", (4, 4), "L", (7 * i) % 256)
+    return root
+
+
+def test_classes_with_one_image_each_are_refused_naming_them(tmp_path: Path):
+    root = class_folder(tmp_path / "ten", {f"c{k}": 1 for k in range(10)})
+    message = raises_one_line(folder_cfg(root, image_size=4), rf"^{re.escape(str(root))}: no class has enough "
+                                                              r"images for both train and test")
+    assert "10 classes with 1 image: c0, c1, c2" in message
+
+
+def test_a_class_with_one_image_stays_in_train(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    root = class_folder(tmp_path / "mixed", {"a": 1, "b": 5, "c": 5})
+    with caplog.at_level("WARNING", logger="aselect.ingest"):
+        ds = load_dataset(folder_cfg(root, image_size=4))
+    check_arrays(ds, 11, 1, 4)
+    a = ds.class_names.index("a")
+    assert a in ds.labels[ds.train_idx] and a not in ds.labels[ds.test_idx]
+    assert set(ds.labels[ds.test_idx]) <= set(ds.labels[ds.train_idx])
+    assert len(ds.test_idx) == math.ceil(0.25 * 11)
+    assert "1 classes with 1 image are kept in train and never tested: a" in caplog.text
+
+
+@pytest.mark.parametrize("test_fraction", [0.5, 0.9])
+def test_no_split_leaves_a_test_class_without_train_images(tmp_path: Path, test_fraction: float):
+    # at 0.9, sklearn's stratified rounding gives the 2-image class no train image: one test image moves to train
+    root = class_folder(tmp_path / "skewed", {"rare": 2, "common": 30})
+    ds = load_dataset(folder_cfg(root, image_size=4, test_fraction=test_fraction))
+    check_arrays(ds, 32, 1, 4)
+    for name in ("rare", "common"):
+        k = ds.class_names.index(name)
+        assert (ds.labels[ds.train_idx] == k).sum() >= 1 and (ds.labels[ds.test_idx] == k).sum() >= 1

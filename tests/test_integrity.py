@@ -203,3 +203,13 @@ def test_verify_names_damaged_stages_and_exits_1(tmp_path: Path) -> None:
     (stage.path / "sub" / "weights.bin").write_bytes(b"\x03" * 64)
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "DAMAGED: sub/weights.bin" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_verify_checks_a_stage_that_inspect_already_shows_as_damaged(tmp_path: Path) -> None:
+    stage = finished_stage(tmp_path)
+    (stage.path / "sub" / "weights.bin").write_bytes(b"short")  # resized: `inspect` says damaged
+    assert Workdir(tmp_path).stages()[0].status == "damaged"
+    cmd = [sys.executable, "-m", "aselect", "verify", "--workdir", str(tmp_path)]
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "DAMAGED: sub/weights.bin" in bad.stdout, bad.stdout + bad.stderr
+    assert "1 complete stages checked, 1 damaged" in bad.stdout

@@ -105,6 +105,23 @@ def nan_weights(tmp: Path) -> dict[str, str]:
     return {"model": str(model)}
 
 
+def loadable_dit(tmp: Path) -> dict[str, str]:
+    """A random DiT that loads (a bare transformer directory: the default 1000-step DDPM schedule)."""
+    model = tmp / "dit"
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(model)
+    return {"model": str(model)}
+
+
+def alias_bomb_config(tmp: Path) -> dict[str, str]:
+    """A config whose YAML aliases expand to 10**9 values ("billion laughs")."""
+    path = tmp / "laughs.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path.write_text("extends: smoke\nlaughs:\n" + "".join(f"  {line}\n" for line in lines) + "name: *a8\n")
+    return {"config": str(path)}
+
+
 FOLDER = ("--set", "ingest.source=imagefolder", "--set", "ingest.root={root}")
 LOAD = ("--set", "backbone.kind=load", "--set", "backbone.path={model}")
 
@@ -113,6 +130,11 @@ CASES = [
     Case("unknown key", ("--set", "ingest.sourse=digits"), "ingest.sourse: unknown key"),
     Case("missing config file", (), "{config}: config file not found",
          lambda tmp: {"config": str(tmp / "nope.yaml")}, config="{config}"),
+    Case("YAML alias bomb", (), "{config}: the YAML expands past 100000 values (nested aliases)", alias_bomb_config,
+         config="{config}"),
+    Case("seed beyond numpy's range", ("--set", "dump.seed=100000000000000000000000"),
+         "dump.seed: Input should be less than or equal to 4294967295"),
+    Case("NaN in the probe's C grid", ("--set", "probe.cs=[.nan]"), "probe.cs.0: Input should be a finite number"),
     # data
     Case("corrupt PNG", FOLDER, "{bad}: cannot read image (", corrupt_png),
     Case("a single class", FOLDER, "{root}: only 1 class (cat); need at least 2", single_class),
@@ -133,6 +155,12 @@ CASES = [
     Case("HFR cutoff above the token grid", ("--set", "score.hfr_cutoff=1.45"),
          "score.hfr_cutoff 1.45: no frequency of the 4x4 token grid is above it (the highest is 1.414)"),
     Case("NaN weights", LOAD, "{model}: non-finite features (hfr) at t=0, layer 0", nan_weights),
+    Case("calibration timestep past a loaded DiT's schedule", (*LOAD, "--set", "calibrate.timesteps=[0, 1500]"),
+         "calibrate.timesteps (dump.timesteps when unset) [1500] must be < the scheduler's num_train_timesteps (1000)",
+         loadable_dit),
+    Case("a chunk past the codec's 2 GiB buffer", (*LOAD, "--set", "dump.images_per_chunk=400000000"),
+         "dump.images_per_chunk 400000000: a chunk of hfr features (16 bytes per image) would be 6.0 GiB, past the "
+         "codec's 2 GiB buffer", loadable_dit),
     Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "dask.address=tcp://127.0.0.1:9",
                                         "--set", "dask.connect_seconds=1.5"),
          "dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 1.5 s"),

@@ -8,6 +8,7 @@ against the session's Prefect server, then check that the API reproduces the pro
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -395,3 +396,128 @@ def test_segmentation_masks_reproduce_the_stage_miou_and_the_cli_writes_them_as_
     for row, mask in zip(rows, expected.masks, strict=True):
         with Image.open(row["mask"]) as img:
             assert img.mode == "P" and np.array_equal(np.asarray(img), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+#                    5. Streaming: batches and the output written as it goes
+# ---------------------------------------------------------------------------------------------
+
+
+def _classified(n: int, k: int = 3, seed: int = 0):
+    from aselect.pipelines.predict import Prediction
+
+    rng = np.random.default_rng(seed)
+    probabilities = rng.dirichlet(np.ones(k), size=n)
+    return Prediction("classification", [f"c{i}" for i in range(k)], classes=probabilities.argmax(axis=1),
+                      probabilities=probabilities)
+
+
+def test_the_prediction_table_is_replaced_whole_or_left_as_it_was(tmp_path: Path) -> None:
+    from aselect.pipelines.predict import PredictionWriter
+
+    out = tmp_path / "predictions.csv"
+    out.write_text("an earlier table\n")
+    first, second = _classified(4), _classified(3, seed=1)
+    with pytest.raises(RuntimeError), PredictionWriter("classification", first.class_names, table=out) as writer:
+        writer.write([f"a{i}.png" for i in range(4)], first)
+        raise RuntimeError("stopped between batches")
+    assert out.read_text() == "an earlier table\n" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+    with PredictionWriter("classification", first.class_names, table=out, keep=5) as writer:
+        writer.write([f"a{i}.png" for i in range(4)], first)
+        assert out.read_text() == "an earlier table\n"  # rows go to the temporary file until the end
+        writer.write([f"b{i}.png" for i in range(3)], second)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    classes = np.concatenate([first.classes, second.classes])
+    assert [r["path"] for r in rows] == [*(f"a{i}.png" for i in range(4)), *(f"b{i}.png" for i in range(3))]
+    assert [r["class"] for r in rows] == [f"c{c}" for c in classes]
+    np.testing.assert_allclose([[float(r[f"p_c{i}"]) for i in range(3)] for r in rows],
+                               np.concatenate([first.probabilities, second.probabilities]), rtol=1e-7)
+    assert writer.rows == 7 and len(writer.head) == 5 and sum(writer.counts.values()) == 7
+    assert writer.counts == {f"c{c}": int(np.sum(classes == c)) for c in set(classes.tolist())}
+
+
+def test_a_killed_prediction_leaves_the_earlier_table(tmp_path: Path) -> None:
+    out = tmp_path / "predictions.jsonl"
+    out.write_text("an earlier table\n")
+    code = ("import os, signal; import numpy as np; from pathlib import Path; "
+            "from aselect.pipelines.predict import Prediction, PredictionWriter; "
+            f"w = PredictionWriter('classification', ['c0', 'c1'], table=Path({str(out)!r}), as_json=True); "
+            "w.write(['a.png', 'b.png'], Prediction('classification', ['c0', 'c1'], classes=np.array([0, 1]), "
+            "probabilities=np.array([[0.9, 0.1], [0.2, 0.8]]))); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert out.read_text() == "an earlier table\n"
+    left = [p for p in tmp_path.iterdir() if p != out]
+    assert len(left) == 1 and left[0].name.startswith(f".{out.name}.")  # the unfinished rows, hidden beside it
+    assert [json.loads(line)["path"] for line in left[0].read_text().splitlines()] == ["a.png", "b.png"]
+
+
+def test_masks_are_written_per_batch_numbered_across_batches_when_stems_collide(tmp_path: Path) -> None:
+    from aselect.pipelines.predict import Prediction, PredictionWriter, mask_names
+
+    paths = ["x/a.png", "y/a.png", "y/b.png"]
+    masks = np.random.default_rng(0).integers(3, size=(3, 4, 4))
+    out, stream = tmp_path / "masks", io.StringIO()
+    with PredictionWriter("segmentation", ["bg", "p", "q"], stream=stream, masks=out, as_json=True,
+                          numbered=True) as writer:
+        for rows in (slice(0, 2), slice(2, 3)):
+            writer.write(paths[rows], Prediction("segmentation", ["bg", "p", "q"], masks=masks[rows]))
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [Path(r["mask"]).name for r in records] == mask_names(paths) == ["00000-a.png", "00001-a.png",
+                                                                             "00002-b.png"]
+    for record, mask in zip(records, masks, strict=True):
+        with Image.open(record["mask"]) as img:
+            assert np.array_equal(np.asarray(img), mask)
+        assert list(record["fractions"].values()) == (np.bincount(mask.ravel(), minlength=3) / 16).tolist()
+    assert sorted(p.name for p in out.iterdir()) == mask_names(paths)  # no temporary files left
+
+
+def test_image_batches_hold_batch_size_readable_images_and_count_skips(tmp_path: Path) -> None:
+    from aselect.pipelines.predict import image_batches
+
+    for i in range(5):
+        save_png(np.full((1, 8, 8), i, dtype=np.uint8), tmp_path / f"{i}.png")
+    (tmp_path / "2b.png").write_bytes(b"broken")
+    skipped: list[str] = []
+    files = image_files([tmp_path])
+    batches = list(image_batches(files, 8, 1, 2, skip_bad=True, on_skip=skipped.append))
+    assert [(len(images), done) for images, _, done in batches] == [(2, 2), (2, 5), (1, 6)]
+    assert [int(images[k, 0, 0, 0]) for images, _, _ in batches for k in range(len(images))] == [0, 1, 2, 3, 4]
+    assert len(skipped) == 1 and skipped[0].startswith(str(tmp_path / "2b.png"))
+    with pytest.raises(AselectError, match="2b.png: cannot read image"):
+        list(image_batches(files, 8, 1, 2))
+
+
+@pytest.mark.slow
+def test_predict_files_in_batches_equals_one_predict_call_bit_for_bit(smoke_runs: dict, tmp_path: Path) -> None:
+    from aselect.pipelines.predict import predict_to
+
+    run = load_run(smoke_runs["workdir"], run=smoke_runs["fixed"])  # t=100: each image's noise index matters
+    data = read_dataset(run.stages["ingest"])
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for index in range(140):
+        save_png(np.asarray(data.images[index]), folder / f"{index:04d}.png")
+    (folder / "0070-broken.png").write_bytes(b"broken")  # sorts between two batches' images
+    images, names = run.read_images([folder], skip_bad=True, skipped=[])
+    expected = run.predict(images)
+    skipped: list[str] = []
+    progress: list[tuple[int, int]] = []
+    batches = list(run.predict_files([folder], batch_size=run.noise[0].batch, skip_bad=True,
+                                     on_skip=skipped.append, progress=lambda done, total: progress.append((done,
+                                                                                                           total))))
+    assert [len(b[0]) for b in batches] == [64, 64, 12] and [n for b in batches for n in b[0]] == names
+    assert np.array_equal(np.concatenate([b[1].classes for b in batches]), expected.classes)
+    assert np.array_equal(np.concatenate([b[1].probabilities for b in batches]), expected.probabilities)
+    assert progress[0] == (0, 141) and progress[-1] == (141, 141) and progress == sorted(progress)
+    assert len(skipped) == 1 and "0070-broken.png: cannot read image" in skipped[0]
+
+    stream = io.StringIO()
+    summary = predict_to(run, [folder], None, as_json=True, skip_bad=True, stream=stream, batch_size=64)
+    assert [json.loads(line)["class_id"] for line in stream.getvalue().splitlines()] == expected.classes.tolist()
+    assert (summary["images"], summary["skipped"], summary["run"]) == (140, 1, run.key)
+    assert summary["counts"] == {run.class_names[c]: int(np.sum(expected.classes == c))
+                                 for c in set(expected.classes.tolist())}
+    with pytest.raises(AselectError, match="no readable images"):
+        list(run.predict_files([folder / "0070-broken.png"], skip_bad=True, on_skip=skipped.append))
