@@ -110,10 +110,14 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
     curves = metric_vs_timestep(oracle_rows, hfr_rows, out / f"{cfg.name}-metric-vs-t.png", metric_site=metric_site,
                                 hfr_site=cfg.select.hfr_site, metric_name=oracle_rows[0]["scorer"])
     counts = DatasetCounts.of(dataset)
-    calibration_images = min(cfg.calibrate.images, counts.train)
-    grid = {"family": ModelInfo.of(model).family, "timesteps": len(cfg.calibrate.candidate_timesteps(cfg.dump)),
-            "oracle_timesteps": len(oracle_timesteps(cfg)), "images": counts.images,
-            "calibration_images": calibration_images, "calibration_inputs": hfr_stream(cfg).inputs_per_image}
+    # what the default's calibration spent: its C and the timesteps its search scored (the record says)
+    spent = summaries["aselect"]["selection"].get("calibration") or {}
+    candidates = len(cfg.calibrate.candidate_timesteps(cfg.dump))
+    calibration_images = spent.get("images", min(cfg.calibrate.fixed_images(), counts.train))
+    grid = {"family": ModelInfo.of(model).family, "timesteps": spent.get("timesteps_scored", candidates),
+            "candidate_timesteps": candidates, "oracle_timesteps": len(oracle_timesteps(cfg)),
+            "images": counts.images, "calibration_images": calibration_images,
+            "calibration_inputs": hfr_stream(cfg).inputs_per_image}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)
     baselines = _baselines(name, cfg, fresh, dataset, model, summaries["oracle"]["selection"])

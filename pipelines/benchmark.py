@@ -72,13 +72,18 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
     a fixed common pair, and the oracle on the same candidate timesteps."""
     site, configured = cfg.select.hfr_site, cfg.calibrate.signal
     largest = curve_images(cfg)
+    # The curve is bootstrapped from one calibration of the largest C: the default's own when it calibrates a fixed
+    # C at least that large (it may still be capped by calibrate.budget: the curve then ends at the C it used);
+    # else (`auto`, or a smaller C) a calibration of that many images, uncapped, for the curve alone.
+    fixed = cfg.calibrate.images if cfg.calibrate.images != "auto" else None
+    own_curve = largest is not None and fixed is not None and largest <= fixed
     out = [Selector("aselect", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {site} (default)",
-                    ("select.policy=aselect",), hfr_site=site,
-                    curve=largest is not None and largest <= cfg.calibrate.images)]
-    if largest is not None and largest > cfg.calibrate.images:
+                    ("select.policy=aselect",), hfr_site=site, curve=own_curve)]
+    if largest is not None and not own_curve:
         out.append(Selector(f"aselect-c{largest}", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {site}, "
                                                    f"{largest} calibration images",
-                            ("select.policy=aselect", f"calibrate.images={largest}"), hfr_site=site, curve=True))
+                            ("select.policy=aselect", f"calibrate.images={largest}", "calibrate.budget=null"),
+                            hfr_site=site, curve=True))
     for variant in cfg.bench.hfr_variants:
         if variant != site:
             out.append(Selector(f"aselect-{variant}", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {variant}",
@@ -94,10 +99,10 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
                                              "band, cutoff 0.15, the block at 9/24 depth)",
                         ("select.policy=aselect", "select.preset=aselect-published"), hfr_site="query"))
     if cfg.bench.fewshot:
-        out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.images} calibration images",
+        out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.fixed_images()} calibration images",
                             ("select.policy=fewshot",), label_free=False))
     if cfg.bench.rankme:
-        out.append(Selector("rankme", f"RankMe (label-free effective rank) on the {cfg.calibrate.images} "
+        out.append(Selector("rankme", f"RankMe (label-free effective rank) on the {cfg.calibrate.fixed_images()} "
                                       f"calibration images", ("select.policy=rankme",)))
     layer = depth // 2 if cfg.bench.fixed_layer is None else cfg.bench.fixed_layer
     t, fixed_site = cfg.bench.fixed_timestep, cfg.bench.fixed_site
@@ -277,8 +282,9 @@ def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None
 
 def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
                          oracle_timesteps: int | None = None, inputs_per_image: int = 1) -> float:
-    """Exhaustive / A-SelecT forward passes: T_o*N / (K*C*T + N), K the signal's DiT inputs per (image, t); on one
-    grid (T_o = T) below both T and N / (K*C)."""
+    """Exhaustive / A-SelecT forward passes: T_o*N / (K*C*T + N), T the timesteps calibration scored (the search's,
+    at most the candidates), K the signal's DiT inputs per (image, t); on one grid (T_o = T) below both T and
+    N / (K*C)."""
     t_oracle = timesteps if oracle_timesteps is None else oracle_timesteps
     return round(t_oracle * images / (inputs_per_image * calibration_images * timesteps + images), 2)
 
@@ -509,7 +515,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         for name, goal in c["goals"].items():
             lines.append(f"- goal {name} ({goal['goal']}): measured {goal['measured']}, {_verdict(goal)}")
         g = c["grid"]
-        lines.append(f"- grid: A-SelecT searched {g['timesteps']} timesteps, the oracle "
+        searched = (f"{g['timesteps']} of {g['candidate_timesteps']}" if g.get("candidate_timesteps", g["timesteps"])
+                    != g["timesteps"] else f"{g['timesteps']}")
+        lines.append(f"- grid: A-SelecT searched {searched} timesteps, the oracle "
                      f"{g.get('oracle_timesteps', g['timesteps'])}; N={g['images']} images, "
                      f"C={g['calibration_images']} calibration images, K={g.get('calibration_inputs', 1)} DiT "
                      f"inputs per calibration image and t: the forward-pass ratio can be at most "

@@ -57,3 +57,21 @@ def test_probe_vs_timestep_finds_an_interior_maximum(scores: dict, peak: int, in
     assert (profile["best_timestep"], profile["interior_maximum"]) == (peak, interior)
     assert profile["score_at_smallest_t"] == max(scores[0])
     assert probe_vs_timestep(rows({0: [0.5], 100: [0.6]})) is None  # two timesteps have no interior
+
+
+@pytest.mark.parametrize(("images", "own_curve"), [("64", True), ("32", False), ("auto", False)])
+def test_the_confidence_curve_comes_from_one_calibration_of_its_largest_c(images: str, own_curve: bool) -> None:
+    from aselect.pipelines.benchmark import selectors
+    from aselect.pipelines.config import load_config
+
+    cfg = load_config("smoke", [f"calibrate.images={images}"])  # smoke's curve: C in 16, 32, 64
+    chosen = {s.name: s for s in selectors(cfg, depth=2)}
+    assert chosen["aselect"].curve is own_curve
+    if own_curve:
+        assert "aselect-c64" not in chosen
+    else:  # a calibration of 64 images for the curve alone, not capped by the budget
+        extra = chosen["aselect-c64"]
+        assert extra.curve and {"calibrate.images=64", "calibrate.budget=null"} <= set(extra.overrides)
+    assert sum(s.curve for s in chosen.values()) == 1
+    # few-shot calibrates a fixed C: `auto` reads as calibrate.images_max (256)
+    assert chosen["fewshot"].label.startswith(f"few-shot probe on the {256 if images == 'auto' else images} ")
