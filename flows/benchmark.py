@@ -156,7 +156,8 @@ def _baselines(name: str, cfg: RunConfig, work: Workdir, dataset: StageRef, mode
     if cfg.backbone.kind == "pretrain" and cfg.backbone.latent is not None:  # a token covers patch x down pixels
         patch *= 2 ** (len(cfg.backbone.latent.vae_blocks) - 1)
     pixels = pixel_baseline(data.images, data.labels, data.train_idx, data.test_idx, data.masks, patch,
-                            cfg.probe.cs, cfg.probe.val_fraction, cfg.probe.seed, cfg.dump.sensor_noise, cfg.dump.seed)
+                            cfg.probe.cs, cfg.probe.val_fraction, cfg.probe.seed, cfg.dump.sensor_noise, cfg.dump.seed,
+                            mask_class_names=data.mask_class_names)
     out = {"pixels": {"label": "raw pixels (no DiT)", **pixels}}
     if cfg.backbone.kind != "pretrain":
         return out
@@ -238,7 +239,9 @@ def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | No
     logger = get_run_logger()
     names = list(configs or DEFAULT_CONFIGS)
     first = resolve_run_config(names[0], None, workdir)
-    out = Workdir(first.workdir).root / "bench"
+    main = Workdir(first.workdir)
+    main.check_writable()  # before `bench/` is made in it, so a new workdir is checked while empty
+    out = main.root / "bench"
     out.mkdir(parents=True, exist_ok=True)
     reports = [_config_report(name, workdir, scaling, out, keep_work) for name in names]
     results, previous_path = out / "results.json", out / "previous.json"

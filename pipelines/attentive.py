@@ -5,7 +5,8 @@
   LayerNorm, then Linear(width -> classes) on the CLS output (classification) or on every token (segmentation).
   The head adds no position embedding of its own: DiT tokens carry theirs.
 - training: AdamW, linear warmup (5% of the steps) then cosine decay to zero, per step; the best validation epoch
-  is kept (ties: the earlier one) and scored once on test.
+  is kept (ties: the earlier one) and scored once on test. A batch with no labelled token (segmentation, every pixel
+  ignored) takes no step.
 - noise draws: the K feature draws of the selected pair; epoch e (counted from 1) trains on draw (e - 1) mod K,
   validation and test average the logits over all K draws.
 - resumable: a checkpoint after every epoch (work_dir/checkpoints, deleted when training has finished); a resumed
@@ -35,6 +36,7 @@ from aselect.pipelines.config import ProbeConfig
 from aselect.pipelines.probe import (
     EVAL_BATCH,
     IGNORE_ID,
+    UNLABELLED,
     ProbeResult,
     grid_side,
     iou_from_confusion,
@@ -317,9 +319,11 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
         order = torch.randperm(len(fit_rows), generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)))
         rows = fit_rows[order.numpy()]
         head.train()
-        losses, began = [], time.perf_counter()
+        losses, trained, began = [], 0, time.perf_counter()
         for i in range(0, len(rows), batch):
             chunk = rows[i:i + batch]
+            if bool((targets[chunk] == UNLABELLED).all()):
+                continue  # no labelled token: cross_entropy's mean over zero tokens is NaN, so no step at all
             logits = head(_batch(draw, chunk))
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[chunk].reshape(-1))
             optimizer.zero_grad(set_to_none=True)
@@ -331,10 +335,11 @@ def _train(head: AttentiveHead, draws: Sequence[np.ndarray], targets: torch.Tens
                 raise AselectError(f"attentive probe: loss became {value} in epoch {epoch}; try a lower "
                                    f"probe.learning_rate (now {cfg.learning_rate})")
             losses.append(value * len(chunk))
+            trained += len(chunk)
             seen += len(chunk) * tokens
         seconds += time.perf_counter() - began
         val = float(score(head))
-        curve.append([epoch, float(sum(losses) / len(rows)), val])
+        curve.append([epoch, float(sum(losses) / trained), val])
         if val > best_score:  # ties keep the earlier epoch
             best_score, best_epoch = val, epoch
             best_state = {key: tensor.detach().clone() for key, tensor in head.state_dict().items()}
@@ -469,6 +474,9 @@ def attentive_segmenter(draws: Sequence[np.ndarray], masks: np.ndarray, train: n
     token_labels = np.zeros((n, tokens), dtype=np.int64)
     # patches with every pixel ignored are UNLABELLED, cross_entropy's default ignore_index: not trained on
     token_labels[train] = patch_labels(masks[train], tokens, classes)
+    if (token_labels[fit_rows] == UNLABELLED).all():
+        raise AselectError(f"attentive segmentation probe: every pixel of the {len(fit_rows)} training masks is "
+                           f"ignored ({IGNORE_ID})")
     targets = torch.from_numpy(token_labels)
 
     def miou(model: AttentiveHead, rows: np.ndarray) -> tuple[float, dict[str, float], float]:

@@ -179,12 +179,14 @@ def selector_row(selector: Selector, summary: dict[str, Any], wall_seconds: floa
 
 def pixel_baseline(images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
                    masks: np.ndarray | None, patch: int, cs: Sequence[float], val_fraction: float,
-                   seed: int, noise_std: float = 0.0, noise_seed: int = 0) -> dict[str, Any]:
+                   seed: int, noise_std: float = 0.0, noise_seed: int = 0,
+                   mask_class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The downstream probe on raw pixels, no DiT: flattened images (classification), or each patch x patch
-    block of pixels as a token on the DiT's own grid (segmentation). What DiT features must beat. `noise_std`:
-    the dump's sensor noise, the same draw per image the DiT saw."""
+    block of pixels as a token on the DiT's own grid (segmentation, one class per name of `mask_class_names`, else
+    per labelled mask id). What DiT features must beat. `noise_std`: the dump's sensor noise, the same draw per
+    image the DiT saw."""
     from aselect.pipelines.features import sensor_noise
-    from aselect.pipelines.probe import classification_probe, segmentation_probe
+    from aselect.pipelines.probe import classification_probe, mask_class_count, segmentation_probe
 
     x = images.astype(np.float32) / 255.0  # (N, C, H, W)
     if noise_std:  # [-1, 1] units -> [0, 1] units
@@ -198,7 +200,8 @@ def pixel_baseline(images: np.ndarray, labels: np.ndarray, train_idx: np.ndarray
         tokens = (x.reshape(n, c, h // patch, patch, w // patch, patch).transpose(0, 2, 4, 1, 3, 5)
                   .reshape(n, (h // patch) * (w // patch), c * patch * patch))
         result = segmentation_probe(tokens[train_idx], masks[train_idx], tokens[test_idx], masks[test_idx],
-                                    int(masks.max()) + 1, Cs=cs, val_fraction=val_fraction, seed=seed)
+                                    mask_class_count(masks, mask_class_names), Cs=cs, val_fraction=val_fraction,
+                                    seed=seed)
     return {"metric": result.metric, "value": round(float(result.value), 4)}
 
 

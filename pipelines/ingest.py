@@ -102,7 +102,7 @@ def _hash_tree(root: Path) -> str:
 
 def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset:
     """Read or generate the configured source, resize, subsample and split it (in memory)."""
-    masks = mask_names = fixed = None
+    masks = mask_names = fixed = palette = None
     skipped: list[str] = []
     if cfg.source == "digits":
         images, labels, names = _load_digits(cfg.image_size, progress)
@@ -119,7 +119,7 @@ def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset
         batches = list(seg.batches(DATASET_CHUNK, progress))
         images, masks = (np.concatenate([batch[i] for batch in batches]) for i in (0, 1))
         labels, names, skipped, fixed = seg.labels(), seg.class_names(), seg.skipped, seg.fixed_split()
-        mask_names = list(names)
+        mask_names, palette = list(names), seg.mask_palette()
     else:
         reader = FolderReader(cfg)
         images = np.concatenate(list(reader.batches(DATASET_CHUNK, progress)))
@@ -138,6 +138,7 @@ def load_dataset(cfg: IngestConfig, progress: Progress | None = None) -> Dataset
         masks=masks,
         mask_class_names=mask_names,
         skipped=skipped,
+        mask_palette=palette,
     )
 
 
@@ -154,7 +155,7 @@ def ingest_dataset(cfg: IngestConfig, stage_path: Path, progress: Progress | Non
         labels, names = seg.labels(), seg.class_names()
         keep, train_idx, test_idx = subset_and_split(cfg, labels, names, seg.fixed_split())
         writer.commit(labels if keep is None else labels[keep], train_idx, test_idx, names, keep=keep,
-                      mask_class_names=names, skipped=seg.skipped)
+                      mask_class_names=names, skipped=seg.skipped, mask_palette=seg.mask_palette())
     elif cfg.source != "imagefolder":
         write_dataset(load_dataset(cfg, progress), stage_path)
     else:
@@ -604,8 +605,9 @@ def _read_splits(root: Path, stems: set[str]) -> tuple[set[str], set[str]] | Non
 
 
 def _read_mask(pair: SegPair, shown: tuple[int, int], size: int, ignore_index: int,
-               classes: int | None) -> np.ndarray:
-    """A pair's mask as uint8 (size, size) class ids, ignored pixels MASK_IGNORE, resized nearest-neighbour."""
+               classes: int | None) -> tuple[np.ndarray, list[int] | None]:
+    """A pair's mask as uint8 (size, size) class ids, ignored pixels MASK_IGNORE, resized nearest-neighbour, and
+    the file's palette (RGB triples) when it is a palette PNG."""
     path = pair.mask
     try:
         with Image.open(path) as img:
@@ -618,6 +620,7 @@ def _read_mask(pair: SegPair, shown: tuple[int, int], size: int, ignore_index: i
                 raise AselectError(f"{path}: mask is {img.size[0]}x{img.size[1]} but its image {pair.image.name} "
                                    f"is {shown[0]}x{shown[1]}")
             ids = np.asarray(img).astype(np.uint8)  # a palette PNG's indices, not its colours
+            palette = img.getpalette("RGB") if img.mode == "P" else None
     except AselectError:
         raise
     except UnidentifiedImageError:
@@ -637,7 +640,7 @@ def _read_mask(pair: SegPair, shown: tuple[int, int], size: int, ignore_index: i
     out = np.where(ids == ignore_index, np.uint8(MASK_IGNORE), ids)
     if out.shape != (size, size):
         out = np.asarray(Image.fromarray(out).resize((size, size), Image.Resampling.NEAREST))
-    return out
+    return out, palette
 
 
 class SegFolderReader:
@@ -654,6 +657,8 @@ class SegFolderReader:
         self.stems: list[str] = []  # of the rows decoded so far
         self._labels: list[int] = []
         self._top = -1  # highest class id seen
+        self._palette: list[int] | None = None  # the palette masks' shared palette
+        self._palette_clash = False
 
     def labels(self) -> np.ndarray:
         """Each decoded image's most common non-ignored class id (0 where every pixel is ignored), int64."""
@@ -664,6 +669,25 @@ class SegFolderReader:
         if self.names is not None:
             return list(self.names)
         return [f"class_{k}" for k in range(self._top + 1)]
+
+    def mask_palette(self) -> list[int] | None:
+        """The palette (RGB triples) the decoded palette masks share, the longest where one extends another; None
+        without palette masks or where two disagree. Grey masks have no colours and do not count."""
+        return None if self._palette_clash else self._palette
+
+    def _note_palette(self, palette: list[int] | None, path: Path) -> None:
+        if palette is None or self._palette_clash:
+            return
+        if self._palette is None:
+            self._palette = palette
+            return
+        short, long = sorted((self._palette, palette), key=len)
+        if long[:len(short)] != short:
+            self._palette_clash = True
+            log.warning("%s: its palette differs from an earlier mask's; predicted masks get the default palette",
+                        path)
+        else:
+            self._palette = long
 
     def fixed_split(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(train rows, test rows) of the decoded images named in splits/, or None for the seeded split."""
@@ -681,10 +705,11 @@ class SegFolderReader:
         for done, pair in enumerate(self.pairs, start=1):
             try:
                 image, shown = _decode_image(pair.image, mode, cfg.image_size)
-                mask = _read_mask(pair, shown, cfg.image_size, cfg.ignore_index, classes)
+                mask, palette = _read_mask(pair, shown, cfg.image_size, cfg.ignore_index, classes)
             except AselectError as exc:
                 _report(str(exc), cfg.skip_bad, self.skipped)
             else:
+                self._note_palette(palette, pair.mask)
                 counts = np.bincount(mask.ravel(), minlength=MASK_IGNORE + 1)[:MASK_IGNORE]  # ignored: no class
                 seen = np.flatnonzero(counts)
                 self._top = max(self._top, int(seen[-1]) if len(seen) else -1)

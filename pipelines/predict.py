@@ -218,6 +218,7 @@ class Run:
     model_path: str
     noise: list[NoiseSetting]  # one per noise draw the probe read (draw 0 first)
     device: str = "auto"
+    mask_palette: list[int] | None = None  # RGB triples of the training masks' palette (palette PNG masks only)
     _backbone: Any = field(default=None, repr=False)
     _fitted: tuple[Any, dict] | None = field(default=None, repr=False)
 
@@ -443,21 +444,35 @@ def _manifest(stage: StageDir) -> dict[str, Any]:
     return stage.read_manifest() or {}
 
 
-def _finished(work: Workdir, name: str, key: str | None, needed_by: str) -> StageDir:
-    """A complete upstream stage, or a one-line error naming it."""
+def _finished(work: Workdir, name: str, key: str | None, needed_by: str, full: bool | None = False) -> StageDir:
+    """A complete upstream stage, verified (`_verified` with `full`), or a one-line error naming it."""
     if not key:
         raise AselectError(f"{needed_by}: its manifest names no {name} stage")
     stage = work.stage(name, key)
     if not stage.is_complete():
         raise AselectError(f"{stage.path}: the {name} stage this run read is {stage.status()}; `aselect run` with "
                            f"the run's config computes it again")
+    return _verified(stage, full)
+
+
+def _verified(stage: StageDir, full: bool | None = None) -> StageDir:
+    """`stage`, once its files match what it recorded when it finished (`StageDir.damage`: `full=None` is the
+    check a pipeline run makes before reusing a stage, sizes and the sha256 of small files; False, sizes and the
+    manifest's digest, for stages of which only the manifest and metadata are read). A missing or changed file is
+    a one-line error naming it: a run reopens such a stage, so `aselect run` computes it again."""
+    damaged = stage.damage(full=full)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise AselectError(f"{stage.path / damaged[0]}: missing or changed since the {stage.name} stage finished"
+                           f"{more}; `aselect run` with the run's config computes it again")
     return stage
 
 
 def _pick_probe(work: Workdir, run: str | None) -> StageDir:
     infos = work.stages("probe")
     if run is None:
-        done = [i for i in infos if i.status == "complete"]  # newest first
+        # newest first; a damaged newest run is refused (`_verified`), never passed over for an older one
+        done = [i for i in infos if i.status in ("complete", "damaged")]
         if not done:
             raise AselectError(f"{work.root}: no finished run (no complete probe stage); `aselect run` makes one")
         return work.stage("probe", done[0].key)
@@ -469,10 +484,9 @@ def _pick_probe(work: Workdir, run: str | None) -> StageDir:
         raise AselectError(f"run {run}: {len(matches)} runs have keys starting with it "
                            f"({', '.join(i.key for i in matches[:4])}); give more of the key")
     info = matches[0]
-    if info.status != "complete":
-        advice = "`aselect verify` says what changed; `aselect run` repairs it" if info.status == "damaged" else \
-            "it has not finished; `aselect run` with its config finishes it"
-        raise AselectError(f"run {run}: probe stage {info.key} is {info.status} ({advice})")
+    if info.status not in ("complete", "damaged"):  # damaged: `_verified` names the file
+        raise AselectError(f"run {run}: probe stage {info.key} is {info.status} (it has not finished; `aselect run` "
+                           f"with its config finishes it)")
     return work.stage("probe", info.key)
 
 
@@ -484,12 +498,12 @@ def _model_path(backbone: StageDir) -> str:
 
 
 def _select_stage(work: Workdir, selection: dict[str, Any]) -> Path | None:
-    """The newest complete select stage that recorded this selection (None when none is left)."""
+    """The newest complete select stage that recorded this selection, verified (None when none is left)."""
     wanted = _canonical(selection)  # as JSON: a fixed pair's score is NaN, which equals nothing as a float
     for info in work.stages("select"):
-        if info.status == "complete" and _canonical(_manifest(work.stage("select", info.key)).get("selection")) \
-                == wanted:
-            return Path(info.path)
+        stage = work.stage("select", info.key)
+        if info.status in ("complete", "damaged") and _canonical(_manifest(stage).get("selection")) == wanted:
+            return _verified(stage).path
     return None
 
 
@@ -503,7 +517,7 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
     work = Workdir(workdir)
     if not work.root.is_dir():
         raise AselectError(f"{work.root}: no such workdir")
-    probe = _pick_probe(work, run)
+    probe = _verified(_pick_probe(work, run))  # its manifest (the selection), head or linear probe, metrics
     manifest = _manifest(probe)
     inputs = manifest.get("inputs") or {}
     selection = inputs.get("selection") or {}
@@ -521,7 +535,7 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
                               str(config.get("autocast", "auto")), int(config.get("images_per_chunk", 64)))
                  for k in range(draws)]
         ingest = _finished(work, "ingest", online.get("ingest"), where)
-        backbone = _finished(work, "backbone", online.get("backbone"), where)
+        backbone = _finished(work, "backbone", online.get("backbone"), where, full=None)  # the weights it loads
         dump_path = None
     else:
         dumps = [_finished(work, "dump", upstream.get("features"), where)]
@@ -531,7 +545,7 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
         dump_inputs = _manifest(dumps[0]).get("inputs") or {}
         dump_upstream = dump_inputs.get("upstream") or {}
         ingest = _finished(work, "ingest", dump_upstream.get("ingest"), str(dumps[0].manifest_path))
-        backbone = _finished(work, "backbone", dump_upstream.get("backbone"), str(dumps[0].manifest_path))
+        backbone = _finished(work, "backbone", dump_upstream.get("backbone"), str(dumps[0].manifest_path), full=None)
         dump_path = dumps[0].path
 
     info = read_dataset_info(ingest.path)
@@ -553,7 +567,7 @@ def load_run(workdir: str | Path = "aselect-work", run: str | None = None, devic
     result = Run(key=probe.key, selection=selection, task="segmentation" if segmentation else "classification",
                  probe=kind, class_names=names, image_size=int(height), channels=int(channels),
                  mask_size=mask_size, metrics=metrics, stages=stages, model_path=_model_path(backbone),
-                 noise=noise, device=device)
+                 noise=noise, device=device, mask_palette=info.mask_palette if segmentation else None)
     if height != width:
         raise AselectError(f"{ingest.path / DATASET_STORE}: images are {height}x{width}, not square")
     result.fitted()  # a probe that cannot be applied fails here, in one line, before any image is read
@@ -571,16 +585,21 @@ PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200
            (0, 0, 128), (128, 128, 128), (255, 255, 255)]
 
 
-def write_mask_png(mask: np.ndarray, path: Path) -> None:
-    """A mask (H, W) of class ids as a palette PNG: each pixel's value is its class id, the palette colours them.
-    Written through a temporary file beside it, so a killed run leaves no half-written PNG."""
+def write_mask_png(mask: np.ndarray, path: Path, palette: Sequence[int] | None = None) -> None:
+    """A mask (H, W) of class ids as a palette PNG: each pixel's value is its class id, the palette colours them:
+    `palette` (RGB triples, the training masks' own), else PALETTE; ids past a short `palette` get PALETTE's
+    colours. Written through a temporary file beside it, so a killed run leaves no half-written PNG."""
     from PIL import Image
 
     mask = np.asarray(mask)
     if mask.size and (mask.min() < 0 or mask.max() > 255):
         raise AselectError(f"{path}: class ids in [{mask.min()}, {mask.max()}] do not fit a palette PNG (0..255)")
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
-    image.putpalette([v for i in range(256) for v in PALETTE[i % len(PALETTE)]])
+    colours = [v for i in range(256) for v in PALETTE[i % len(PALETTE)]]
+    if palette:
+        needed = 3 * (int(mask.max()) + 1) if mask.size else 0
+        colours = [int(v) for v in palette] + colours[len(palette):needed]  # no id without a colour
+    image.putpalette(colours)
     tmp = _temporary(path)
     try:
         image.save(tmp, format="PNG")
@@ -617,20 +636,21 @@ def mask_names(paths: Sequence[str]) -> list[str]:
 class PredictionWriter:
     """Predictions written batch by batch, as rows of CSV or JSON lines. Classification: `path`, `class`,
     `p_<class>`... (JSON: `path`, `class`, `class_id`, `probabilities`). Segmentation: each mask as a palette PNG in
-    `masks`, and a row naming it with the fraction of pixels per class (`f_<class>`..., JSON `fractions`). Rows go
-    to `stream`, or to the file `table` through a temporary file beside it that replaces it on `commit`: a run that
-    fails or is killed leaves an earlier `table` as it was. Keeps the first rows (`head`) and, for classification,
-    the images per predicted class (`counts`)."""
+    `masks` (coloured by `palette`, see `write_mask_png`), and a row naming it with the fraction of pixels per class
+    (`f_<class>`..., JSON `fractions`). Rows go to `stream`, or to the file `table` through a temporary file beside it
+    that replaces it on `commit`: a run that fails or is killed leaves an earlier `table` as it was. Keeps the first
+    rows (`head`) and, for classification, the images per predicted class (`counts`)."""
 
     def __init__(self, task: str, class_names: Sequence[str], *, table: Path | None = None,
                  stream: TextIO | None = None, masks: Path | None = None, as_json: bool = False,
-                 numbered: bool = False, keep: int = HEAD_ROWS) -> None:
+                 numbered: bool = False, keep: int = HEAD_ROWS, palette: Sequence[int] | None = None) -> None:
         if (table is None) == (stream is None):
             raise ValueError("PredictionWriter: give one of table and stream")
         if task == "segmentation" and masks is None:
             raise ValueError("PredictionWriter: segmentation needs the masks directory")
         self.task, self.class_names, self.masks = task, list(class_names), masks
         self.table, self.as_json, self.numbered, self.keep = table, as_json, numbered, keep
+        self.palette = palette
         self.rows = 0
         self.head: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
@@ -667,7 +687,7 @@ class PredictionWriter:
             assert self.masks is not None
             for name, mask in zip(names, prediction.masks, strict=True):
                 file = self.masks / mask_name(name, self.rows, self.numbered)
-                write_mask_png(mask, file)
+                write_mask_png(mask, file, self.palette)
                 fractions = np.bincount(mask.ravel(), minlength=len(names_)) / mask.size
                 if self.as_json:
                     self._out.write(json.dumps({"path": name, "mask": str(file), "fractions": dict(
@@ -746,7 +766,7 @@ def predict_to(run: Run, paths: Iterable[str | Path], out: Path | None, *, as_js
         out / f"predictions.{'jsonl' if as_json else 'csv'}"
     with PredictionWriter(run.task, run.class_names, table=table, stream=None if table else stream,
                           masks=out if segmentation else None, as_json=as_json,
-                          numbered=segmentation and stems_collide(files)) as writer:
+                          numbered=segmentation and stems_collide(files), palette=run.mask_palette) as writer:
         for names, prediction in run._stream(files, batch_size, skip_bad, skip, progress):
             writer.write(names, prediction)
         if not writer.rows:

@@ -281,6 +281,18 @@ def patch_labels(masks: np.ndarray, tokens: int, num_classes: int) -> np.ndarray
     return np.where(fractions.any(axis=2), fractions.argmax(axis=2), UNLABELLED)
 
 
+def mask_class_count(masks: np.ndarray, names: Sequence[str] | None = None) -> int:
+    """The number of mask classes: len(names) where the dataset names them, else the highest id in `masks` other
+    than IGNORE_ID, plus one (an ignored pixel is no class)."""
+    if names:
+        return len(names)
+    masks = np.asarray(masks)
+    labelled = masks[masks != IGNORE_ID]
+    if not labelled.size:
+        raise AselectError(f"masks: every pixel is ignored ({IGNORE_ID}); no class to count")
+    return int(labelled.max()) + 1
+
+
 def _fit_token_probe(tokens: np.ndarray, masks: np.ndarray, num_classes: int, C: float) -> FittedProbe:
     n, T, D = tokens.shape
     x = tokens.reshape(n * T, D).astype(np.float32)

@@ -25,7 +25,14 @@ from typing import Literal
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from aselect.pipelines.probe import blas_threads, grid_side, linear_top1, segmentation_probe, split_indices
+from aselect.pipelines.probe import (
+    blas_threads,
+    grid_side,
+    linear_top1,
+    mask_class_count,
+    segmentation_probe,
+    split_indices,
+)
 from aselect.storage.errors import AselectError
 
 SCORER_THREADS: int | None = 1  # BLAS / OpenMP threads per score_pair call (None: leave the process setting)
@@ -295,8 +302,9 @@ def _fewshot_score(features: np.ndarray, labels: np.ndarray | None = None, masks
 def _probe_seg_score(features: np.ndarray, labels: np.ndarray | None = None, masks: np.ndarray | None = None, *,
                      C: float = 1.0, val_fraction: float = 0.25, seed: int = 0,
                      num_classes: int | None = None) -> float:
-    """mIoU of the per-token segmentation probe (one C) on a seeded train/val split of these images."""
-    k = int(masks.max()) + 1 if num_classes is None else int(num_classes)
+    """mIoU of the per-token segmentation probe (one C) on a seeded train/val split of these images; `num_classes`
+    defaults to the highest labelled mask id plus one."""
+    k = mask_class_count(masks) if num_classes is None else int(num_classes)
     fit, held = split_indices(len(features), val_fraction, seed)
     result = segmentation_probe(features[fit], masks[fit], features[held], masks[held], k, Cs=(C,), seed=seed,
                                 threads=None)  # score_pair already set the thread cap

@@ -26,6 +26,7 @@ class Dataset:
     masks: np.ndarray | None = None  # uint8 (N, H, W) per-pixel ids into mask_class_names
     mask_class_names: list[str] | None = None
     skipped: list[str] = field(default_factory=list)  # "path: reason" for each file or folder skipped
+    mask_palette: list[int] | None = None  # RGB triples of the source's palette masks, so outputs colour the same
 
 
 DATASET_CHUNK = 512  # images per Zarr chunk, and per decoded batch when a folder is ingested streaming
@@ -66,7 +67,7 @@ class DatasetWriter:
 
     def commit(self, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray, class_names: list[str],
                keep: np.ndarray | None = None, mask_class_names: list[str] | None = None,
-               skipped: list[str] | None = None) -> Path:
+               skipped: list[str] | None = None, mask_palette: list[int] | None = None) -> Path:
         """Finish the store: `keep` (sorted row indices) subsets the appended rows; labels and split index it."""
         if keep is not None and not self.subset_later:
             raise ValueError("keep needs a DatasetWriter made with subset_later=True")
@@ -82,7 +83,7 @@ class DatasetWriter:
         self.group.create_array("train_idx", data=train_idx.astype(np.int64), dimension_names=("train",))
         self.group.create_array("test_idx", data=test_idx.astype(np.int64), dimension_names=("test",))
         self.group.attrs.update({"class_names": list(class_names), "mask_class_names": list(mask_class_names or []),
-                                 "skipped": list(skipped or [])})
+                                 "skipped": list(skipped or []), "mask_palette": list(mask_palette or [])})
         failpoint("ingest")
         shutil.rmtree(self.final, ignore_errors=True)
         self.tmp.rename(self.final)
@@ -113,7 +114,8 @@ def write_dataset(dataset: Dataset, stage_path: Path) -> Path:
         rows = slice(start, start + DATASET_CHUNK)
         writer.append(dataset.images[rows], None if masks is None else masks[rows])
     return writer.commit(dataset.labels, dataset.train_idx, dataset.test_idx, dataset.class_names,
-                         mask_class_names=dataset.mask_class_names, skipped=dataset.skipped)
+                         mask_class_names=dataset.mask_class_names, skipped=dataset.skipped,
+                         mask_palette=dataset.mask_palette)
 
 
 def read_dataset(stage_path: Path, lazy_images: bool = False) -> Dataset:
@@ -129,7 +131,13 @@ def read_dataset(stage_path: Path, lazy_images: bool = False) -> Dataset:
         masks=group["masks"][:] if "masks" in names else None,
         mask_class_names=list(group.attrs["mask_class_names"]) or None,
         skipped=list(group.attrs["skipped"]),
+        mask_palette=_palette(group),
     )
+
+
+def _palette(group: zarr.Group) -> list[int] | None:
+    """The stored mask palette, or None (none recorded, or a store written without the attribute)."""
+    return [int(v) for v in group.attrs.get("mask_palette") or []] or None
 
 
 def read_split(stage_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,6 +159,7 @@ class DatasetInfo:
     class_names: list[str]
     mask_class_names: list[str]  # empty for classification
     mask_shape: tuple[int, ...] | None  # (H, W) of the masks; None for classification
+    mask_palette: list[int] | None = None  # RGB triples of the source's palette masks; None: not palette PNGs
 
 
 def read_dataset_info(stage_path: Path) -> DatasetInfo:
@@ -160,7 +169,8 @@ def read_dataset_info(stage_path: Path) -> DatasetInfo:
     return DatasetInfo(image_shape=tuple(int(v) for v in group["images"].shape),
                        class_names=list(group.attrs["class_names"]),
                        mask_class_names=list(group.attrs["mask_class_names"] or []),
-                       mask_shape=tuple(int(v) for v in group["masks"].shape[1:]) if masks else None)
+                       mask_shape=tuple(int(v) for v in group["masks"].shape[1:]) if masks else None,
+                       mask_palette=_palette(group))
 
 
 def read_mask_class_names(stage_path: Path) -> list[str]:

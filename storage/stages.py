@@ -410,9 +410,13 @@ class Workdir:
             raise AselectError(f"{given}: workdir path is {reason}") from None
 
     def check_writable(self) -> None:
-        """Fail early, in one line, when the workdir cannot hold stages; mark it as an aselect workdir."""
+        """Fail early, in one line, when the workdir cannot hold stages or is another program's non-empty directory
+        (so a run never scatters stages into, say, a home directory); mark it as an aselect workdir."""
         if self.root.exists() and not self.root.is_dir():
             raise AselectError(f"{self.root}: workdir path is a file, not a directory")
+        if self.root.is_dir() and not self._is_aselect() and self._holds_other_files():
+            raise AselectError(f"{self.root}: not an aselect workdir (it holds other files, no {WORKDIR_MARKER} and "
+                               f"no stage directories); pass a new or empty directory, or the --workdir of a run")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
@@ -434,9 +438,24 @@ class Workdir:
             next(os.scandir(self.root), None)
         except OSError as exc:
             raise AselectError(f"{self.root}: workdir is not readable ({exc.strerror or exc})") from None
-        if not (self.root / WORKDIR_MARKER).is_file() and not self._stage_paths():
+        if not self._is_aselect():
             raise AselectError(f"{self.root}: not an aselect workdir (no {WORKDIR_MARKER} and no stage directories); "
                                f"pass the --workdir of a run")
+
+    def _is_aselect(self) -> bool:
+        """Whether aselect made the directory: it has the marker, or stage directories (workdirs from before the
+        marker have only the latter)."""
+        return (self.root / WORKDIR_MARKER).is_file() or bool(self._stage_paths())
+
+    def _holds_other_files(self) -> bool:
+        """Whether the directory holds anything but what `check_writable` itself may have left there when killed
+        (its write test, a half-written marker)."""
+        own = (".write-test-", f".{WORKDIR_MARKER}.")
+        try:
+            with os.scandir(self.root) as entries:
+                return any(not entry.name.startswith(own) for entry in entries)
+        except OSError as exc:
+            raise AselectError(f"{self.root}: workdir is not readable ({exc.strerror or exc})") from None
 
     def _stage_paths(self, name: str | None = None) -> list[Path]:
         """`<name>/<key>` directories that are stages: with a manifest, or named by a stage key."""

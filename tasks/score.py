@@ -18,7 +18,7 @@ from aselect.pipelines.config import DaskConfig, ScoreConfig
 from aselect.pipelines.grid import candidate_pairs, score_grid, streamed_hfr_table
 from aselect.pipelines.scoring import get_scorer
 from aselect.storage.code import code_digest
-from aselect.storage.datasets import read_masks, read_split
+from aselect.storage.datasets import read_mask_class_names, read_masks, read_split
 from aselect.storage.errors import AselectError
 from aselect.storage.features import FEATURES_STORE, finished_items, has_streamed_hfr, read_hfr, read_samples
 from aselect.storage.stages import StageDir, StageRef, Workdir, stage_key, write_json_atomic
@@ -77,12 +77,15 @@ def score(stage: StageRef, cfg: ScoreConfig, scorer: str, features: StageRef, da
             workers, how = 0, f"streamed per-image values of {per_image.shape[1]} images"
         else:
             pairs = candidate_pairs(store, plan.scored_sites(spec.needs))
+            params = scorer_params(cfg, scorer)
+            if scorer == "probe_seg" and (names := read_mask_class_names(dataset.dir.path)):
+                params["num_classes"] = len(names)  # every class the dataset names, whichever these images hold
             progress = ProgressArtifact(f"score-{scorer}-progress", f"score {len(pairs)} pairs with {scorer}")
             cluster = dask or DaskConfig()
             with dask_client(cluster.address, cluster.workers, cluster.threads_per_worker,
                              cluster.connect_seconds) as client:
                 workers = len(client.scheduler_info()["workers"])
-                table = score_grid(client, store, scorer, pairs, scorer_params(cfg, scorer), labels=labels,
+                table = score_grid(client, store, scorer, pairs, params, labels=labels,
                                    masks=masks, rows=rows, progress=lambda done, total: progress.update(done / total))
             progress.update(1.0, force=True)
             how = f"{workers} Dask workers"

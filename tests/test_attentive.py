@@ -125,6 +125,21 @@ def test_segmentation_reaches_high_miou(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_segmentation_batches_of_only_ignored_pixels_take_no_step(tmp_path):
+    x, masks = patch_task(n=48)
+    masks[::3] = attentive.IGNORE_ID  # every third image (train, validation and test) has no labelled pixel
+    cfg = probe_cfg(blocks=1, epochs=3, batch_size=1)  # one image a batch: each ignored image is a whole batch
+    first = attentive_segmenter([x], masks, np.arange(32), np.arange(32, 48), 3, cfg, tmp_path / "a")
+    second = attentive_segmenter([x], masks, np.arange(32), np.arange(32, 48), 3, cfg, tmp_path / "b")
+    curve = first[0].details["curve"]
+    assert len(curve) == 3 and np.isfinite(np.array(curve, dtype=np.float64)).all()
+    assert all(torch.isfinite(tensor).all() for tensor in first[1].values())
+    assert np.isfinite(first[0].value) and first[0].value >= 0.5
+    assert np.isfinite(first[0].details["pixel_accuracy"])
+    assert_same_state(first[1], second[1])
+    assert curve == second[0].details["curve"] and first[0].value == second[0].value
+
+
 # ---------------------------------------------------------------------------------------------
 #                                  Determinism and resuming
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +336,8 @@ def _errors():
                         "mask values must be class ids in [0, 3)"),
         "mask count": (lambda w: attentive_segmenter([seg_x], masks[:-1], train, test, 3, probe_cfg(), w),
                        "expected masks"),
+        "all ignored": (lambda w: attentive_segmenter([seg_x], masks + 255, train, test, 3, probe_cfg(), w),
+                        "every pixel of the 24 training masks is ignored (255)"),
         "mask grid": (lambda w: attentive_segmenter([seg_x], np.zeros((40, 6, 6), int), train, test, 3, probe_cfg(),
                                                     w), "not a multiple of the 4x4 token grid"),
         "token grid": (lambda w: attentive_segmenter([x], masks, train, test, 3, probe_cfg(), w),

@@ -3,6 +3,7 @@ temporary one), JSON on stdout, one-line errors, `inspect`, and `aselect bench` 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -19,8 +20,9 @@ from typing import Any
 import pytest
 
 from aselect.flows.benchmark import BENCH_WORK
-from aselect.flows.cli import main
+from aselect.flows.cli import IO_ERRNOS, io_failure, main
 from aselect.pipelines.benchmark import README_END, README_START, readme_section
+from aselect.pipelines.training import save_checkpoint
 from aselect.storage import stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,6 +288,55 @@ def test_a_full_disk_while_writing_a_manifest_is_one_line(prefect_api_url: str, 
     assert re.fullmatch(rf"aselect: error: {re.escape(str(ingest))}/\.manifest\.json\.\d+\.tmp: No space left on "
                         rf"device; finished stages and chunks are kept, rerun to resume", last_line(err)), err[-3000:]
     assert not (ingest / "manifest.json").exists()  # nothing half-written under the manifest's name
+
+
+def test_bench_refuses_another_programs_directory_before_writing_to_it(prefect_api_url: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine\n")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    capfd.readouterr()
+    assert main(["bench", "smoke", "--workdir", str(home), "--no-scaling"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and last_line(err).startswith(
+        f"aselect: error: {home}: not an aselect workdir (it holds other files"), err[-3000:]
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]  # no `bench/` made in it
+
+
+KEPT = "finished stages and chunks are kept, rerun to resume"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_a_json_file_or_a_checkpoint_is_one_line_naming_it(tmp_path: Path) -> None:
+    """The kernel refuses the bytes (ENOSPC from /dev/full) under the temporary names the two writers use."""
+    json_tmp = tmp_path / f".metrics.json.{os.getpid()}.tmp"
+    json_tmp.symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        stages.write_json_atomic(tmp_path / "metrics.json", {"value": 0.58})
+    assert io_failure(caught.value) == f"{json_tmp}: No space left on device; {KEPT}"
+    checkpoint_tmp = tmp_path / "step-0000001.pt.tmp"
+    checkpoint_tmp.symlink_to("/dev/full")
+    with pytest.raises(RuntimeError) as caught:  # torch's writer says so without an errno
+        save_checkpoint(tmp_path, "step-0000001.pt", {"weights": list(range(4096))})
+    assert io_failure(caught.value) == (f"{checkpoint_tmp}: the write failed (a full disk, a quota, or a failing "
+                                        f"device); {KEPT}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_tmp.name, checkpoint_tmp.name])
+
+
+@pytest.mark.parametrize("code", IO_ERRNOS, ids=lambda code: errno.errorcode[code])
+def test_every_refused_write_is_one_line_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         code: int) -> None:
+    def refused(source: Any, target: Any) -> None:
+        raise OSError(code, os.strerror(code), str(source), str(target))
+
+    monkeypatch.setattr(os, "replace", refused)  # the rename that publishes the file
+    with pytest.raises(OSError) as caught:
+        stages.write_json_atomic(tmp_path / "selection.json", {"layer": 1})
+    line = io_failure(caught.value)
+    assert line == f"{tmp_path}/.selection.json.{os.getpid()}.tmp: {os.strerror(code)}; {KEPT}"
+    assert io_failure(RuntimeError("wrapped")) is None and io_failure(OSError(errno.ENOENT, "gone")) is None
 
 
 def _terminal_sigint() -> None:

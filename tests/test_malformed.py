@@ -88,6 +88,20 @@ def workdir_is_a_file(tmp: Path) -> dict[str, str]:
     return {"workdir": str(path)}
 
 
+def foreign_directory(tmp: Path) -> dict[str, str]:
+    """Another program's directory (a home directory, say): files, no workdir marker, no stage directories."""
+    home = tmp / "home"
+    (home / "Documents").mkdir(parents=True)
+    (home / ".bashrc").write_text("export PS1='$ '\n")
+    return {"workdir": str(home)}
+
+
+def symlink_loop(tmp: Path) -> dict[str, str]:
+    loop = tmp / "loop"
+    loop.symlink_to(loop)
+    return {"workdir": str(loop)}
+
+
 def binary_config(tmp: Path) -> dict[str, str]:
     path = tmp / "weights.yaml"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
@@ -144,6 +158,10 @@ CASES = [
     Case("truncated safetensors", LOAD, "{model}: cannot load weights (", truncated_weights),
     # storage
     Case("workdir is a file", ("--workdir", "{workdir}"), "{workdir}: workdir path is a file", workdir_is_a_file),
+    Case("workdir holds another program's files", ("--workdir", "{workdir}"),
+         "{workdir}: not an aselect workdir (it holds other files, no .aselect-workdir", foreign_directory),
+    Case("workdir path is a symlink loop", ("--workdir", "{workdir}"), "{workdir}: workdir path is a symlink loop",
+         symlink_loop),
     # never silently wrong: undecodable input, impossible settings, non-finite numbers, unreachable
     Case("config file is not text", (), "{config}: not a text file", binary_config, config="{config}"),
     Case("--set value is not YAML", ("--set", "dump.timesteps=[0, 1"),

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from aselect.pipelines.predict import image_files, load_run, read_images, write_mask_png
+from aselect.pipelines.predict import PALETTE, image_files, load_run, read_images, write_mask_png
 from aselect.pipelines.probe import (
     LINEAR_META,
     LINEAR_WEIGHTS,
@@ -208,6 +208,11 @@ def test_mask_pngs_hold_class_ids_with_a_palette(tmp_path: Path) -> None:
     write_mask_png(mask, tmp_path / "m.png")
     with Image.open(tmp_path / "m.png") as img:
         assert img.mode == "P" and np.array_equal(np.asarray(img), mask)
+    # the training masks' palette, and where it is shorter than the ids, the default colours after it
+    write_mask_png(mask, tmp_path / "own.png", [9, 8, 7, 6, 5, 4])
+    with Image.open(tmp_path / "own.png") as img:
+        assert np.array_equal(np.asarray(img), mask)
+        assert img.getpalette() == [9, 8, 7, 6, 5, 4, *(v for colour in PALETTE[2:5] for v in colour)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from PIL import Image
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
@@ -20,12 +21,14 @@ from safetensors.torch import load_file, save_file
 from aselect.flows.cli import main
 from aselect.pipelines.attentive import AttentiveHead, load_head, save_head
 from aselect.pipelines.backbone import load_backbone, load_model_part
+from aselect.pipelines.predict import load_run
 from aselect.pipelines.probe import LINEAR_WEIGHTS, fit_linear, load_linear, save_linear
 from aselect.pipelines.training import latest_good_checkpoint, save_checkpoint
 from aselect.storage import stages as stages_module
+from aselect.storage.datasets import Dataset, write_dataset
 from aselect.storage.errors import AselectError
 from aselect.storage.features import FeatureLayout, create_store, finished_items, write_item
-from aselect.storage.stages import MANIFEST, WORKDIR_MARKER, StageDir, Workdir, reuse_hash_limit
+from aselect.storage.stages import MANIFEST, WORKDIR_MARKER, StageDir, Workdir, reuse_hash_limit, write_json_atomic
 from aselect.tasks.stage import verify_before_reuse
 
 
@@ -145,6 +148,17 @@ def test_a_manifest_field_of_the_wrong_type_is_one_line(tmp_path: Path, field: s
         assert str(caught.value).startswith(f"{stage.manifest_path}: {named}") and "\n" not in str(caught.value)
 
 
+def test_a_manifest_field_of_the_wrong_type_is_one_line_from_inspect_and_verify(tmp_path: Path, capsys) -> None:
+    stage = finished_stage(tmp_path)
+    manifest = json.loads(stage.manifest_path.read_text())
+    stage.manifest_path.write_text(json.dumps({**manifest, "files": {"metrics.json": [16, 7]}}))
+    for command in ("inspect", "verify"):
+        assert main([command, "--workdir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"aselect: error: {stage.manifest_path}: field 'files' entry 'metrics.json' has sha256 7, not "
+                       f"64 hex digits; remove the stage directory {stage.path} to compute it again\n"), err
+
+
 # ---------------------------------------------------------------------------------------------
 #                                       A workdir is a workdir
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +183,37 @@ def test_only_aselect_workdirs_are_inspected(tmp_path: Path) -> None:
     fresh.check_readable()
     fresh.check_writable()
     assert (fresh.root / WORKDIR_MARKER).read_bytes() == marker  # written once, never rewritten
+
+
+def test_a_run_refuses_a_directory_that_is_not_a_workdir(tmp_path: Path) -> None:
+    home = tmp_path / "home"  # another program's files: a run must not scatter stages among them
+    (home / "Documents").mkdir(parents=True)
+    (home / ".bashrc").write_text("export PS1='$ '\n")
+    with pytest.raises(AselectError) as caught:
+        Workdir(home).check_writable()
+    assert str(caught.value) == (f"{home}: not an aselect workdir (it holds other files, no {WORKDIR_MARKER} and no "
+                                 f"stage directories); pass a new or empty directory, or the --workdir of a run")
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc", "Documents"]  # nothing written there
+    (tmp_path / "dotted" / ".git").mkdir(parents=True)  # hidden entries are files too
+    with pytest.raises(AselectError, match="not an aselect workdir"):
+        Workdir(tmp_path / "dotted").check_writable()
+
+
+def test_a_run_accepts_a_new_empty_or_aselect_directory_and_marks_it(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "killed").mkdir()  # a run killed inside its own check leaves its write test behind
+    (tmp_path / "killed" / ".write-test-4242").touch()
+    marked = tmp_path / "marked"
+    finished_stage(marked)
+    shutil.rmtree(marked / "probe")
+    (marked / "predictions.csv").write_text("path,class\n")  # a workdir holds what predict wrote into it
+    old = tmp_path / "old"  # from before the marker: its stage directories make it a workdir
+    finished_stage(old)
+    (old / WORKDIR_MARKER).unlink()
+    for root in (tmp_path / "new" / "deeper", empty, tmp_path / "killed", marked, old):
+        Workdir(root).check_writable()
+        assert (root / WORKDIR_MARKER).is_file(), root
 
 
 def test_a_symlink_loop_is_one_line(tmp_path: Path) -> None:
@@ -197,6 +242,80 @@ def test_inspect_and_verify_refuse_what_is_not_a_workdir(tmp_path: Path, capsys)
             assert main([command, "--workdir", str(tmp_path / where)]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"aselect: error: {tmp_path / where}: {says}") and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+#                          A finished run is verified before it is used
+# ---------------------------------------------------------------------------------------------
+
+SELECTION = {"timestep": 100, "layer": 1, "site": "block", "policy": "fixed"}
+
+
+def finished_run(root: Path) -> dict[str, StageDir]:
+    """The stages `load_run` reads of a finished linear classification run (the backbone is not loaded until
+    features are asked for, so its weights here are only bytes)."""
+    work = Workdir(root)
+
+    def stage(name: str, key: str, inputs: dict, write, **details) -> StageDir:
+        made = work.stage(name, key * 16)
+        made.begin(inputs)
+        write(made.path)
+        made.complete(f"{name} finished", **details)
+        return made
+
+    def weights(path: Path) -> None:
+        (path / "model").mkdir()
+        (path / "model" / "weights.safetensors").write_bytes(bytes(range(256)) * 4)
+
+    rng = np.random.default_rng(0)
+    data = Dataset(np.zeros((8, 1, 8, 8), np.uint8), np.arange(8) % 2, ["a", "b"], np.arange(4), np.arange(4, 8))
+    probe = fit_linear(rng.normal(size=(20, 4)).astype(np.float32), np.arange(20) % 2, 1.0)
+    ingest = stage("ingest", "1", {}, lambda path: write_dataset(data, path))
+    backbone = stage("backbone", "2", {}, weights, kind="pretrain", model_path="model")
+    dump = stage("dump", "3", {"upstream": {"ingest": ingest.key, "backbone": backbone.key}, "config": {"seed": 0}},
+                 lambda path: None)
+    select = stage("select", "4", {}, lambda path: write_json_atomic(path / "selection.json", SELECTION),
+                   selection=SELECTION)
+    probe_stage = stage("probe", "5", {"selection": SELECTION, "upstream": {"features": dump.key},
+                                       "config": {"kind": "linear"}},
+                        lambda path: save_linear(path, probe, {"task": "classification"}))
+    return {"ingest": ingest, "backbone": backbone, "dump": dump, "select": select, "probe": probe_stage}
+
+
+def test_a_flipped_byte_in_a_finished_runs_probe_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    stages = finished_run(tmp_path / "w")
+    run = load_run(tmp_path / "w")
+    assert run.key == stages["probe"].key and run.stages["select"] == stages["select"].path
+    weights = stages["probe"].path / LINEAR_WEIGHTS
+    original = weights.read_bytes()
+    flip(weights)  # same size: loads, with another number in it
+    expected = (f"{weights}: missing or changed since the probe stage finished; `aselect run` with the run's config "
+                f"computes it again")
+    for pick in (None, stages["probe"].key[:6]):
+        with pytest.raises(AselectError) as caught:
+            load_run(tmp_path / "w", run=pick)
+        assert str(caught.value) == expected
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "x.png"), "--workdir", str(tmp_path / "w")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"aselect: error: {expected}\n" and captured.out == ""
+    weights.write_bytes(original + b"\0")  # resized: a damaged newest run is refused, not passed over
+    with pytest.raises(AselectError, match=rf"^{weights}: missing or changed since the probe stage finished"):
+        load_run(tmp_path / "w")
+    weights.write_bytes(original)
+    assert load_run(tmp_path / "w").key == run.key
+
+
+@pytest.mark.parametrize(("name", "file"), [("backbone", "model/weights.safetensors"),
+                                            ("select", "selection.json"), ("dump", MANIFEST)])
+def test_what_a_finished_run_reads_besides_its_probe_is_verified(tmp_path: Path, name: str, file: str) -> None:
+    stages = finished_run(tmp_path / "w")
+    flip(stages[name].path / file, offset=-4)  # in the last value: JSON stays JSON
+    with pytest.raises(AselectError) as caught:
+        load_run(tmp_path / "w")
+    assert str(caught.value).startswith(f"{stages[name].path / file}: missing or changed since the {name} stage "
+                                        f"finished; `aselect run`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from aselect.pipelines.probe import (
+    IGNORE_ID,
     array_rows,
     bilinear_matrix,
     classification_probe,
     classification_probe_streamed,
     fit_streamed_logistic,
     iou_from_confusion,
+    mask_class_count,
     patch_fractions,
     segmentation_probe,
     segmentation_probe_streamed,
@@ -279,6 +281,36 @@ def test_segmentation_probe_with_a_class_absent_from_training():
     result = segmentation_probe(train_tokens, train_masks, test_tokens, test_masks, num_classes=3, Cs=(1.0,))
     assert result.details["per_class_iou"]["2"] == 0.0  # never predicted, present in ground truth
     assert result.details["per_class_iou"]["0"] > 0.5 and np.isfinite(result.value)
+
+
+def test_ignored_pixels_add_no_class_to_the_class_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aselect.pipelines.probe as probe_module
+    import aselect.pipelines.scoring as scoring
+    from aselect.pipelines.benchmark import pixel_baseline
+
+    tokens, masks = segmentation_data(40, seed=3)
+    masks[:, :2] = IGNORE_ID  # unlabelled rows of pixels in every mask
+    assert mask_class_count(masks) == 3 and mask_class_count(masks, ["a", "b", "c", "d"]) == 4
+    with pytest.raises(AselectError, match=r"every pixel is ignored \(255\)") as info:
+        mask_class_count(np.full((2, 4, 4), IGNORE_ID, dtype=np.uint8))
+    one_line_error(info)
+    # the class count the probes are given: the scorer's, and the pixel baseline's (with and without names)
+    given, real = [], probe_module.segmentation_probe
+
+    def recording(*args, **kwargs):
+        given.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "segmentation_probe", recording)
+    monkeypatch.setattr(probe_module, "segmentation_probe", recording)
+    assert score_pair("probe_seg", tokens, masks=masks) > 0.9
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 1, 16, 16), dtype=np.uint8)
+    split = (np.arange(30), np.arange(30, 40))
+    for names in (None, ["background", "a", "b", "c"]):
+        baseline = pixel_baseline(images, np.zeros(40, dtype=np.int64), *split, masks, 4, (1.0,), 0.25, 0,
+                                  mask_class_names=names)
+        assert baseline["metric"] == "miou" and np.isfinite(baseline["value"])
+    assert given == [3, 3, 4]
 
 
 @pytest.mark.parametrize("classes", [10, 2])

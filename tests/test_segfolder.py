@@ -33,6 +33,7 @@ from aselect.storage.errors import AselectError
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["circle", "rectangle", "triangle"]  # mask id = index + 1; 0 = background
+MASK_PALETTE = [v for i in range(256) for v in (i * 7 % 256, i * 13 % 256, i * 29 % 256)]  # RGB triples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,13 +41,14 @@ KINDS = ["circle", "rectangle", "triangle"]  # mask id = index + 1; 0 = backgrou
 # ---------------------------------------------------------------------------------------------
 
 
-def save_mask(mask: np.ndarray, path: Path, palette: bool = False) -> Path:
-    """Class ids (H, W) as an 8-bit grey PNG, or a palette PNG whose indices are the ids."""
+def save_mask(mask: np.ndarray, path: Path, palette: bool | list[int] = False) -> Path:
+    """Class ids (H, W) as an 8-bit grey PNG, or a palette PNG whose indices are the ids (colours: `palette`, or
+    MASK_PALETTE for True)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(mask.astype(np.uint8), mode="L")
     if palette:
         image = image.convert("P")  # no quantisation: "L" -> "P" keeps each value as its index
-        image.putpalette([v for i in range(256) for v in (i * 7 % 256, i * 13 % 256, i * 29 % 256)])
+        image.putpalette(MASK_PALETTE if palette is True else palette)
     image.save(path)
     return path
 
@@ -128,6 +130,20 @@ def test_a_segfolder_reads_like_the_bundled_segmentation_sources(folder: Path) -
         assert ds.labels[i] == counts.argmax()  # the most common non-ignored class
     assert (ds.masks == MASK_IGNORE).any() and set(np.unique(ds.masks)) <= {0, 1, 2, 3, MASK_IGNORE}
     assert MASK_IGNORE == IGNORE_ID  # ingest stores what the probes ignore
+    assert ds.mask_palette == MASK_PALETTE  # the palette masks' colours (the grey ones have none)
+
+
+def test_the_mask_palette_is_the_one_the_palette_masks_share(tmp_path: Path) -> None:
+    root = tmp_path / "seg"
+    for i in range(4):
+        tiny_pair(root, f"s{i}", np.full((4, 4), i % 2, dtype=np.uint8))
+    assert load_dataset(seg_cfg(root, image_size=4)).mask_palette is None  # grey masks: no colours to keep
+    short = [10, 20, 30, 40, 50, 60]  # two entries; the longer palette below extends it
+    save_mask(np.zeros((4, 4)), root / "masks" / "s0.png", palette=short)
+    save_mask(np.ones((4, 4)), root / "masks" / "s1.png", palette=short + [70, 80, 90])
+    assert load_dataset(seg_cfg(root, image_size=4)).mask_palette == short + [70, 80, 90]
+    save_mask(np.zeros((4, 4)), root / "masks" / "s2.png", palette=[1, 2, 3])  # disagrees on id 0's colour
+    assert load_dataset(seg_cfg(root, image_size=4)).mask_palette is None
 
 
 def test_without_classes_txt_names_are_the_ids_seen_and_ignore_index_is_remapped(tmp_path: Path) -> None:
@@ -168,6 +184,7 @@ def test_streaming_segfolder_ingest_equals_the_in_memory_dataset(tmp_path: Path,
     for name in ("images", "masks", "labels", "train_idx", "test_idx"):
         assert np.array_equal(getattr(stored, name), getattr(expected, name)), name
     assert stored.mask_class_names == expected.mask_class_names and len(stored.skipped) == 1
+    assert stored.mask_palette == expected.mask_palette == MASK_PALETTE
 
 
 def test_split_files_fix_the_split_and_leave_out_unlisted_images(folder: Path, tmp_path: Path) -> None:
@@ -379,6 +396,7 @@ def test_a_segfolder_run_predicts_masks_whose_miou_is_the_probe_stages(run_cli, 
                                                                  result["metrics"]["value"])
     data = read_dataset(run.stages["ingest"])
     assert data.test_idx.tolist() == list(range(15)) and (data.masks == MASK_IGNORE).any()
+    assert run.mask_palette == data.mask_palette == MASK_PALETTE
 
     images, out = tmp_path / "test-images", tmp_path / "pred"
     images.mkdir()
@@ -394,6 +412,7 @@ def test_a_segfolder_run_predicts_masks_whose_miou_is_the_probe_stages(run_cli, 
     confusion = np.zeros((k, k), dtype=np.int64)
     for row in rows:
         with Image.open(row["mask"]) as img:
+            assert img.mode == "P" and img.getpalette() == MASK_PALETTE  # coloured as the training masks
             predicted = np.asarray(img).astype(np.int64)
         with Image.open(root / "masks" / f"{Path(row['path']).stem}.png") as img:
             truth = np.asarray(img).astype(np.int64)  # 16 px: the ingested size, no resizing
