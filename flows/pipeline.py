@@ -17,7 +17,7 @@ from pydantic import Field
 
 from aselect.pipelines import plan
 from aselect.pipelines.config import RunConfig, load_config
-from aselect.pipelines.select import middle_third
+from aselect.pipelines.select import middle_third, select
 from aselect.storage.errors import AselectError
 from aselect.storage.stages import StageRef, Workdir
 from aselect.tasks.backbone import ModelInfo, backbone, plan_backbone
@@ -161,13 +161,27 @@ def _calibrate_and_score(cfg: RunConfig, work: Workdir, reports: list[StageRepor
                         dataset=dataset, dask=cfg.dask)
 
 
+def _fewshot_at(cfg: RunConfig, work: Workdir, reports: list[StageReport], dataset: StageRef, model: StageRef,
+                timestep: int) -> StageRef:
+    """The hybrid policy's second look: the few-shot calibration (pooled features of `calibrate.images` labelled
+    images; token maps for segmentation) at the one timestep HFR chose, every layer and pooled site, scored."""
+    few = cfg.model_copy(update={"select": cfg.select.model_copy(update={"policy": "fewshot"})})
+    calib = plan.calibration(few, is_segmentation(dataset), None)
+    features = plan_and_run(dump, plan_dump, work, reports, stage_name="calibrate",
+                            cfg=calib.dump.model_copy(update={"timesteps": [timestep]}), dataset=dataset,
+                            model=model, calibration_images=cfg.calibrate.fixed_images(), dask=cfg.dask)
+    return plan_and_run(score, plan_score, work, reports, cfg=cfg.score, scorer=calib.scorer, features=features,
+                        dataset=dataset, dask=cfg.dask)
+
+
 @flow(name="aselect-pipeline")
 def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | None = None,
                      workdir: str | None = None) -> dict[str, Any]:
     """A-SelecT: pick (t, l, s) by HFR on a calibration subset, then dump and probe only that pair.
 
     `select.policy` swaps the selector: `fewshot` probes the calibration subset with its labels instead of
-    HFR, `fixed` takes the configured pair without scoring anything.
+    HFR, `hybrid` takes t from HFR and the layer and site from that probe at t, `fixed` takes the configured pair
+    without scoring anything.
     """
     cfg, work = _start(config, overrides, workdir, "A-SelecT")
     if cfg.select.policy == "oracle":
@@ -178,17 +192,21 @@ def aselect_pipeline(config: ConfigName = "digits", overrides: list[Override] | 
     dataset, model = run_foundation(cfg, work, reports)
     info = ModelInfo.of(model)
     cfg = cfg.resolved(info.num_layers, info.token_grid)
-    # 3-4. calibrate: every candidate timestep and layer on a small subset; score it (HFR, or the few-shot probe)
+    # 3-4. calibrate: the candidate timesteps and layers on a small subset; score it (HFR, or the few-shot probe)
     if cfg.select.policy == "fixed":
         scored, table = [], []
     else:
         scored = [_calibrate_and_score(cfg, work, reports, dataset, model)]
         table = reports[-1].result["rows"]
-    # 5-6. select, dump the selected pair for every image, probe. The HFR band is named explicitly: the middle
-    # third of the whole DiT, not of the layers calibration reduced.
+    # The HFR band is named explicitly: the middle third of the whole DiT, not of the layers calibration reduced.
     select_cfg = cfg.select
-    if select_cfg.policy == "aselect" and select_cfg.layers is None:
+    if select_cfg.policy in ("aselect", "hybrid") and select_cfg.layers is None:
         select_cfg = select_cfg.model_copy(update={"layers": hfr_band(cfg, model)})
+    if select_cfg.policy == "hybrid":  # 3-4 again: the few-shot probe at HFR's t alone picks layer and site
+        t_star = select("aselect", table, hfr_site=select_cfg.hfr_site, layers=select_cfg.layers).timestep
+        scored.append(_fewshot_at(cfg, work, reports, dataset, model, t_star))
+        table = [*table, *reports[-1].result["rows"]]
+    # 5-6. select, dump the selected pair for every image, probe
     _select_and_probe(cfg, work, reports, select_cfg, scored, table, dataset, model, None)
     return run_summary(cfg, work, "aselect-pipeline", reports)
 

@@ -101,6 +101,9 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
     if cfg.bench.fewshot:
         out.append(Selector("fewshot", f"few-shot probe on the {cfg.calibrate.fixed_images()} calibration images",
                             ("select.policy=fewshot",), label_free=False))
+        out.append(Selector("hybrid", f"hybrid: the default's HFR t, then layer and site by the few-shot probe on "
+                                      f"{cfg.calibrate.fixed_images()} calibration images at that t",
+                            ("select.policy=hybrid",), label_free=False))
     if cfg.bench.rankme:
         out.append(Selector("rankme", f"RankMe (label-free effective rank) on the {cfg.calibrate.fixed_images()} "
                                       f"calibration images", ("select.policy=rankme",)))
@@ -239,6 +242,11 @@ def probe_vs_timestep(oracle_rows: list[dict[str, Any]], margin: float = 0.005) 
             "smallest_t": ts[0], "interior_maximum": interior}
 
 
+# selectors that read labels of the calibration images, reported beside the label-free defaults
+LABELLED_REFERENCES = {"fewshot": "Few-shot (labelled, on the calibration images)",
+                       "hybrid": "Hybrid (HFR's t, the few-shot probe's layer and site at it)"}
+
+
 def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Each label-free candidate default chosen on the other configs and scored on the one left out.
 
@@ -252,7 +260,7 @@ def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None
     regrets = {c["config"]: {r["selector"]: r["regret_points"] for r in c["selectors"]} for c in configs}
     values = {c["config"]: {r["selector"]: r["value"] for r in c["selectors"]} for c in configs}
     labelled = {r["selector"] for c in configs for r in c["selectors"]
-                if not r.get("label_free", r["selector"] not in ("oracle", "fewshot"))}
+                if not r.get("label_free", r["selector"] not in ("oracle", *LABELLED_REFERENCES))}
     names = set.intersection(*(set(v) for v in regrets.values())) - labelled
     if not names:
         return None
@@ -276,10 +284,11 @@ def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None
              for n in rank(everyone)]
     out = {"candidates": table, "held_out": held_out, "held_out_mean": round(sum(held) / len(held), 2),
            "held_out_worst": max(held), "shipped": table[0]["selector"], "goal_points": REGRET_GOAL_POINTS}
-    if all("fewshot" in r for r in regrets.values()):
-        few = [regrets[c]["fewshot"] for c in everyone]
-        out["fewshot"] = {"mean": round(sum(few) / len(few), 2), "worst": max(few),
-                          "beats_held_out_default": max(few) < out["held_out_worst"]}
+    for reference in LABELLED_REFERENCES:  # labelled selectors: no default is chosen among them, they are compared
+        if all(reference in r for r in regrets.values()):
+            few = [regrets[c][reference] for c in everyone]
+            out[reference] = {"mean": round(sum(few) / len(few), 2), "worst": max(few),
+                              "beats_held_out_default": max(few) < out["held_out_worst"]}
     return out
 
 
@@ -582,10 +591,12 @@ def loco_table(loco: dict[str, Any]) -> list[str]:
     verdict = "met" if loco["held_out_worst"] <= loco["goal_points"] else "**not met**"
     lines += ["", f"Held out: mean regret {loco['held_out_mean']:.2f}, worst {loco['held_out_worst']:.2f} "
                   f"(goal <= {loco['goal_points']:g}: {verdict}). Chosen on every config: `{loco['shipped']}`."]
-    if loco.get("fewshot"):
-        f = loco["fewshot"]
-        lines.append(f"Few-shot (labelled, on the calibration images): mean {f['mean']:.2f}, worst {f['worst']:.2f}"
-                     + (" -- better than any label-free default held out." if f["beats_held_out_default"] else "."))
+    for reference, words in LABELLED_REFERENCES.items():
+        if loco.get(reference):
+            f = loco[reference]
+            lines.append(f"{words}: mean {f['mean']:.2f}, worst {f['worst']:.2f}"
+                         + (" -- better than any label-free default held out." if f["beats_held_out_default"]
+                            else "."))
     configs = list(loco["candidates"][0]["per_config"])
     lines += ["", "| candidate | " + " | ".join(configs) + " | mean | worst |",
               "| --- |" + " --- |" * (len(configs) + 2)]

@@ -346,7 +346,8 @@ class ScoreConfig(Section):
 class SelectConfig(Section):
     """Stage 5: how scores become one (timestep, layer, site)."""
 
-    policy: Literal["aselect", "oracle", "fixed", "fewshot", "rankme"] = "aselect"
+    # `hybrid`: t from HFR (label-free, as `aselect`), then layer and site by the few-shot probe at that t alone
+    policy: Literal["aselect", "oracle", "fixed", "fewshot", "rankme", "hybrid"] = "aselect"
     hfr_site: SiteName = "attn"  # must be among calibrate.sites
     layers: list[int] | None = None  # layers HFR is averaged over; default: the middle third
     feature_site: TokenSite = "block"
@@ -493,7 +494,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _dump_fits_backbone(self) -> RunConfig:
-        if self.select.policy == "aselect" and self.select.hfr_site not in self.calibrate.sites:
+        if self.select.policy in ("aselect", "hybrid") and self.select.hfr_site not in self.calibrate.sites:
             raise ValueError(f"select.hfr_site {self.select.hfr_site!r} must be one of calibrate.sites "
                              f"{self.calibrate.sites}")
         # A loaded checkpoint is only known at run time; the dump stage checks it then.

@@ -252,6 +252,24 @@ def _aselect(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[i
     return Selection("aselect", best, chosen, feature_site, curve[best], runner, reason, rows)
 
 
+def _hybrid(rows: list[dict], *, hfr_site: str = "attn_map", layers: Sequence[int] | None = None,
+            scorer: str | None = None) -> Selection:
+    """Label-free t, labelled feature: t* as `_aselect` picks it from the HFR rows, then the (layer, site) with the
+    best few-shot score at t* (the table's `fewshot` or `probe_seg` rows, scored at t* alone)."""
+    t_star = _aselect([r for r in rows if r["scorer"] == "hfr"], hfr_site=hfr_site, layers=layers)
+    labelled = [r for r in rows if r["scorer"] != "hfr"]
+    if scorer is None:
+        present = {r["scorer"] for r in labelled}
+        scorer = "probe_seg" if "probe_seg" in present and "fewshot" not in present else "fewshot"
+    at_t = [r for r in labelled if r["timestep"] == t_star.timestep and r["scorer"] == scorer]
+    if not at_t:
+        raise AselectError(f"policy 'hybrid': no '{scorer}' scores at the HFR choice t={t_star.timestep}")
+    best = _best_by("hybrid", at_t, scorer)
+    reason = (f"{t_star.reason.split('; features:')[0]}; features: layer {best.layer} site {best.site} at "
+              f"t={best.timestep} ({best.reason})")
+    return Selection("hybrid", best.timestep, best.layer, best.site, best.score, best.runner_up, reason, rows)
+
+
 def _rankme(rows: list[dict]) -> Selection:
     """Label-free, not spectral: the pair whose pooled features have the highest effective rank (RankMe)."""
     return _best_by("rankme", rows, "rankme")
@@ -263,6 +281,7 @@ POLICIES: dict[str, Callable[..., Selection]] = {
     "rankme": _rankme,
     "fixed": _fixed,
     "aselect": _aselect,
+    "hybrid": _hybrid,
 }
 
 

@@ -49,6 +49,8 @@ def policy_params(cfg: SelectConfig) -> dict[str, Any]:
     if cfg.policy == "aselect":
         return {"hfr_site": cfg.hfr_site, "layers": cfg.layers, "feature_site": cfg.feature_site,
                 "feature_layer": cfg.feature_layer}
+    if cfg.policy == "hybrid":
+        return {"hfr_site": cfg.hfr_site, "layers": cfg.layers}
     if cfg.policy == "fixed":
         return {"timestep": cfg.timestep, "layer": cfg.layer, "site": cfg.site}
     return {}
@@ -60,19 +62,28 @@ def _without_table(selection: dict[str, Any]) -> dict[str, Any]:
 
 
 def _confidence(cfg: SelectConfig, table: list[dict[str, Any]], scores: list[StageRef]) -> dict[str, Any] | None:
-    """The bootstrap confidence of an aselect choice, when the score stage kept per-image values (streamed HFR)."""
-    if cfg.policy != "aselect" or not cfg.bootstrap or len(scores) != 1:
+    """The bootstrap confidence of an aselect choice, when the score stage kept per-image values (streamed HFR).
+    A hybrid choice's timestep is the aselect one: its HFR score stage comes first, and the record is the
+    aselect choice's (the few-shot layer and site are not resampled)."""
+    if cfg.policy not in ("aselect", "hybrid") or not cfg.bootstrap or not scores:
+        return None
+    if cfg.policy == "aselect" and len(scores) != 1:
         return None
     per_image = read_per_image(scores[0])
     if per_image is None:
         return None
-    return bootstrap_confidence(cfg.policy, table, per_image, policy_params(cfg), cfg.bootstrap, cfg.bootstrap_seed)
+    hfr = [row for row in table if row["scorer"] == "hfr"]
+    aselect = cfg.model_copy(update={"policy": "aselect"})
+    found = bootstrap_confidence("aselect", hfr, per_image, policy_params(aselect), cfg.bootstrap, cfg.bootstrap_seed)
+    if cfg.policy == "hybrid":  # only t is HFR's: its share is the choice's confidence
+        found.update(value=found["timestep"], selected={"timestep": found["selected"]["timestep"]})
+    return found
 
 
 def _calibration(cfg: SelectConfig, scores: list[StageRef]) -> dict[str, Any] | None:
     """What the aselect calibration spent (images, rounds, timesteps scored, forward passes, budget), as the
-    score stage carried it from the calibration."""
-    if cfg.policy != "aselect" or len(scores) != 1:
+    score stage carried it from the calibration (the HFR one, first, for a hybrid choice)."""
+    if cfg.policy not in ("aselect", "hybrid") or not scores:
         return None
     return (scores[0].dir.read_manifest() or {}).get("calibration")
 

@@ -10,15 +10,15 @@ from aselect.pipelines.benchmark import leave_one_config_out, loco_table, probe_
 def config(name: str, regrets: dict[str, float], pixels: float | None = None) -> dict:
     """A config report with these regrets (oracle value 0.9) and, optionally, a raw-pixel baseline."""
     rows = [{"selector": s, "regret_points": r, "value": round(0.9 - r / 100, 4),
-             "label_free": s not in ("oracle", "fewshot")} for s, r in {**regrets, "oracle": 0.0}.items()]
+             "label_free": s not in ("oracle", "fewshot", "hybrid")} for s, r in {**regrets, "oracle": 0.0}.items()]
     return {"config": name, "selectors": rows, "baselines": {} if pixels is None else {"pixels": {"value": pixels}}}
 
 
 def test_each_held_out_config_gets_the_default_chosen_on_the_others() -> None:
     # "steady" is never great and never awful; "spiky" is best on a and b but collapses on c
-    configs = [config("a", {"spiky": 0.0, "steady": 2.0, "fewshot": 1.0}, pixels=0.85),
-               config("b", {"spiky": 0.5, "steady": 2.0, "fewshot": 1.0}),
-               config("c", {"spiky": 30.0, "steady": 3.0, "fewshot": 1.0}, pixels=0.89)]
+    configs = [config("a", {"spiky": 0.0, "steady": 2.0, "fewshot": 1.0, "hybrid": 0.0}, pixels=0.85),
+               config("b", {"spiky": 0.5, "steady": 2.0, "fewshot": 1.0, "hybrid": 4.0}),
+               config("c", {"spiky": 30.0, "steady": 3.0, "fewshot": 1.0, "hybrid": 35.0}, pixels=0.89)]
     loco = leave_one_config_out(configs)
     held = {h["config"]: h for h in loco["held_out"]}
     # without c in view, spiky looks best (worst case 0.5) and costs 30 points on c; with c in view, steady wins
@@ -30,7 +30,9 @@ def test_each_held_out_config_gets_the_default_chosen_on_the_others() -> None:
     # the labelled selectors are never candidate defaults; few-shot is reported beside them
     assert {c["selector"] for c in loco["candidates"]} == {"spiky", "steady"}
     assert loco["fewshot"] == {"mean": 1.0, "worst": 1.0, "beats_held_out_default": True}
+    assert loco["hybrid"] == {"mean": 13.0, "worst": 35.0, "beats_held_out_default": False}
     text = "\n".join(loco_table(loco))
+    assert "Hybrid (HFR's t, the few-shot probe's layer and site at it): mean 13.00, worst 35.00." in text
     assert "| c | spiky | 30.00 | **no** |" in text and "worst 30.00" in text and "**not met**" in text
 
 

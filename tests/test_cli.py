@@ -127,8 +127,8 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     report = json.loads(proc.stdout)
     (config,) = report["configs"]
     rows = {r["selector"]: r for r in config["selectors"]}
-    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "aselect-published", "fewshot", "rankme",
-                          "fixed", "oracle"]
+    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "aselect-published", "fewshot", "hybrid",
+                          "rankme", "fixed", "oracle"]
     oracle = rows["oracle"]
     for row in rows.values():
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
@@ -142,6 +142,10 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     assert rows["aselect-plain"]["forward_passes"] == 40 * 10 + 200
     assert (rows["fixed"]["timestep"], rows["fixed"]["layer"], rows["fixed"]["site"]) == (100, 1, "block")
     assert rows["fixed"]["forward_passes"] == 200 and rows["fewshot"]["site"] in ("block", "attn", "mlp")
+    # hybrid: the default's t (its calibration reused), then the few-shot probe's 64 images at that t alone
+    assert rows["hybrid"]["timestep"] == rows["aselect"]["timestep"] and rows["hybrid"]["site"] in ("block", "attn",
+                                                                                                     "mlp")
+    assert rows["hybrid"]["forward_passes"] == 2 * 20 * 10 + 64 + 200
     assert "spearman_hfr_vs_probe" in rows["aselect-attn_map"] and "spearman_hfr_vs_probe" not in rows["fixed"]
     assert rows["aselect"]["cached_stages"] == 0 and oracle["cached_stages"] == 0  # measured in this run
     goals = config["goals"]

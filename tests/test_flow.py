@@ -159,6 +159,31 @@ def test_a_selected_timestep_outside_the_dump_grid_is_dumped_for_every_image(smo
     assert features["accounting"]["images_timesteps"] == 200 and result["metrics"]["metric"] == "top1"
 
 
+def test_hybrid_takes_hfrs_timestep_and_probes_only_that_timestep_for_the_feature(smoke_workdir: Path) -> None:
+    label_free = aselect_pipeline(config="smoke", workdir=str(smoke_workdir))
+    result = aselect_pipeline(config="smoke", overrides=["select.policy=hybrid"], workdir=str(smoke_workdir))
+    stages = result["stages"]
+    assert [s["name"] for s in stages] == ["ingest", "backbone", "calibrate", "score", "calibrate", "score",
+                                           "select", "dump", "probe"]
+    hfr, features = (json.loads((Path(s["path"]) / "manifest.json").read_text()) for s in stages[2:5:2])
+    assert stages[2]["cached"] and stages[3]["cached"]  # the HFR calibration is the default run's
+    selection = result["selection"]
+    assert selection["policy"] == "hybrid" and selection["timestep"] == label_free["selection"]["timestep"]
+    # the few-shot look: the 64 labelled calibration images at that one timestep, every layer and pooled site
+    assert features["layout"]["timesteps"] == [selection["timestep"]] and features["layout"]["samples"] == 64
+    assert features["layout"]["layers"] == [0, 1] and features["layout"]["sites"] == ["block", "attn", "mlp"]
+    assert hfr["layout"]["hfr_sites"] == ["attn"]
+    rows = json.loads((Path(stages[5]["path"]) / "manifest.json").read_text())
+    table = json.loads((Path(stages[6]["path"]) / "selection.json").read_text())["table"]
+    fewshot = {(r["layer"], r["site"]): r["score"] for r in table if r["scorer"] == "fewshot"}
+    assert len(fewshot) == rows["pairs"] == 6 and fewshot[(selection["layer"], selection["site"])] == max(
+        fewshot.values())
+    assert selection["confidence"]["selected"] == {"timestep": selection["timestep"]}
+    assert result["cost"]["forward_passes"] == selection["calibration"]["forward_passes"] + 64 + 200
+    again = aselect_pipeline(config="smoke", overrides=["select.policy=hybrid"], workdir=str(smoke_workdir))
+    assert all(s["cached"] for s in again["stages"]) and again["selection"] == selection
+
+
 def test_calibration_reduces_only_the_layers_the_policy_reads(smoke_workdir: Path) -> None:
     def calibrated_layers(result: dict) -> list[int]:
         path = Path(stages_by_name(result)["calibrate"]["path"])

@@ -438,6 +438,23 @@ def test_aselect_averages_hfr_over_the_middle_blocks():
     assert "[9]" in one_line_error(excinfo)
 
 
+def test_hybrid_takes_t_from_hfr_and_the_feature_from_the_few_shot_probe_at_that_t():
+    table = score_table()
+    hybrid = select("hybrid", table)
+    aselect, fewshot = select("aselect", table), select("fewshot", table)
+    # HFR's t (25, not the few-shot best's 10), the few-shot best layer and site at t=25 (0, not HFR's 3)
+    assert (aselect.timestep, aselect.layer) == (25, 3) and (fewshot.timestep, fewshot.layer) == (10, 0)
+    assert (hybrid.policy, hybrid.timestep, hybrid.layer, hybrid.site) == ("hybrid", 25, 0, "block")
+    assert hybrid.score == pytest.approx(1.0 - 0.025) and hybrid.runner_up["timestep"] == 25
+    assert hybrid.reason.startswith("HFR of attn_map averaged over layers [2, 3] peaks at t=25")
+    assert "features: layer 0 site block at t=25 (fewshot score 0.975" in hybrid.reason
+    # its few-shot scores must include HFR's t
+    elsewhere = [r for r in table if r["scorer"] != "fewshot" or r["timestep"] != 25]
+    with pytest.raises(AselectError) as excinfo:
+        select("hybrid", elsewhere)
+    assert "no 'fewshot' scores at the HFR choice t=25" in one_line_error(excinfo)
+
+
 def test_fixed_policy_validates_the_pair():
     fixed = select("fixed", score_table(), timestep=50, layer=2, site="mlp")
     assert (fixed.timestep, fixed.layer, fixed.site) == (50, 2, "mlp")
