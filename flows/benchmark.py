@@ -26,6 +26,8 @@ from aselect.flows.pipeline import ConfigName, aselect_exhaustive, aselect_pipel
 from aselect.pipelines.backbone import load_backbone
 from aselect.pipelines.benchmark import (
     Selector,
+    attentive_pairs,
+    attentive_report,
     best_pair_at,
     confidence_curve,
     config_report,
@@ -54,7 +56,7 @@ from aselect.tasks.ingest import DatasetCounts
 from aselect.tasks.probe import plan_probe, probe
 from aselect.tasks.score import read_per_image, read_rows
 from aselect.tasks.select import policy_params
-from aselect.tasks.stage import StageReport, plan_and_run
+from aselect.tasks.stage import StageCost, StageReport, plan_and_run
 
 REPORT_TASKS = ("ingest", "backbone", "dump", "score", "select", "probe", "benchmark")  # what a report runs
 DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "digits-noisy", "mnist5k", "shapes", "mnist32")
@@ -120,11 +122,36 @@ def bench_config(name: str, cfg: RunConfig, measure_scaling: bool, out: Path, ke
             "calibration_inputs": hfr_stream(cfg).inputs_per_image}
     curve = _confidence_curve(cfg, chosen, summaries, calibration_images)
     _split_regrets(cfg, fresh, dataset, rows, summaries["oracle"], oracle_rows)
+    attentive = _attentive(name, cfg, fresh, rows, summaries["aselect"]) if cfg.bench.attentive_timesteps else None
     baselines = _baselines(name, cfg, fresh, dataset, model, summaries["oracle"]["selection"])
     if not keep_work:
         shutil.rmtree(fresh.root, ignore_errors=True)
     return config_report(cfg.name, rows, measured, {"metric vs t": str(curves)}, grid, curve, baselines,
-                         probe_vs_timestep(oracle_rows), round(time.perf_counter() - began, 1))
+                         probe_vs_timestep(oracle_rows), round(time.perf_counter() - began, 1), attentive)
+
+
+def _attentive(name: str, cfg: RunConfig, work: Workdir, rows: list[dict[str, Any]],
+               default: dict[str, Any]) -> dict[str, Any]:
+    """The attentive protocol: the attentive probe on each of `attentive_pairs` (a fixed-pair run each, its token
+    maps dumped in `work`; nothing is scored, so no Dask), and the report of what it changes (`attentive_report`)."""
+    logger = get_run_logger()
+    epochs = cfg.bench.attentive_epochs
+    runs = []
+    for pair in attentive_pairs(cfg.bench.attentive_timesteps, rows):
+        logger.info("bench %s: attentive probe at t=%s layer %s %s (%s)", cfg.name, pair["timestep"], pair["layer"],
+                    pair["site"], ", ".join(pair["roles"]))
+        summary = aselect_pipeline(config=name, workdir=str(work.root), overrides=[
+            "select.policy=fixed", f"select.timestep={pair['timestep']}", f"select.layer={pair['layer']}",
+            f"select.site={pair['site']}", "probe.kind=attentive", f"probe.epochs={epochs}"])
+        runs.append({**pair, "value": round(float(summary["metrics"]["value"]), 4),
+                     "forward_passes": summary["cost"]["forward_passes"],
+                     "compute_seconds": summary["cost"]["compute_seconds"]})
+    # what the default spent before its pair's dump and probe: the label-free calibration, scoring and selection
+    spent = [StageCost.of(StageRef(s["name"], s["key"], s["path"])) for s in default["stages"]
+             if s["name"] in ("calibrate", "score", "select")]
+    calibration = {"forward_passes": sum(c.forward_passes for c in spent),
+                   "compute_seconds": sum(c.seconds for c in spent)}
+    return attentive_report(runs, rows, epochs, calibration)
 
 
 def _split_regrets(cfg: RunConfig, work: Workdir, dataset: StageRef, rows: list[dict[str, Any]],

@@ -242,6 +242,73 @@ def probe_vs_timestep(oracle_rows: list[dict[str, Any]], margin: float = 0.005) 
             "smallest_t": ts[0], "interior_maximum": interior}
 
 
+# ---------------------------------------------------------------------------------------------
+#                     The attentive protocol: the authors' probe on the same pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def attentive_pairs(timesteps: Sequence[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs the attentive protocol probes: `timesteps` at the linear oracle's layer and site (the attentive
+    oracle's grid), the linear oracle's own pair, and the default's pair; each once, with every role it plays."""
+    by_name = {r["selector"]: r for r in rows}
+    oracle, default = by_name["oracle"], by_name["aselect"]
+    pairs: dict[tuple, list[str]] = {}
+    for t in sorted(set(timesteps)):
+        pairs.setdefault((int(t), oracle["layer"], oracle["site"]), []).append("grid")
+    pairs.setdefault((oracle["timestep"], oracle["layer"], oracle["site"]), []).append("linear oracle")
+    pairs.setdefault((default["timestep"], default["layer"], default["site"]), []).append("default")
+    return [{"timestep": t, "layer": layer, "site": site, "roles": roles}
+            for (t, layer, site), roles in pairs.items()]
+
+
+def attentive_report(runs: list[dict[str, Any]], rows: list[dict[str, Any]], epochs: int,
+                     calibration: dict[str, float]) -> dict[str, Any]:
+    """The attentive protocol's verdict from its runs (`attentive_pairs` with `value`, `forward_passes`,
+    `compute_seconds` each): the attentive oracle (best of the grid and the linear oracle's pair, all at the linear
+    oracle's layer and site), where it peaks in t, the default's regret under it beside its linear regret, each
+    pair's linear and attentive metric, and A-SelecT's cost against the attentive oracle's. `calibration`: the
+    default's label-free part (forward passes, compute seconds) spent before its one attentive probe."""
+    by_name = {r["selector"]: r for r in rows}
+    searched = [r for r in runs if {"grid", "linear oracle"} & set(r["roles"])]
+    best = max(searched, key=lambda r: (r["value"], -r["timestep"]))
+    default = next(r for r in runs if "default" in r["roles"])
+    profile = probe_vs_timestep([{"timestep": r["timestep"], "score": r["value"]} for r in searched])
+    linear = {(r["timestep"], r["layer"], r["site"]): r["value"] for r in rows}
+    oracle_cost = {k: round(sum(r[k] for r in searched), 3) for k in ("forward_passes", "compute_seconds")}
+    aselect_cost = {k: round(calibration[k] + default[k], 3) for k in ("forward_passes", "compute_seconds")}
+    return {
+        "epochs": epochs,
+        "pairs": [{**r, "linear_value": linear.get((r["timestep"], r["layer"], r["site"]))} for r in runs],
+        "oracle": {k: best[k] for k in ("timestep", "layer", "site", "value")},
+        "profile": profile,
+        "default": {k: default[k] for k in ("timestep", "layer", "site", "value")},
+        "regret_points": round(100 * (best["value"] - default["value"]), 2),
+        "linear_regret_points": round(100 * (by_name["oracle"]["value"] - by_name["aselect"]["value"]), 2),
+        "cost_ratio": {"probe_trainings": len(searched),
+                       **{k: _ratio(oracle_cost[k], aselect_cost[k]) for k in oracle_cost}},
+        "cost": {"oracle": oracle_cost, "aselect": aselect_cost},
+    }
+
+
+def attentive_lines(config: dict[str, Any]) -> list[str]:
+    """The results page's lines for one config's attentive protocol (none when it was not measured)."""
+    a = config.get("attentive")
+    if not a:
+        return []
+    o, d = a["oracle"], a["default"]
+    lines = [f"- attentive probe ({a['epochs']} epochs; linear -> attentive per pair): "
+             + "; ".join(f"t={p['timestep']} layer {p['layer']} {p['site']} "
+                         f"{'n/a' if p['linear_value'] is None else format(p['linear_value'], '.4f')} -> "
+                         f"{p['value']:.4f}" for p in a["pairs"]),
+             f"- attentive oracle t={o['timestep']} layer {o['layer']} {o['site']} {o['value']:.4f}"
+             + (f" ({_profile(a['profile'])})" if a.get("profile") else "")
+             + f"; A-SelecT's pair {d['value']:.4f}: regret {a['regret_points']:.2f} points attentive, "
+               f"{a['linear_regret_points']:.2f} linear; {a['cost_ratio']['probe_trainings']} attentive trainings "
+               f"for the oracle against 1, {a['cost_ratio']['forward_passes']}x the forward passes, "
+               f"{a['cost_ratio']['compute_seconds']}x the compute seconds"]
+    return lines
+
+
 # selectors that read labels of the calibration images, reported beside the label-free defaults
 LABELLED_REFERENCES = {"fewshot": "Few-shot (labelled, on the calibration images)",
                        "hybrid": "Hybrid (HFR's t, the few-shot probe's layer and site at it)"}
@@ -305,7 +372,8 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
                   pictures: dict[str, str], grid: dict[str, int],
                   curve: list[dict[str, Any]] | None = None,
                   baselines: dict[str, dict[str, Any]] | None = None,
-                  t_profile: dict[str, Any] | None = None, seconds: float | None = None) -> dict[str, Any]:
+                  t_profile: dict[str, Any] | None = None, seconds: float | None = None,
+                  attentive: dict[str, Any] | None = None) -> dict[str, Any]:
     """Regret against the oracle and cost ratios (exhaustive / selector) for one config, and the goals.
 
     `grid` is {"timesteps", "oracle_timesteps", "images", "calibration_images"}: what bounds the forward-pass
@@ -347,7 +415,7 @@ def config_report(config: str, rows: list[dict[str, Any]], scaling: dict[str, An
         baseline["beaten_by_default"] = default["value"] > baseline["value"]
     return {"config": config, "metric": oracle["metric"], "grid": grid, "selectors": rows, "goals": goals,
             "scaling": scaling, "pictures": pictures, "confidence_curve": curve or [], "baselines": baselines or {},
-            "probe_vs_t": t_profile, "seconds": seconds}
+            "probe_vs_t": t_profile, "seconds": seconds, "attentive": attentive}
 
 
 def flag_regressions(configs: list[dict[str, Any]], previous: dict[str, Any] | None) -> list[str]:
@@ -536,6 +604,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"T_o*N/(K*C*T+N) = {c['goals']['cost']['forward_pass_ceiling']}x")
         if c.get("probe_vs_t"):
             lines.append(f"- probe score vs t: {_profile(c['probe_vs_t'])}")
+        lines += attentive_lines(c)
         if c.get("seconds") is not None:
             lines.append(f"- this config took {c['seconds'] / 60:.1f} min in this run (pretraining included when it "
                          f"was not cached)")

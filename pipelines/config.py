@@ -464,6 +464,11 @@ class BenchConfig(Section):
     # Calibration sizes C of the confidence-vs-C curve: one calibration of the largest C (an extra A-SelecT
     # selector when it exceeds calibrate.images), bootstrapped at each smaller C; empty: no curve.
     confidence_images: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    # The attentive protocol (the authors' probe: `probe.kind: attentive` with the config's probe section, for
+    # `attentive_epochs` epochs) on the default's and the linear oracle's pairs, and the attentive oracle: that
+    # probe at each of these timesteps at the linear oracle's layer and site. Empty: not measured.
+    attentive_timesteps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 50, 100, 200, 500])
+    attentive_epochs: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _fractions_in_range(self) -> BenchConfig:
@@ -499,7 +504,8 @@ class RunConfig(Section):
                              f"{self.calibrate.sites}")
         # A loaded checkpoint is only known at run time; the dump stage checks it then.
         grids = {"dump.timesteps": self.dump.timesteps,
-                 "calibrate.timesteps": self.calibrate.candidate_timesteps(self.dump)}
+                 "calibrate.timesteps": self.calibrate.candidate_timesteps(self.dump),
+                 "bench.attentive_timesteps": self.bench.attentive_timesteps}
         for name, values in grids.items():
             too_late = [t for t in values if t >= self.backbone.num_train_timesteps]
             if self.backbone.kind == "pretrain" and too_late:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from aselect.pipelines.benchmark import leave_one_config_out, loco_table, probe_vs_timestep
+from aselect.pipelines.benchmark import (
+    attentive_lines,
+    attentive_pairs,
+    attentive_report,
+    leave_one_config_out,
+    loco_table,
+    probe_vs_timestep,
+)
 
 
 def config(name: str, regrets: dict[str, float], pixels: float | None = None) -> dict:
@@ -77,3 +84,26 @@ def test_the_confidence_curve_comes_from_one_calibration_of_its_largest_c(images
     assert sum(s.curve for s in chosen.values()) == 1
     # few-shot calibrates a fixed C: `auto` reads as calibrate.images_max (256)
     assert chosen["fewshot"].label.startswith(f"few-shot probe on the {256 if images == 'auto' else images} ")
+
+
+def test_the_attentive_protocol_probes_the_oracle_grid_and_the_default_and_says_what_it_changes() -> None:
+    rows = [{"selector": "oracle", "timestep": 0, "layer": 3, "site": "mlp", "value": 0.90},
+            {"selector": "aselect", "timestep": 40, "layer": 2, "site": "block", "value": 0.85}]
+    pairs = attentive_pairs([100, 0, 50, 100], rows)
+    # the grid at the linear oracle's layer and site (its own t among them), then the default's pair
+    assert [(p["timestep"], p["layer"], p["site"], p["roles"]) for p in pairs] == [
+        (0, 3, "mlp", ["grid", "linear oracle"]), (50, 3, "mlp", ["grid"]), (100, 3, "mlp", ["grid"]),
+        (40, 2, "block", ["default"])]
+    values = {0: 0.91, 50: 0.95, 100: 0.93, 40: 0.92}  # attentive: an interior peak at t=50
+    runs = [{**p, "value": values[p["timestep"]], "forward_passes": 1000, "compute_seconds": 10.0} for p in pairs]
+    report = attentive_report(runs, rows, epochs=3, calibration={"forward_passes": 500, "compute_seconds": 5.0})
+    assert report["oracle"] == {"timestep": 50, "layer": 3, "site": "mlp", "value": 0.95}
+    assert report["profile"]["interior_maximum"] and report["profile"]["best_timestep"] == 50
+    assert (report["regret_points"], report["linear_regret_points"]) == (3.0, 5.0)
+    assert report["cost_ratio"] == {"probe_trainings": 3, "forward_passes": 2.0, "compute_seconds": 2.0}
+    linear = {p["timestep"]: p["linear_value"] for p in report["pairs"]}
+    assert linear == {0: 0.90, 50: None, 100: None, 40: 0.85}
+    text = "\n".join(attentive_lines({"attentive": report}))
+    assert "t=40 layer 2 block 0.8500 -> 0.9200" in text and "t=50 layer 3 mlp n/a -> 0.9500" in text
+    assert "attentive oracle t=50 layer 3 mlp 0.9500" in text and "regret 3.00 points attentive, 5.00 linear" in text
+    assert attentive_lines({"attentive": None}) == []

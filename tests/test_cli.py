@@ -161,6 +161,19 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     assert published["forward_passes"] == 40 * 10 + 200
     assert goals["cost"]["forward_pass_ceiling"] == rows["aselect"]["cost_ratio"]["forward_passes"] == round(
         10 * 200 / (2 * 20 * 10 + 200), 2)
+    # the attentive protocol: the attentive probe on the oracle's grid (smoke: t 0, 100, 500 at the linear oracle's
+    # layer and site, 2 epochs), the linear oracle's pair and the default's pair
+    attentive = config["attentive"]
+    grid = {(p["timestep"], p["layer"], p["site"]) for p in attentive["pairs"] if "grid" in p["roles"]}
+    assert grid == {(t, oracle["layer"], oracle["site"]) for t in (0, 100, 500)} and attentive["epochs"] == 2
+    searched = [p for p in attentive["pairs"] if {"grid", "linear oracle"} & set(p["roles"])]
+    assert attentive["oracle"]["value"] == max(p["value"] for p in searched)
+    (mine,) = [p for p in attentive["pairs"] if "default" in p["roles"]]
+    assert (mine["timestep"], mine["layer"], mine["site"]) == (rows["aselect"]["timestep"], rows["aselect"]["layer"],
+                                                               rows["aselect"]["site"])
+    assert mine["linear_value"] == rows["aselect"]["value"] and 0.0 < mine["value"] <= 1.0
+    assert attentive["regret_points"] == round(100 * (attentive["oracle"]["value"] - mine["value"]), 2)
+    assert attentive["cost_ratio"]["probe_trainings"] == len(searched)
     # confidence vs C, bootstrapped from the default selector's calibration: the 20 images the budget left it
     curve = config["confidence_curve"]
     assert [p["images"] for p in curve] == [16, 20]
