@@ -342,15 +342,19 @@ def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None
         name = c["config"]
         chosen = rank([o for o in everyone if o != name])[0]
         pixels = (c.get("baselines") or {}).get("pixels")
-        held_out.append({"config": name, "chosen": chosen, "regret_points": regrets[name][chosen],
-                         "value": values[name][chosen],
+        held_out.append({"config": name, "family": (c.get("grid") or {}).get("family", "dit"), "chosen": chosen,
+                         "regret_points": regrets[name][chosen], "value": values[name][chosen],
                          "beats_pixels": None if pixels is None else values[name][chosen] > pixels["value"]})
     held = [h["regret_points"] for h in held_out]
+    # per backbone family: each held-out config's default is still chosen on every other config, of any family
+    families = {h["family"]: [g["regret_points"] for g in held_out if g["family"] == h["family"]] for h in held_out}
     table = [{"selector": n, "mean": round(sum(regrets[c][n] for c in everyone) / len(everyone), 2),
               "worst": max(regrets[c][n] for c in everyone), "per_config": {c: regrets[c][n] for c in everyone}}
              for n in rank(everyone)]
     out = {"candidates": table, "held_out": held_out, "held_out_mean": round(sum(held) / len(held), 2),
-           "held_out_worst": max(held), "shipped": table[0]["selector"], "goal_points": REGRET_GOAL_POINTS}
+           "held_out_worst": max(held), "shipped": table[0]["selector"], "goal_points": REGRET_GOAL_POINTS,
+           "per_family": {f: {"configs": len(r), "held_out_mean": round(sum(r) / len(r), 2), "held_out_worst": max(r)}
+                          for f, r in sorted(families.items())}}
     for reference in LABELLED_REFERENCES:  # labelled selectors: no default is chosen among them, they are compared
         if all(reference in r for r in regrets.values()):
             few = [regrets[c][reference] for c in everyone]
@@ -660,6 +664,10 @@ def loco_table(loco: dict[str, Any]) -> list[str]:
     verdict = "met" if loco["held_out_worst"] <= loco["goal_points"] else "**not met**"
     lines += ["", f"Held out: mean regret {loco['held_out_mean']:.2f}, worst {loco['held_out_worst']:.2f} "
                   f"(goal <= {loco['goal_points']:g}: {verdict}). Chosen on every config: `{loco['shipped']}`."]
+    if len(loco.get("per_family") or {}) > 1:
+        lines.append("Held out, by backbone family: " + "; ".join(
+            f"{FAMILY_WORDS.get(f, f)} ({p['configs']} configs) mean {p['held_out_mean']:.2f}, worst "
+            f"{p['held_out_worst']:.2f}" for f, p in loco["per_family"].items()) + ".")
     for reference, words in LABELLED_REFERENCES.items():
         if loco.get(reference):
             f = loco[reference]

@@ -43,6 +43,21 @@ def test_each_held_out_config_gets_the_default_chosen_on_the_others() -> None:
     assert "| c | spiky | 30.00 | **no** |" in text and "worst 30.00" in text and "**not met**" in text
 
 
+def test_held_out_regret_is_also_reported_per_backbone_family() -> None:
+    configs = [config("a", {"x": 0.0, "y": 1.0}), config("b", {"x": 0.5, "y": 1.0}),
+               config("m", {"x": 9.0, "y": 2.0}), config("n", {"x": 0.0, "y": 4.0})]
+    for c, family in zip(configs, ("dit", "dit", "sd3", "sd3"), strict=True):
+        c["grid"] = {"family": family}
+    loco = leave_one_config_out(configs)
+    held = {h["config"]: (h["family"], h["chosen"], h["regret_points"]) for h in loco["held_out"]}
+    # each default is chosen on all other configs, whatever their family
+    assert held == {"a": ("dit", "y", 1.0), "b": ("dit", "y", 1.0), "m": ("sd3", "x", 9.0), "n": ("sd3", "y", 4.0)}
+    assert loco["per_family"] == {"dit": {"configs": 2, "held_out_mean": 1.0, "held_out_worst": 1.0},
+                                  "sd3": {"configs": 2, "held_out_mean": 6.5, "held_out_worst": 9.0}}
+    text = "\n".join(loco_table(loco))
+    assert "DiT, DDPM (2 configs) mean 1.00, worst 1.00; MMDiT, flow (2 configs) mean 6.50, worst 9.00" in text
+
+
 def test_leave_one_config_out_needs_two_configs_and_a_shared_candidate() -> None:
     assert leave_one_config_out([config("a", {"x": 1.0})]) is None
     assert leave_one_config_out([config("a", {"x": 1.0}), config("b", {"y": 1.0})]) is None
