@@ -17,16 +17,19 @@ and its probe's predictions on them. No Prefect.
   PNGs), for the `aselect predict` command and the `aselect-predict` flow alike.
 
 Noise. The dump noises dataset image i at timestep t with a generator seeded by (dump seed, i, t, draw)
-(`pipelines.features.noise_seed`). `indices[k]` says which image index image k is noised as: the default, 0..N-1,
-makes a call's k-th image get the noise of the dataset's k-th image; passing an image's own dataset index reproduces
-the run's features of it. The attentive probe averages its logits over the noise draws it trained on
-(`probe.noise_draws`), as its stage evaluated it.
+(`pipelines.features.noise_seed`). `indices[k]` says which image index image k is noised as. The default
+(`Run.noise_indices`) follows the image's pixels: an image of the run's own dataset (the same uint8 pixels after
+decoding) is noised as its dataset index, so its features and prediction are the run's; any other image as an
+index derived from its pixels alone, so a prediction does not depend on the other images of the call or their
+order. The attentive probe averages its logits over the noise draws it trained on (`probe.noise_draws`), as its
+stage evaluated it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +52,7 @@ from aselect.pipelines.probe import (
     predict_token_masks,
     upsample_bilinear,
 )
-from aselect.storage.datasets import DATASET_STORE, read_dataset_info
+from aselect.storage.datasets import DATASET_STORE, open_images, read_dataset_info
 from aselect.storage.errors import AselectError
 from aselect.storage.stages import StageDir, Workdir
 
@@ -61,6 +64,15 @@ METRICS_JSON = "metrics.json"
 SELECTION_JSON = "selection.json"
 TOKEN_SITES = ("block", "attn", "mlp", "query", "key", "value")
 STREAM_IMAGES = 256  # images decoded at once by `Run.predict_files` (rounded to the dump's batch)
+KEY_BLOCK = 1024  # dataset images read at once to look images up by their pixels
+# Noise index of an image not in the run's dataset: this plus 48 bits of its pixels' digest, above any dataset index.
+CONTENT_INDEX = 2**48
+
+
+def pixel_digest(image: np.ndarray) -> bytes:
+    """A digest of a uint8 image's shape and pixels: how an image is recognised whatever its file or position."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    return hashlib.sha256(repr(image.shape).encode() + image.tobytes()).digest()
 HEAD_ROWS = 10  # rows a prediction summary keeps
 SKIPPED_LISTED = 20  # skipped files a prediction summary names
 Progress = Callable[[int, int], None]  # (images done, total)
@@ -221,6 +233,7 @@ class Run:
     mask_palette: list[int] | None = None  # RGB triples of the training masks' palette (palette PNG masks only)
     _backbone: Any = field(default=None, repr=False)
     _fitted: tuple[Any, dict] | None = field(default=None, repr=False)
+    _dataset_keys: dict[bytes, int] | None = field(default=None, repr=False)  # pixel digest -> dataset index
 
     # ---- what the probe needs --------------------------------------------------------------
 
@@ -280,9 +293,23 @@ class Run:
         """`read_images` at the run's image size and channels."""
         return read_images(paths, self.image_size, self.channels, skip_bad, skipped)
 
-    def _indices(self, n: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    def noise_indices(self, images: np.ndarray) -> np.ndarray:
+        """The index each uint8 image (N, C, H, W) is noised as: its index in the run's dataset when its pixels are
+        there, else CONTENT_INDEX + a number read from its pixels' digest (never a dataset index)."""
+        if self._dataset_keys is None:  # read once, a block of images at a time
+            stored = open_images(self.stages["ingest"])
+            self._dataset_keys = {}
+            for start in range(0, stored.shape[0], KEY_BLOCK):
+                for k, image in enumerate(np.asarray(stored[start:start + KEY_BLOCK])):
+                    self._dataset_keys.setdefault(pixel_digest(image), start + k)
+        keys = [pixel_digest(image) for image in images]
+        return np.array([self._dataset_keys.get(key, CONTENT_INDEX + int.from_bytes(key[:6], "big")) for key in keys],
+                        dtype=np.int64)
+
+    def _indices(self, images: np.ndarray, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        n = len(images)
         if indices is None:
-            return np.arange(n, dtype=np.int64)
+            return self.noise_indices(images)
         indices = np.asarray(indices, dtype=np.int64).ravel()
         if len(indices) != n:
             raise AselectError(f"indices: {len(indices)} given for {n} images")
@@ -320,10 +347,10 @@ class Run:
     def features(self, images: np.ndarray, indices: Sequence[int] | np.ndarray | None = None, draw: int = 0,
                  batch_size: int | None = None) -> np.ndarray:
         """The selected (t, layer, site) features of uint8 images (N, C, H, W), each noised as image `indices[k]`
-        (default k) was in noise draw `draw` of the run's dump: pooled (N, D) for the linear classification probe,
-        token maps (N, T, D) otherwise."""
+        (default: `noise_indices`) was in noise draw `draw` of the run's dump: pooled (N, D) for the linear
+        classification probe, token maps (N, T, D) otherwise."""
         images = conform_images(images, self.image_size, self.channels)
-        indices = self._indices(len(images), indices)
+        indices = self._indices(images, indices)
         setting = self._setting(draw)
         step = batch_size or setting.batch
         return np.concatenate([self._batch_features(images[i:i + step], indices[i:i + step], setting)
@@ -343,7 +370,7 @@ class Run:
         """The probe's prediction for uint8 images (N, C, H, W) noised as in `features`: class ids and per-class
         probabilities (classification), or per-pixel class ids at the dataset's mask size (segmentation)."""
         images = conform_images(images, self.image_size, self.channels)
-        indices = self._indices(len(images), indices)
+        indices = self._indices(images, indices)
         model, _ = self.fitted()
         step = batch_size or self.noise[0].batch
         parts: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -373,7 +400,7 @@ class Run:
                       ) -> Iterator[tuple[list[str], Prediction]]:
         """`predict` on image files and folders (`image_files`), read and predicted `batch_size` images at a time
         (default `stream_batch`), so memory does not grow with their number: yields each batch's paths and
-        prediction. The k-th readable file is noised as index k, so the predictions equal `predict` on
+        prediction. Each image is noised as `noise_indices` says, so the predictions equal `predict` on
         `read_images(paths)`. `progress` gets (files done, files) before the first batch and after each."""
         paths = list(paths)
         predicted = yield from self._stream(image_files(paths, skip_bad, on_skip=on_skip), batch_size, skip_bad,
@@ -389,7 +416,7 @@ class Run:
             progress(0, len(files))
         position = 0
         for images, names, done in image_batches(files, self.image_size, self.channels, step, skip_bad, on_skip):
-            prediction = self.predict(images, indices=np.arange(position, position + len(images)))
+            prediction = self.predict(images)
             position += len(images)
             if progress is not None:
                 progress(done, len(files))

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from aselect.pipelines.predict import PALETTE, image_files, load_run, read_images, write_mask_png
+from aselect.pipelines.predict import CONTENT_INDEX, PALETTE, image_files, load_run, read_images, write_mask_png
 from aselect.pipelines.probe import (
     LINEAR_META,
     LINEAR_WEIGHTS,
@@ -276,8 +276,18 @@ def test_features_of_the_runs_test_images_equal_its_dumped_pair_features(smoke_r
     features = run.features(images, indices=test_idx)
     assert features.shape == dumped.shape == (len(test_idx), 32) and features.dtype == np.float32
     np.testing.assert_allclose(features, dumped, rtol=1e-5, atol=1e-6)
-    if sel["timestep"] > 0:  # the noise is the dump's only when each image is noised as its own dataset index
-        assert not np.allclose(run.features(images), dumped, rtol=1e-3, atol=1e-4)
+    # without indices an image is looked up by its pixels: the run's own images get their dataset index's noise
+    assert np.array_equal(run.noise_indices(images), test_idx)
+    np.testing.assert_allclose(run.features(images), dumped, rtol=1e-5, atol=1e-6)
+    # any other image: an index from its pixels alone, above every dataset index, whatever comes with it
+    changed = images.copy()
+    changed[:, :, 0, 0] ^= 1
+    ids = run.noise_indices(changed)
+    assert (ids >= CONTENT_INDEX).all() and len(set(ids.tolist())) == len(ids)
+    assert np.array_equal(run.noise_indices(changed[::-1]), ids[::-1])
+    np.testing.assert_allclose(run.features(changed[3:4]), run.features(changed)[3:4], rtol=1e-5, atol=1e-6)
+    if sel["timestep"] > 0:  # the noise follows the index: the dataset's index for a changed image is other noise
+        assert not np.allclose(run.features(changed, indices=test_idx), run.features(changed), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -305,7 +315,7 @@ def test_cli_predict_on_pngs_equals_the_api_on_the_same_arrays(smoke_runs: dict,
         save_png(image, folder / f"{index:04d}.png")
     read, names = run.read_images([folder])
     assert np.array_equal(read, images)  # sorted by name = dataset order: the PNGs decode to the stored pixels
-    expected = run.predict(read)  # implicit indices: each file's position in the sorted list
+    expected = run.predict(read)  # implicit indices: each image's dataset index, found by its pixels
 
     out = tmp_path / "predictions.csv"
     proc = predict_cli(str(folder), "--workdir", str(smoke_runs["workdir"]), "--run", run.key, "--out", str(out))
@@ -314,6 +324,12 @@ def test_cli_predict_on_pngs_equals_the_api_on_the_same_arrays(smoke_runs: dict,
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["path"] for r in rows] == names
     assert [r["class"] for r in rows] == [run.class_names[c] for c in expected.classes]
+    # the run's own test images, as files: exactly the probe stage's top-1
+    labels = [run.class_names[c] for c in run.predict(images, indices=test_idx).classes]
+    assert [r["class"] for r in rows] == labels
+    truth = np.asarray(_test_split(run)[2])
+    assert float(np.mean(np.array([run.class_names.index(r["class"]) for r in rows]) == truth)) == \
+        run.metrics["value"]
     np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in run.class_names] for r in rows],
                                expected.probabilities, rtol=1e-6, atol=1e-9)
 
