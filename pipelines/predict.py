@@ -41,6 +41,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from aselect.pipelines.backbone import backbone_fingerprint
 from aselect.pipelines.ingest import IMAGE_SUFFIXES, _read_image
 from aselect.pipelines.probe import (
     EVAL_BATCH,
@@ -518,8 +519,16 @@ def _pick_probe(work: Workdir, run: str | None) -> StageDir:
 
 
 def _model_path(backbone: StageDir) -> str:
-    """Where the backbone stage's model is loaded from (as `tasks.backbone.ModelInfo.of`)."""
+    """Where the backbone stage's model is loaded from (as `tasks.backbone.ModelInfo.of`); a loaded model's source
+    files must be those the stage loaded (the fingerprint its key hashed, sizes and times of the weights)."""
     manifest = _manifest(backbone)
+    recorded, source = manifest.get("source_fingerprint"), manifest.get("source")
+    if manifest.get("kind") == "load" and source and str(recorded).startswith("dir:"):  # a hub id's cache: no check
+        if not Path(source).expanduser().is_dir():
+            raise AselectError(f"{source}: missing; backbone stage {backbone.key} loaded its model from there")
+        if backbone_fingerprint(source) != recorded:
+            raise AselectError(f"{source}: the backbone's files changed since backbone stage {backbone.key} loaded "
+                               f"them; `aselect run` with the run's config loads them again")
     inside = manifest.get("kind", "load") == "pretrain" or manifest.get("model_path") == MODEL_DIR
     return str(backbone.path / MODEL_DIR) if inside else str(manifest.get("model_path", backbone.path / MODEL_DIR))
 

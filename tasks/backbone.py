@@ -100,7 +100,9 @@ def _loaded(stage_dir: StageDir, cfg: BackboneConfig) -> Finished:
                            if Path(cfg.path).expanduser().exists() else cfg.path)
         model_path = MODEL_DIR
     return Finished(f"loaded {model.kind} {model.family} model from {cfg.path}: {described['short']}",
-                    {"kind": "load", "model_path": model_path, "source": cfg.path, "model": described})
+                    {"kind": "load", "model_path": model_path, "source": cfg.path, "model": described,
+                     # what the key hashed of the source's files, so a later reader can tell they changed
+                     "source_fingerprint": bb.backbone_fingerprint(cfg.path)})
 
 
 def _pretrained(stage_dir: StageDir, cfg: BackboneConfig, dataset: StageRef) -> Finished:

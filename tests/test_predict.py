@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -542,3 +543,24 @@ def test_predict_files_in_batches_equals_one_predict_call_bit_for_bit(smoke_runs
                                  for c in set(expected.classes.tolist())}
     with pytest.raises(AselectError, match="no readable images"):
         list(run.predict_files([folder / "0070-broken.png"], skip_bad=True, on_skip=skipped.append))
+
+
+@pytest.mark.slow
+def test_a_run_on_a_loaded_backbone_refuses_to_predict_once_its_source_files_change(smoke_runs: dict,
+                                                                                    tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    shutil.copytree(load_run(smoke_runs["workdir"], run=smoke_runs["fixed"]).model_path, source)
+    workdir = tmp_path / "w"
+    with torch_threads(1):
+        _pipeline(workdir, "smoke", "backbone.kind=load", f"backbone.path={source}", *FIXED_T100)
+    assert load_run(workdir).model_path == str(source)
+    weights = next(source.rglob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # replaced by a file of the same size
+    with pytest.raises(AselectError) as excinfo:
+        load_run(workdir)
+    assert str(excinfo.value).startswith(f"{source}: the backbone's files changed since backbone stage")
+    shutil.rmtree(source)
+    with pytest.raises(AselectError) as excinfo:
+        load_run(workdir)
+    assert str(excinfo.value).startswith(f"{source}: missing; backbone stage") and "\n" not in str(excinfo.value)
