@@ -4,21 +4,17 @@ the exhaustive run's forward passes; and a killed calibration resuming its finis
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import assert_same_stage, complete_stages, finish
+from test_faults import aselect, assert_same_stage, complete_stages, finish
 
 from aselect.pipelines import plan
 from aselect.pipelines.config import load_config
 from aselect.pipelines.select import select
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMESTEPS = list(range(0, 1000, 20))  # the bundled configs' 50 candidates
 LAYERS, SITES = (2, 3), ("attn",)
 PARAMS = {"hfr_site": "attn", "layers": list(LAYERS), "feature_layer": "argmax"}
@@ -143,15 +139,6 @@ def test_the_default_run_spends_fewer_forward_passes_than_the_exhaustive_one(run
     assert cheap["selection"]["confidence"]["images"] == spent["images"]
 
 
-def smoke(api_url: str, workdir: Path, *overrides: str, **env: str) -> subprocess.Popen[str]:
-    """`aselect run smoke --json` with overrides, as its own process group (test_faults.aselect with --set)."""
-    argv = [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir), "--json"]
-    for override in overrides:
-        argv += ["--set", override]
-    return subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PREFECT_API_URL=api_url, **env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
 # 2 timesteps 1 apart: their HFR differs by less than the noise draws do, so the choice needs rounds
 ROUNDS = ("calibrate.images=auto", "calibrate.images_fraction=0.32", "calibrate.timesteps=[500, 501]")
 
@@ -160,7 +147,7 @@ ROUNDS = ("calibrate.images=auto", "calibrate.images_fraction=0.32", "calibrate.
 def test_a_killed_calibration_resumes_without_redoing_its_finished_rounds(prefect_api_url: str,
                                                                           tmp_path: Path) -> None:
     hits = tmp_path / "hits.log"
-    code, out, err = finish(smoke(prefect_api_url, tmp_path / "ref", *ROUNDS, ASELECT_FAILPOINT_LOG=str(hits)))
+    code, out, err = finish(aselect(prefect_api_url, tmp_path / "ref", *ROUNDS, ASELECT_FAILPOINT_LOG=str(hits)))
     assert code == 0, err[-3000:]
     reference = json.loads(out)
     spent = reference["selection"]["calibration"]
@@ -168,9 +155,9 @@ def test_a_killed_calibration_resumes_without_redoing_its_finished_rounds(prefec
     # the calibration is the first dump: its items' records are the first `chunk` hits, 2 per item
     assert hits.read_text().split().count("chunk") >= 2 * 2 * 3
     workdir = tmp_path / "work"
-    code, _, err = finish(smoke(prefect_api_url, workdir, *ROUNDS, ASELECT_FAILPOINT="chunk@5"))  # round 2's first
+    code, _, err = finish(aselect(prefect_api_url, workdir, *ROUNDS, ASELECT_FAILPOINT="chunk@5"))  # round 2's first
     assert code == -signal.SIGKILL, err[-2000:]
-    code, out, err = finish(smoke(prefect_api_url, workdir, *ROUNDS))
+    code, out, err = finish(aselect(prefect_api_url, workdir, *ROUNDS))
     assert code == 0, err[-3000:]
     result = json.loads(out)
     assert result["selection"] == reference["selection"]

@@ -30,12 +30,14 @@ VOLATILE = {"seconds", "worker", "resumed_from", "started", "finished", "attempt
             "images_timesteps", "bytes_written", "summary", "task_seconds"}
 
 
-def aselect(api_url: str, workdir: Path, **env: str) -> subprocess.Popen[str]:
-    """Start `aselect run smoke --json` as its own process group."""
-    full_env = dict(os.environ, PREFECT_API_URL=api_url, **env)
-    return subprocess.Popen([sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir), "--json"],
-                            cwd=ROOT, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+def aselect(api_url: str, workdir: Path, *overrides: str, **env: str) -> subprocess.Popen[str]:
+    """Start `aselect run smoke --json` (with `--set` overrides) as its own process group: a failpoint kill takes
+    the whole group."""
+    argv = [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir), "--json"]
+    for override in overrides:
+        argv += ["--set", override]
+    return subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PREFECT_API_URL=api_url, **env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:

@@ -11,11 +11,8 @@ positional table covers up to 16 px), so HFR has a token grid to look at.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 from sd3_tiny import JOINT_DIM, POOLED_DIM, build_sd3_pipeline, null_components
-from test_faults import stage_files  # one rule for "a stage's outputs, timings aside"
+from test_faults import aselect, stage_files  # one rule for "a stage's outputs, timings aside"
 
 from aselect.pipelines.backbone import CONDITIONING_FILE, SOURCE_FILE, LoadOptions, describe, load_backbone
 from aselect.pipelines.features import ATTN_MAP, JointAttentionMapProcessor, extract
@@ -33,7 +30,6 @@ from aselect.pipelines.models import Backbone, build_dit, build_mmdit, make_sche
 from aselect.pipelines.pretrain import flow_sigmas
 from aselect.storage.errors import AselectError
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIP_TOKENS, T5_TOKENS = 77, 256  # the pipeline's CLIP padding and default T5 length: 333 prompt tokens
 # every SD3 run pins the pretraining threads (not part of any stage key): a run killed in a subprocess and
 # resumed in this process train bit-identically
@@ -484,15 +480,6 @@ def test_an_sd3_rerun_is_cached_and_returns_the_same_results(sd3_smoke: tuple[Pa
     assert again["selection"] == first["selection"] and again["metrics"] == first["metrics"]
 
 
-def _aselect_cli(api_url: str, workdir: Path, *overrides: str, **env: str) -> subprocess.Popen[str]:
-    """`aselect run smoke --json` as its own process group (a failpoint kill takes the whole group)."""
-    args = [sys.executable, "-m", "aselect", "run", "smoke", "--workdir", str(workdir), "--json"]
-    for assignment in overrides:
-        args += ["--set", assignment]
-    return subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PREFECT_API_URL=api_url, **env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
 @pytest.mark.slow
 def test_sigkill_during_sd3_pretraining_resumes_to_identical_outputs(
         prefect_api_url: str, sd3_smoke: tuple[Path, dict], tmp_path: Path) -> None:
@@ -501,7 +488,7 @@ def test_sigkill_during_sd3_pretraining_resumes_to_identical_outputs(
     _, reference = sd3_smoke
     workdir = tmp_path / "killed"
     # the smoke config checkpoints every 10 steps: killed at step 15, a resume starts from step 10
-    proc = _aselect_cli(prefect_api_url, workdir, *SD3, ASELECT_FAILPOINT="pretrain@15")
+    proc = aselect(prefect_api_url, workdir, *SD3, ASELECT_FAILPOINT="pretrain@15")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
     (stage,) = workdir.glob("backbone/*")
