@@ -464,6 +464,8 @@ class ServerWatch:
             server = SubprocessASGIServer()
             process = server.server_process
             if server.running and process is not None and process.poll() is not None:
+                if self._stop.is_set():  # we stopped it ourselves (stop() comes before any deliberate stop)
+                    return
                 self.died = process.returncode
                 _thread.interrupt_main()
                 if not self._stop.wait(self.GRACE):  # Prefect is retrying a dead server: do not limp on
@@ -545,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_prefect_api()
             return args.func(args)
         except AselectError as exc:
+            watch.stop()  # before the flush stops the server: its exit is ours, not a death mid-run
             flush_prefect_services(stop_server)
             print(f"aselect: error: {exc}", file=sys.stderr)
             return 2
@@ -558,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             line = _api_unreachable(exc) or io_failure(exc)
             if line is None:
                 raise
+            watch.stop()
             with contextlib.suppress(Exception):  # the API may be the thing that is down
                 flush_prefect_services(stop_server, timeout=3.0)
             print(f"aselect: error: {line}", file=sys.stderr)
@@ -570,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             line = io_failure(exc)
             if line is None:
                 raise
+            watch.stop()
             flush_prefect_services(stop_server)
             print(f"aselect: error: {line}", file=sys.stderr)
             return 2
