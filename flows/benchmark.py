@@ -59,7 +59,8 @@ from aselect.tasks.select import policy_params
 from aselect.tasks.stage import StageCost, StageReport, plan_and_run
 
 REPORT_TASKS = ("ingest", "backbone", "dump", "score", "select", "probe", "benchmark")  # what a report runs
-DEFAULT_CONFIGS = ("textures", "digits-latent", "digits", "digits-noisy", "mnist5k", "shapes", "mnist32")
+DEFAULT_CONFIGS = ("digits", "digits-noisy", "digits-mmdit", "textures-mmdit", "digits-latent-mmdit", "shapes",
+                   "textures", "digits-latent", "mnist5k", "mnist32")
 BENCH_WORK = ".bench-work"  # fresh per-config workdirs (a dot directory: `aselect inspect` skips it)
 
 

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="every selector against the exhaustive oracle: regret, cost, scaling")
-    bench.add_argument("configs", nargs="*", help="configs to benchmark (default: the seven of `make bench`)")
+    bench.add_argument("configs", nargs="*", help="configs to benchmark (default: all ten bundled benchmark configs)")
     bench.add_argument("--workdir", help="where cached stages and bench/ results go (default: the config's)")
     bench.add_argument("--no-scaling", dest="scaling", action="store_false",
                        help="skip the dump/scoring scaling measurements")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from aselect.pipelines.config import DumpConfig, RunConfig
+from aselect.pipelines.config import DumpConfig, RunConfig, published_block
 
 log = logging.getLogger("aselect.bench")
 
@@ -95,6 +95,13 @@ def selectors(cfg: RunConfig, depth: int) -> list[Selector]:
                      else f"A-SelecT, {_signal_words(signal, cfg)} HFR of {site}")
             out.append(Selector(f"aselect-{signal}", label,
                                 ("select.policy=aselect", f"calibrate.signal={signal}"), hfr_site=site))
+    # A label-free feature choice: the default's HFR t, then the feature at a fixed relative depth (the authors'
+    # 9 of 24) instead of the HFR-argmax layer of the band
+    block = published_block(depth)
+    out.append(Selector("aselect-depth", f"A-SelecT, {_signal_words(configured, cfg)} HFR of {site} for t, then "
+                                         f"{cfg.select.feature_site} of layer {block} (the authors' relative depth "
+                                         f"9/24)", ("select.policy=aselect", f"select.feature_layer={block}"),
+                        hfr_site=site))
     out.append(Selector("aselect-published", "A-SelecT as the authors configured it (plain HFR of query, axis "
                                              "band, cutoff 0.15, the block at 9/24 depth)",
                         ("select.policy=aselect", "select.preset=aselect-published"), hfr_site="query"))

@@ -127,8 +127,8 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     report = json.loads(proc.stdout)
     (config,) = report["configs"]
     rows = {r["selector"]: r for r in config["selectors"]}
-    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "aselect-published", "fewshot", "hybrid",
-                          "rankme", "fixed", "oracle"]
+    assert list(rows) == ["aselect", "aselect-attn_map", "aselect-plain", "aselect-depth", "aselect-published",
+                          "fewshot", "hybrid", "rankme", "fixed", "oracle"]
     oracle = rows["oracle"]
     for row in rows.values():
         assert row["regret_points"] == pytest.approx(100 * (oracle["value"] - row["value"]), abs=0.01)
@@ -156,6 +156,9 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     assert config["grid"] == {"family": "dit", "timesteps": 10, "candidate_timesteps": 10, "oracle_timesteps": 10,
                               "images": 200, "calibration_images": 20, "calibration_inputs": 2}
     # the published configuration: plain HFR of query (one input per image), features query of block 9/24 of 2
+    # the default's t, the feature at the authors' relative depth (layer 1 of 2)
+    depth = rows["aselect-depth"]
+    assert (depth["timestep"], depth["layer"], depth["site"]) == (rows["aselect"]["timestep"], 1, "block")
     published = rows["aselect-published"]
     assert (published["layer"], published["site"]) == (1, "query")
     assert published["forward_passes"] == 40 * 10 + 200
