@@ -34,6 +34,7 @@ from aselect.pipelines.benchmark import (
     flag_regressions,
     hfr_probe_spearman,
     leave_one_config_out,
+    leave_one_config_out_by_probe,
     oracle_timesteps,
     pixel_baseline,
     probe_vs_timestep,
@@ -281,6 +282,7 @@ def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | No
               "machine": _machine(), "command": command or f"aselect bench {' '.join(names)}", "configs": reports,
               "regressions": flag_regressions(reports, previous if isinstance(previous, dict) else None),
               "leave_one_config_out": leave_one_config_out(reports),
+              "leave_one_config_out_by_probe": leave_one_config_out_by_probe(reports),
               "pictures": {"cost vs regret": str(picture)}}
     write_json_atomic(results, report)
     markdown = to_markdown(report) + f"\nCost vs regret: `{picture}`\n"

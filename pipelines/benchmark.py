@@ -256,7 +256,8 @@ def probe_vs_timestep(oracle_rows: list[dict[str, Any]], margin: float = 0.005) 
 
 def attentive_pairs(timesteps: Sequence[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The pairs the attentive protocol probes: `timesteps` at the linear oracle's layer and site (the attentive
-    oracle's grid), the linear oracle's own pair, and the default's pair; each once, with every role it plays."""
+    oracle's grid), the linear oracle's own pair, the default's pair, and every other selector's pair (so each
+    candidate default has an attentive regret too); each once, with every role it plays."""
     by_name = {r["selector"]: r for r in rows}
     oracle, default = by_name["oracle"], by_name["aselect"]
     pairs: dict[tuple, list[str]] = {}
@@ -264,6 +265,9 @@ def attentive_pairs(timesteps: Sequence[int], rows: list[dict[str, Any]]) -> lis
         pairs.setdefault((int(t), oracle["layer"], oracle["site"]), []).append("grid")
     pairs.setdefault((oracle["timestep"], oracle["layer"], oracle["site"]), []).append("linear oracle")
     pairs.setdefault((default["timestep"], default["layer"], default["site"]), []).append("default")
+    for r in rows:
+        if r["selector"] not in ("oracle", "aselect"):
+            pairs.setdefault((r["timestep"], r["layer"], r["site"]), []).append(r["selector"])
     return [{"timestep": t, "layer": layer, "site": site, "roles": roles}
             for (t, layer, site), roles in pairs.items()]
 
@@ -271,18 +275,25 @@ def attentive_pairs(timesteps: Sequence[int], rows: list[dict[str, Any]]) -> lis
 def attentive_report(runs: list[dict[str, Any]], rows: list[dict[str, Any]], epochs: int,
                      calibration: dict[str, float]) -> dict[str, Any]:
     """The attentive protocol's verdict from its runs (`attentive_pairs` with `value`, `forward_passes`,
-    `compute_seconds` each): the attentive oracle (best of the grid and the linear oracle's pair, all at the linear
-    oracle's layer and site), where it peaks in t, the default's regret under it beside its linear regret, each
-    pair's linear and attentive metric, and A-SelecT's cost against the attentive oracle's. `calibration`: the
-    default's label-free part (forward passes, compute seconds) spent before its one attentive probe."""
+    `compute_seconds` each): the attentive oracle (the best pair probed: the grid at the linear oracle's layer and
+    site, that oracle's pair, every selector's pair), where the grid peaks in t, each selector's regret under it
+    (the default's beside its linear regret), each pair's linear and attentive metric, and A-SelecT's cost against
+    the attentive grid search's. `calibration`: the default's label-free part (forward passes, compute seconds)
+    spent before its one attentive probe."""
     by_name = {r["selector"]: r for r in rows}
     searched = [r for r in runs if {"grid", "linear oracle"} & set(r["roles"])]
-    best = max(searched, key=lambda r: (r["value"], -r["timestep"]))
+    best = max(runs, key=lambda r: (r["value"], -r["timestep"]))
     default = next(r for r in runs if "default" in r["roles"])
     profile = probe_vs_timestep([{"timestep": r["timestep"], "score": r["value"]} for r in searched])
     linear = {(r["timestep"], r["layer"], r["site"]): r["value"] for r in rows}
+    attentive = {(r["timestep"], r["layer"], r["site"]): r["value"] for r in runs}
     oracle_cost = {k: round(sum(r[k] for r in searched), 3) for k in ("forward_passes", "compute_seconds")}
     aselect_cost = {k: round(calibration[k] + default[k], 3) for k in ("forward_passes", "compute_seconds")}
+    selectors = {}
+    for r in rows:
+        value = attentive.get((r["timestep"], r["layer"], r["site"]))
+        if value is not None:
+            selectors[r["selector"]] = {"value": value, "regret_points": round(100 * (best["value"] - value), 2)}
     return {
         "epochs": epochs,
         "pairs": [{**r, "linear_value": linear.get((r["timestep"], r["layer"], r["site"]))} for r in runs],
@@ -291,6 +302,7 @@ def attentive_report(runs: list[dict[str, Any]], rows: list[dict[str, Any]], epo
         "default": {k: default[k] for k in ("timestep", "layer", "site", "value")},
         "regret_points": round(100 * (best["value"] - default["value"]), 2),
         "linear_regret_points": round(100 * (by_name["oracle"]["value"] - by_name["aselect"]["value"]), 2),
+        "selectors": selectors,
         "cost_ratio": {"probe_trainings": len(searched),
                        **{k: _ratio(oracle_cost[k], aselect_cost[k]) for k in oracle_cost}},
         "cost": {"oracle": oracle_cost, "aselect": aselect_cost},
@@ -307,7 +319,8 @@ def attentive_lines(config: dict[str, Any]) -> list[str]:
              + "; ".join(f"t={p['timestep']} layer {p['layer']} {p['site']} "
                          f"{'n/a' if p['linear_value'] is None else format(p['linear_value'], '.4f')} -> "
                          f"{p['value']:.4f}" for p in a["pairs"]),
-             f"- attentive oracle t={o['timestep']} layer {o['layer']} {o['site']} {o['value']:.4f}"
+             f"- attentive oracle (the best pair probed) t={o['timestep']} layer {o['layer']} {o['site']} "
+             f"{o['value']:.4f}"
              + (f" ({_profile(a['profile'])})" if a.get("profile") else "")
              + f"; A-SelecT's pair {d['value']:.4f}: regret {a['regret_points']:.2f} points attentive, "
                f"{a['linear_regret_points']:.2f} linear; {a['cost_ratio']['probe_trainings']} attentive trainings "
@@ -368,6 +381,37 @@ def leave_one_config_out(configs: list[dict[str, Any]]) -> dict[str, Any] | None
             out[reference] = {"mean": round(sum(few) / len(few), 2), "worst": max(few),
                               "beats_held_out_default": max(few) < out["held_out_worst"]}
     return out
+
+
+PROBE_VIEWS = {"attentive": "the attentive probe", "worst of both": "the worse of the linear and attentive probes"}
+
+
+def under_probe(configs: list[dict[str, Any]], view: str) -> list[dict[str, Any]]:
+    """The configs with each selector's regret under another probe (`PROBE_VIEWS`), for `leave_one_config_out`:
+    `attentive` (its attentive protocol's regret; no raw-pixel baseline, which is probed linearly) or `worst of both`
+    (the larger of its linear and attentive regrets). Only configs whose attentive protocol ran, and only the
+    selectors it probed."""
+    out = []
+    for c in configs:
+        attentive = (c.get("attentive") or {}).get("selectors")
+        if not attentive:
+            continue
+        rows = []
+        for r in c["selectors"]:
+            a = attentive.get(r["selector"])
+            if a is None:
+                continue
+            if view == "attentive":
+                rows.append({**r, "regret_points": a["regret_points"], "value": a["value"]})
+            else:
+                rows.append({**r, "regret_points": max(r["regret_points"], a["regret_points"])})
+        out.append({**c, "selectors": rows, "baselines": {} if view == "attentive" else c.get("baselines", {})})
+    return out
+
+
+def leave_one_config_out_by_probe(configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`leave_one_config_out` under each of `PROBE_VIEWS` (None where fewer than two configs have attentive rows)."""
+    return {view: leave_one_config_out(under_probe(configs, view)) for view in PROBE_VIEWS}
 
 
 def forward_pass_ceiling(timesteps: int, images: int, calibration_images: int,
@@ -633,6 +677,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if report.get("leave_one_config_out"):
         lines += loco_table(report["leave_one_config_out"]) + [""]
+    for view, loco in (report.get("leave_one_config_out_by_probe") or {}).items():
+        if loco:
+            lines += loco_table(loco, PROBE_VIEWS[view]) + [""]
     lines.append("Regressions against the previous run: " + ("; ".join(report["regressions"]) or "none"))
     return "\n".join(lines) + "\n"
 
@@ -658,11 +705,12 @@ def _profile(p: dict[str, Any]) -> str:
             f"t={p['smallest_t']}: {shape}")
 
 
-def loco_table(loco: dict[str, Any]) -> list[str]:
+def loco_table(loco: dict[str, Any], probe: str = "the linear probe") -> list[str]:
     """Leave-one-config-out: the default each held-out config would have got, and every candidate's regrets."""
-    lines = ["### Choosing the default leave-one-config-out", "",
-             "Each label-free candidate's regret (points) per config; a default is the candidate with the lowest "
-             "worst-case regret on the configs it was chosen on.", "",
+    title = "" if probe == "the linear probe" else f", under {probe}"
+    lines = [f"### Choosing the default leave-one-config-out{title}", "",
+             f"Each label-free candidate's regret (points) per config under {probe}; a default is the candidate with "
+             "the lowest worst-case regret on the configs it was chosen on.", "",
              "| held-out config | default chosen on the others | its regret there (pts) | beats raw pixels there |",
              "| --- | --- | --- | --- |"]
     for h in loco["held_out"]:
@@ -735,6 +783,9 @@ def readme_section(report: dict[str, Any]) -> str:
                              f"{b['regret_points']:.2f} | {'yes' if b['beaten_by_default'] else '**no**'} |")
     if report.get("leave_one_config_out"):
         lines += [""] + loco_table(report["leave_one_config_out"])
+    for view, loco in (report.get("leave_one_config_out_by_probe") or {}).items():
+        if loco:
+            lines += [""] + loco_table(loco, PROBE_VIEWS[view])
     profiles = [c for c in report["configs"] if c.get("probe_vs_t")]
     if profiles:
         lines += ["", "Where the oracle's probe score peaks in t, and what each config took in this run:", ""]

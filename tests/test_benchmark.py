@@ -9,6 +9,7 @@ from aselect.pipelines.benchmark import (
     attentive_pairs,
     attentive_report,
     leave_one_config_out,
+    leave_one_config_out_by_probe,
     loco_table,
     probe_vs_timestep,
 )
@@ -103,22 +104,55 @@ def test_the_confidence_curve_comes_from_one_calibration_of_its_largest_c(images
 
 def test_the_attentive_protocol_probes_the_oracle_grid_and_the_default_and_says_what_it_changes() -> None:
     rows = [{"selector": "oracle", "timestep": 0, "layer": 3, "site": "mlp", "value": 0.90},
-            {"selector": "aselect", "timestep": 40, "layer": 2, "site": "block", "value": 0.85}]
+            {"selector": "aselect", "timestep": 40, "layer": 2, "site": "block", "value": 0.85},
+            {"selector": "fixed", "timestep": 100, "layer": 3, "site": "mlp", "value": 0.80},
+            {"selector": "rankme", "timestep": 700, "layer": 1, "site": "attn", "value": 0.70}]
     pairs = attentive_pairs([100, 0, 50, 100], rows)
-    # the grid at the linear oracle's layer and site (its own t among them), then the default's pair
+    # the grid at the linear oracle's layer and site (its own t among them), the default's pair, then every other
+    # selector's pair (one already on the grid is probed once)
     assert [(p["timestep"], p["layer"], p["site"], p["roles"]) for p in pairs] == [
-        (0, 3, "mlp", ["grid", "linear oracle"]), (50, 3, "mlp", ["grid"]), (100, 3, "mlp", ["grid"]),
-        (40, 2, "block", ["default"])]
-    values = {0: 0.91, 50: 0.95, 100: 0.93, 40: 0.92}  # attentive: an interior peak at t=50
+        (0, 3, "mlp", ["grid", "linear oracle"]), (50, 3, "mlp", ["grid"]), (100, 3, "mlp", ["grid", "fixed"]),
+        (40, 2, "block", ["default"]), (700, 1, "attn", ["rankme"])]
+    values = {0: 0.91, 50: 0.95, 100: 0.93, 40: 0.92, 700: 0.60}  # attentive: an interior peak at t=50
     runs = [{**p, "value": values[p["timestep"]], "forward_passes": 1000, "compute_seconds": 10.0} for p in pairs]
     report = attentive_report(runs, rows, epochs=3, calibration={"forward_passes": 500, "compute_seconds": 5.0})
     assert report["oracle"] == {"timestep": 50, "layer": 3, "site": "mlp", "value": 0.95}
     assert report["profile"]["interior_maximum"] and report["profile"]["best_timestep"] == 50
     assert (report["regret_points"], report["linear_regret_points"]) == (3.0, 5.0)
+    assert report["selectors"] == {"oracle": {"value": 0.91, "regret_points": 4.0},
+                                   "aselect": {"value": 0.92, "regret_points": 3.0},
+                                   "fixed": {"value": 0.93, "regret_points": 2.0},
+                                   "rankme": {"value": 0.60, "regret_points": 35.0}}
     assert report["cost_ratio"] == {"probe_trainings": 3, "forward_passes": 2.0, "compute_seconds": 2.0}
     linear = {p["timestep"]: p["linear_value"] for p in report["pairs"]}
-    assert linear == {0: 0.90, 50: None, 100: None, 40: 0.85}
+    assert linear == {0: 0.90, 50: None, 100: 0.80, 40: 0.85, 700: 0.70}
     text = "\n".join(attentive_lines({"attentive": report}))
     assert "t=40 layer 2 block 0.8500 -> 0.9200" in text and "t=50 layer 3 mlp n/a -> 0.9500" in text
-    assert "attentive oracle t=50 layer 3 mlp 0.9500" in text and "regret 3.00 points attentive, 5.00 linear" in text
+    assert "attentive oracle (the best pair probed) t=50 layer 3 mlp 0.9500" in text
+    assert "regret 3.00 points attentive, 5.00 linear" in text
     assert attentive_lines({"attentive": None}) == []
+
+
+def test_the_default_is_also_chosen_leave_one_config_out_under_the_attentive_probe_and_the_worse_of_both() -> None:
+    # linear: x is best everywhere; attentive: x collapses on b, y holds
+    attentive = {"a": {"x": 0.0, "y": 1.0}, "b": {"x": 20.0, "y": 2.0}, "c": {"x": 0.5, "y": 1.5}}
+    configs = []
+    for name in "abc":
+        c = config(name, {"x": 0.0, "y": 3.0}, pixels=0.5)
+        c["attentive"] = {"selectors": {s: {"value": round(0.95 - r / 100, 4), "regret_points": r}
+                                        for s, r in attentive[name].items()}}
+        configs.append(c)
+    configs.append(config("d", {"x": 0.0, "y": 3.0}))  # no attentive rows: left out of both views
+    linear = leave_one_config_out(configs)
+    by_probe = leave_one_config_out_by_probe(configs)
+    assert linear["held_out_worst"] == 0.0 and linear["shipped"] == "x"
+    held = {h["config"]: (h["chosen"], h["regret_points"], h["beats_pixels"])
+            for h in by_probe["attentive"]["held_out"]}
+    # without b in view, x looks best under the attentive probe and costs 20 points on b; no pixel baseline there
+    assert held == {"a": ("y", 1.0, None), "b": ("x", 20.0, None), "c": ("y", 1.5, None)}
+    worst = {h["config"]: (h["chosen"], h["regret_points"]) for h in by_probe["worst of both"]["held_out"]}
+    assert worst == {"a": ("y", 3.0), "b": ("x", 20.0), "c": ("y", 3.0)}
+    assert by_probe["worst of both"]["shipped"] == "y"
+    text = "\n".join(loco_table(by_probe["attentive"], "the attentive probe"))
+    assert text.startswith("### Choosing the default leave-one-config-out, under the attentive probe")
+    assert leave_one_config_out_by_probe(configs[3:]) == {"attentive": None, "worst of both": None}

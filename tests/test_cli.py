@@ -169,13 +169,16 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     attentive = config["attentive"]
     grid = {(p["timestep"], p["layer"], p["site"]) for p in attentive["pairs"] if "grid" in p["roles"]}
     assert grid == {(t, oracle["layer"], oracle["site"]) for t in (0, 100, 500)} and attentive["epochs"] == 2
-    searched = [p for p in attentive["pairs"] if {"grid", "linear oracle"} & set(p["roles"])]
-    assert attentive["oracle"]["value"] == max(p["value"] for p in searched)
+    # the attentive oracle is the best pair probed; every selector's pair was probed, so each has a regret under it
+    assert attentive["oracle"]["value"] == max(p["value"] for p in attentive["pairs"])
+    assert set(attentive["selectors"]) == set(rows) and all(a["regret_points"] >= 0
+                                                            for a in attentive["selectors"].values())
     (mine,) = [p for p in attentive["pairs"] if "default" in p["roles"]]
     assert (mine["timestep"], mine["layer"], mine["site"]) == (rows["aselect"]["timestep"], rows["aselect"]["layer"],
                                                                rows["aselect"]["site"])
     assert mine["linear_value"] == rows["aselect"]["value"] and 0.0 < mine["value"] <= 1.0
     assert attentive["regret_points"] == round(100 * (attentive["oracle"]["value"] - mine["value"]), 2)
+    searched = [p for p in attentive["pairs"] if {"grid", "linear oracle"} & set(p["roles"])]
     assert attentive["cost_ratio"]["probe_trainings"] == len(searched)
     # confidence vs C, bootstrapped from the default selector's calibration: the 20 images the budget left it
     curve = config["confidence_curve"]
