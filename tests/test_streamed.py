@@ -389,13 +389,16 @@ def test_an_unstable_choice_points_to_the_few_shot_selector() -> None:
     table = hfr_table({0: 0.3, 100: 0.3, 500: 0.3, 700: 0.3})  # a flat curve: resamples disagree on t
     values = per_image_values(table, 0.2, 16, seed=0)
     flat = bootstrap_confidence("aselect", table, values, PARAMS, resamples=200)
-    chosen = {"timestep": flat["selected"]["timestep"], "confidence": flat}
+    chosen = {**flat["selected"], "confidence": flat}
     assert flat["timestep"] < 0.5
-    assert f"pick t={chosen['timestep']}" in unstable_choice_advice(chosen)
+    assert f"pick t={chosen['timestep']} layer {chosen['layer']}" in unstable_choice_advice(chosen)
     assert "select.policy=fewshot" in unstable_choice_advice(chosen)
     peaked = hfr_table({0: 0.3, 100: 0.5, 500: 0.2})
     sure = bootstrap_confidence("aselect", peaked, per_image_values(peaked, 0.01, 64, seed=3), PARAMS)
-    assert sure["timestep"] == 1.0 and unstable_choice_advice({"timestep": 100, "confidence": sure}) is None
+    assert sure["value"] == 1.0 and unstable_choice_advice({"timestep": 100, "confidence": sure}) is None
+    # a sure timestep with an unsure layer is an unsure pair: below 90% of resamples on both, the run says so
+    unsure_layer = {"timestep": 100, "layer": 2, "confidence": {"value": 0.85, "timestep": 1.0, "layer": 0.85}}
+    assert "only 85% of bootstrap resamples" in unstable_choice_advice(unsure_layer)
     assert unstable_choice_advice({"timestep": 100, "confidence": None}) is None  # fewshot, fixed, rankme
 
 
