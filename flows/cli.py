@@ -541,14 +541,19 @@ def main(argv: list[str] | None = None) -> int:
     if stop_server and not os.environ.get("PREFECT_API_URL") and args.command in ("run", "bench"):
         watch.install()
     previous = INTERRUPTS.install()
+
+    def wrap_up(timeout: float = 10.0) -> None:
+        """Stand the watch down, then flush Prefect and stop our server: that exit is ours, not a death mid-run."""
+        watch.stop()
+        flush_prefect_services(stop_server, timeout)
+
     try:
         try:
             if args.command in ("run", "bench"):
                 check_prefect_api()
             return args.func(args)
         except AselectError as exc:
-            watch.stop()  # before the flush stops the server: its exit is ours, not a death mid-run
-            flush_prefect_services(stop_server)
+            wrap_up()
             print(f"aselect: error: {exc}", file=sys.stderr)
             return 2
         except RuntimeError as exc:
@@ -561,9 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             line = _api_unreachable(exc) or io_failure(exc)
             if line is None:
                 raise
-            watch.stop()
             with contextlib.suppress(Exception):  # the API may be the thing that is down
-                flush_prefect_services(stop_server, timeout=3.0)
+                wrap_up(timeout=3.0)
             print(f"aselect: error: {line}", file=sys.stderr)
             return 2
         except BrokenPipeError:  # `aselect inspect | head`: the reader left; nothing more to say
@@ -574,14 +578,12 @@ def main(argv: list[str] | None = None) -> int:
             line = io_failure(exc)
             if line is None:
                 raise
-            watch.stop()
-            flush_prefect_services(stop_server)
+            wrap_up()
             print(f"aselect: error: {line}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:  # in the run, or in the clean-up of an error above
-        watch.stop()
         with contextlib.suppress(KeyboardInterrupt):  # one arriving past Interrupts.REPEAT_IGNORED
-            flush_prefect_services(stop_server, timeout=3.0)
+            wrap_up(timeout=3.0)
         if watch.died is not None:
             watch.report()
             return 2

@@ -675,11 +675,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         if c["pictures"]:
             lines += ["", "Pictures: " + ", ".join(f"{k} `{v}`" for k, v in c["pictures"].items())]
         lines.append("")
-    if report.get("leave_one_config_out"):
-        lines += loco_table(report["leave_one_config_out"]) + [""]
-    for view, loco in (report.get("leave_one_config_out_by_probe") or {}).items():
-        if loco:
-            lines += loco_table(loco, PROBE_VIEWS[view]) + [""]
+    for table in loco_tables(report):
+        lines += table + [""]
     lines.append("Regressions against the previous run: " + ("; ".join(report["regressions"]) or "none"))
     return "\n".join(lines) + "\n"
 
@@ -738,6 +735,13 @@ def loco_table(loco: dict[str, Any], probe: str = "the linear probe") -> list[st
     return lines
 
 
+def loco_tables(report: dict[str, Any]) -> list[list[str]]:
+    """Every leave-one-config-out table of a report: under the linear probe, then under each of `PROBE_VIEWS`."""
+    views = [(report.get("leave_one_config_out"), "the linear probe")]
+    views += [(loco, PROBE_VIEWS[view]) for view, loco in (report.get("leave_one_config_out_by_probe") or {}).items()]
+    return [loco_table(loco, probe) for loco, probe in views if loco]
+
+
 RESULTS_PAGE = "docs/results.md"  # where `make bench` writes the results page (`aselect bench --readme`)
 
 
@@ -781,11 +785,8 @@ def readme_section(report: dict[str, Any]) -> str:
             for b in c["baselines"].values():
                 lines.append(f"| {c['config']} | {b['label']} | {b['metric']} {b['value']:.4f} | "
                              f"{b['regret_points']:.2f} | {'yes' if b['beaten_by_default'] else '**no**'} |")
-    if report.get("leave_one_config_out"):
-        lines += [""] + loco_table(report["leave_one_config_out"])
-    for view, loco in (report.get("leave_one_config_out_by_probe") or {}).items():
-        if loco:
-            lines += [""] + loco_table(loco, PROBE_VIEWS[view])
+    for table in loco_tables(report):
+        lines += [""] + table
     profiles = [c for c in report["configs"] if c.get("probe_vs_t")]
     if profiles:
         lines += ["", "Where the oracle's probe score peaks in t, and what each config took in this run:", ""]

@@ -320,7 +320,7 @@ def bootstrap_confidence(policy: str, table: list[dict], per_image: np.ndarray, 
 
 # Below this share of bootstrap resamples agreeing on the pair (timestep and layer), the HFR curve does not single
 # out one on these images. In the benchmark every label-free HFR choice below it lost several points, while most
-# at 1.0 were within 2 points of the oracle (docs/results.md has the figures).
+# above it were within 2 points of the oracle (docs/results.md has the figures).
 LOW_CONFIDENCE = 0.9
 
 

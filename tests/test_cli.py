@@ -155,10 +155,10 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     # the forward-pass ratio of A-SelecT is exactly the grid's ceiling T*N / (K*C*T + N)
     assert config["grid"] == {"family": "dit", "timesteps": 10, "candidate_timesteps": 10, "oracle_timesteps": 10,
                               "images": 200, "calibration_images": 20, "calibration_inputs": 2}
-    # the published configuration: plain HFR of query (one input per image), features query of block 9/24 of 2
     # the default's t, the feature at the authors' relative depth (layer 1 of 2)
     depth = rows["aselect-depth"]
     assert (depth["timestep"], depth["layer"], depth["site"]) == (rows["aselect"]["timestep"], 1, "block")
+    # the published configuration: plain HFR of query (one input per image), features query of block 9/24 of 2
     published = rows["aselect-published"]
     assert (published["layer"], published["site"]) == (1, "query")
     assert published["forward_passes"] == 40 * 10 + 200

@@ -251,5 +251,6 @@ def test_results_page_section_is_generated_from_the_committed_json() -> None:
     assert readme_section(report) in page
     # make bench's configs (the Makefile's BENCH_CONFIGS), every one a bundled benchmark config
     (line,) = [x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("BENCH_CONFIGS ?=")]
-    assert [c["config"] for c in report["configs"]] == line.split("?=")[1].split()
-    assert set(line.split("?=")[1].split()) <= set(DEFAULT_CONFIGS)
+    bench_configs = line.split("?=")[1].split()
+    assert [c["config"] for c in report["configs"]] == bench_configs
+    assert set(bench_configs) <= set(DEFAULT_CONFIGS)
