@@ -30,14 +30,17 @@ from aselect.pipelines.benchmark import (
     attentive_report,
     best_pair_at,
     confidence_curve,
+    config_digest,
     config_report,
     flag_regressions,
     hfr_probe_spearman,
     leave_one_config_out,
     leave_one_config_out_by_probe,
+    measured_stamp,
     oracle_timesteps,
     pixel_baseline,
     probe_vs_timestep,
+    reused_reports,
     selector_row,
     selectors,
     split_regret,
@@ -50,6 +53,7 @@ from aselect.pipelines.plan import hfr_stream
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_dataset
+from aselect.storage.errors import AselectError
 from aselect.storage.stages import StageRef, Workdir, write_json_atomic
 from aselect.tasks.backbone import ModelInfo, backbone_dir
 from aselect.tasks.benchmark import scaling as scaling_task
@@ -244,18 +248,33 @@ def bench_code() -> str:
     return code_digest(__name__, "aselect.flows.pipeline", *(f"aselect.tasks.{stage}" for stage in REPORT_TASKS))
 
 
-def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, keep_work: bool) -> dict[str, Any]:
-    """One config's report, kept under `<out>/configs/` by a key of its resolved config and its code
-    (`bench_code`), so a rerun after an interruption (or with more configs) measures only the configs not finished
-    yet, and a code change measures them again."""
+def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, keep_work: bool,
+                   reused: dict[str, dict[str, Any]], command: str) -> dict[str, Any]:
+    """One config's report: from `reused` (earlier results the user named), else kept under `<out>/configs/` by a
+    key of its resolved config and its code (`bench_code`), so a rerun after an interruption (or with more configs)
+    measures only the configs not finished yet, and a code change measures them again."""
+    logger = get_run_logger()
     cfg = resolve_run_config(name, None, workdir)
+    if cfg.name in reused:
+        report = reused[cfg.name]
+        stamp = report["measured"]
+        recorded = stamp.get("config_digest")
+        if recorded is not None and recorded != config_digest(cfg):
+            raise AselectError(f"{cfg.name}: the reused report was measured on another version of this config "
+                               f"({recorded} vs {config_digest(cfg)}); leave it out of --reuse to measure it again")
+        logger.info("bench %s: reusing the report measured %s by bench code %s%s", cfg.name, stamp["generated"],
+                    stamp["bench_code"][:8], "" if recorded else " (its config was not recorded)")
+        return report
     digest = hashlib.sha256(json.dumps([bench_code(), scaling, cfg.model_dump(mode="json", exclude={"workdir"})],
                                        sort_keys=True).encode()).hexdigest()[:16]
     saved = out / "configs" / f"{cfg.name}-{digest}.json"
     if saved.is_file():
-        get_run_logger().info("bench %s: finished in an earlier run (%s); reusing its report", cfg.name, saved)
+        logger.info("bench %s: finished in an earlier run (%s); reusing its report", cfg.name, saved)
         return json.loads(saved.read_text())
     report = bench_config(name, cfg, scaling, out, keep_work)
+    header = {"generated": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(),
+              "bench_code": bench_code(), "command": command}
+    report["measured"] = measured_stamp(header, cfg)
     saved.parent.mkdir(exist_ok=True)
     write_json_atomic(saved, report)
     return report
@@ -263,23 +282,27 @@ def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, kee
 
 @flow(name="aselect-benchmark")
 def aselect_benchmark(configs: list[ConfigName] | None = None, workdir: str | None = None, scaling: bool = True,
-                      keep_work: bool = False, command: str | None = None) -> dict[str, Any]:
-    """Run every selector and the oracle on each config; write the report and flag regressions."""
+                      keep_work: bool = False, command: str | None = None,
+                      reuse: list[str] | None = None) -> dict[str, Any]:
+    """Run every selector and the oracle on each config (taking the reports of configs found in the `reuse`
+    results files as they are); write the report and flag regressions."""
     logger = get_run_logger()
     names = list(configs or DEFAULT_CONFIGS)
+    command = command or f"aselect bench {' '.join(names)}"
+    reused = reused_reports([Path(p) for p in reuse or []])
     first = resolve_run_config(names[0], None, workdir)
     main = Workdir(first.workdir)
     main.check_writable()  # before `bench/` is made in it, so a new workdir is checked while empty
     out = main.root / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    reports = [_config_report(name, workdir, scaling, out, keep_work) for name in names]
+    reports = [_config_report(name, workdir, scaling, out, keep_work, reused, command) for name in names]
     results, previous_path = out / "results.json", out / "previous.json"
     previous = json.loads(results.read_text()) if results.exists() else None
     if results.exists():
         results.replace(previous_path)
     picture = cost_vs_regret(reports, out / "cost-vs-regret.png")
     report = {"bench_code": bench_code(), "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": _machine(), "command": command or f"aselect bench {' '.join(names)}", "configs": reports,
+              "machine": _machine(), "command": command, "configs": reports,
               "regressions": flag_regressions(reports, previous if isinstance(previous, dict) else None),
               "leave_one_config_out": leave_one_config_out(reports),
               "leave_one_config_out_by_probe": leave_one_config_out_by_probe(reports),

@@ -187,15 +187,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from aselect.flows.benchmark import DEFAULT_CONFIGS, aselect_benchmark  # Prefect, torch, diffusers
     from aselect.flows.pipeline import resolve_run_config
-    from aselect.pipelines.benchmark import results_json_copy, to_markdown, write_results_page
+    from aselect.pipelines.benchmark import (
+        config_digest,
+        results_json_copy,
+        reused_reports,
+        to_markdown,
+        write_results_page,
+    )
 
     configs = args.configs or list(DEFAULT_CONFIGS)
-    for name in configs:  # a bad config fails here, before anything runs
-        resolve_run_config(name, None, args.workdir)
+    reused = reused_reports([Path(p) for p in args.reuse])  # a bad results file fails here, before anything runs
+    for name in configs:  # so does a bad config, or a reused report of another version of it
+        cfg = resolve_run_config(name, None, args.workdir)
+        recorded = reused.get(cfg.name, {}).get("measured", {}).get("config_digest")
+        if recorded is not None and recorded != config_digest(cfg):
+            raise AselectError(f"{cfg.name}: the reused report was measured on another version of this config; "
+                               f"leave it out of --reuse to measure it again")
     quiet_user_errors()
-    command = "aselect bench " + " ".join(configs) + (" --no-scaling" if not args.scaling else "")
+    command = ("aselect bench " + " ".join(configs) + (" --no-scaling" if not args.scaling else "")
+               + "".join(f" --reuse {p}" for p in args.reuse))
     report = aselect_benchmark(configs=configs, workdir=args.workdir, scaling=args.scaling,
-                               keep_work=args.keep_work, command=command)
+                               keep_work=args.keep_work, command=command, reuse=[str(p) for p in args.reuse])
     if args.readme:
         page = Path(args.readme)
         copy = results_json_copy(page)
@@ -320,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--readme", metavar="PAGE", help="also write the results page PAGE (e.g. docs/results.md: "
                        "its section between the bench markers, or the whole page when it has none) and copy "
                        "results.json to bench/ beside it (beside docs/ for a page in docs/)")
+    bench.add_argument("--reuse", metavar="RESULTS", action="append", default=[],
+                       help="take the reports of configs found in RESULTS (an earlier results.json, e.g. "
+                       "bench/results.json) instead of measuring them; the page names the run that measured each "
+                       "(repeatable)")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench.set_defaults(func=cmd_bench)
 

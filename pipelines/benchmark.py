@@ -9,6 +9,8 @@ generated section of the results page (docs/results.md) and `write_results_page`
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from aselect.pipelines.config import DumpConfig, RunConfig, published_block
+from aselect.storage.errors import AselectError
 
 log = logging.getLogger("aselect.bench")
 
@@ -643,6 +646,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"# aselect benchmark ({report['generated']})", "",
              f"Machine: {m['cores']} cores, torch {m['torch']}, {m['device']}. Command: `{report['command']}`.",
+             f"{measured_words(report)}.",
              "Costs exclude ingest and pretraining (shared by every selector). "
              "Forward passes count DiT inputs x timesteps (noise_relative runs 2 inputs per image).", ""]
     for c in report["configs"]:
@@ -751,6 +755,76 @@ def _measured_on(report: dict[str, Any]) -> str:
     return f"{m['cores']} CPU cores, {m['device']}, {report['generated'][:10]}"
 
 
+# ---------------------------------------------------------------------------
+# Reports measured by earlier runs (`aselect bench --reuse`)
+# ---------------------------------------------------------------------------
+
+def config_digest(cfg: RunConfig) -> str:
+    """A resolved config's digest (its workdir left out): a reused report must come from the same config."""
+    data = json.dumps(cfg.model_dump(mode="json", exclude={"workdir"}), sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def measured_stamp(report: dict[str, Any], cfg: RunConfig | None = None) -> dict[str, Any]:
+    """Which run measured a config's report: its date, machine, bench code and command (and the config's digest
+    when known), taken from a whole benchmark report's header."""
+    stamp = {k: report[k] for k in ("generated", "machine", "bench_code", "command")}
+    return stamp | ({"config_digest": config_digest(cfg)} if cfg is not None else {})
+
+
+def reused_reports(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Per config name, its report from earlier benchmark results (`results.json` files), each stamped with the
+    run that measured it. A config found in two files is refused: which one to keep would be a guess."""
+    found: dict[str, dict[str, Any]] = {}
+    origin: dict[str, Path] = {}
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise AselectError(f"{path}: cannot read benchmark results to reuse "
+                               f"({type(exc).__name__}: {exc})") from None
+        header = ("generated", "machine", "bench_code", "command", "configs")
+        if not isinstance(report, dict) or any(k not in report for k in header) \
+                or not isinstance(report["configs"], list):
+            raise AselectError(f"{path}: not benchmark results (a results.json written by `aselect bench` has "
+                               f"{', '.join(header)})")
+        for config in report["configs"]:
+            if not isinstance(config, dict) or not isinstance(config.get("config"), str):
+                raise AselectError(f"{path}: a config report without a `config` name")
+            name = config["config"]
+            if name in found:
+                raise AselectError(f"{path}: config {name!r} is also in {origin[name]}; reuse it from one file only")
+            found[name], origin[name] = config | {"measured": config.get("measured") or measured_stamp(report)}, path
+    return found
+
+
+def measured_groups(report: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
+    """The runs that measured a report's configs, in the report's order, each with the configs it measured; a
+    config without a stamp was measured by the report's own run."""
+    groups: list[tuple[dict[str, Any], list[str]]] = []
+    for c in report["configs"]:
+        stamp = c.get("measured") or measured_stamp(report)
+        key = {k: stamp[k] for k in ("generated", "machine", "bench_code", "command")}
+        for seen, names in groups:
+            if seen == key:
+                names.append(c["config"])
+                break
+        else:
+            groups.append((key, [c["config"]]))
+    return groups
+
+
+def measured_words(report: dict[str, Any]) -> str:
+    """Where and when a report's figures were measured: one machine and date, or per run when configs come from
+    several (`--reuse`)."""
+    groups = measured_groups(report)
+    if len(groups) <= 1:
+        return f"Measured on {_measured_on(report)}"
+    runs = "; ".join(f"{', '.join(names)} on {_measured_on(stamp)} (bench code {stamp['bench_code'][:8]}, "
+                     f"`{stamp['command']}`)" for stamp, names in groups)
+    return f"Measured by {len(groups)} runs: {runs}. Assembled on {report['generated'][:10]}"
+
+
 FAMILY_WORDS = {"dit": "DiT, DDPM", "sd3": "MMDiT, flow"}
 
 
@@ -764,7 +838,7 @@ def readme_section(report: dict[str, Any]) -> str:
     """The generated section of the results page: one table of every selector vs the oracle per config, the
     baselines, the default chosen leave-one-config-out, the goals, and the command that regenerates it."""
     command = report["command"] if "--readme" in report["command"] else f"{report['command']} --readme {RESULTS_PAGE}"
-    lines = [README_START, "", f"Measured on {_measured_on(report)}; generated from `bench/results.json` by:", "",
+    lines = [README_START, "", f"{measured_words(report)}; generated from `bench/results.json` by:", "",
              "```sh", command, "```", "",
              "| config | selector | pair | metric | regret (pts) | = timestep + feature regret | confidence | "
              "forward passes | compute s | exhaustive / this (forward passes) | exhaustive / this (compute s) |",

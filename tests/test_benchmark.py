@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from aselect.pipelines.benchmark import (
@@ -11,8 +13,12 @@ from aselect.pipelines.benchmark import (
     leave_one_config_out,
     leave_one_config_out_by_probe,
     loco_table,
+    measured_groups,
+    measured_words,
     probe_vs_timestep,
+    reused_reports,
 )
+from aselect.storage.errors import AselectError
 
 
 def config(name: str, regrets: dict[str, float], pixels: float | None = None) -> dict:
@@ -156,3 +162,54 @@ def test_the_default_is_also_chosen_leave_one_config_out_under_the_attentive_pro
     text = "\n".join(loco_table(by_probe["attentive"], "the attentive probe"))
     assert text.startswith("### Choosing the default leave-one-config-out, under the attentive probe")
     assert leave_one_config_out_by_probe(configs[3:]) == {"attentive": None, "worst of both": None}
+
+
+def results(generated: str, code: str, names: list[str]) -> dict:
+    """A benchmark results file's content: its header and one bare report per config name."""
+    return {"generated": generated, "machine": {"cores": 2, "device": "no GPU", "torch": "x", "python": "3"},
+            "bench_code": code, "command": f"aselect bench {' '.join(names)}",
+            "configs": [{"config": n, "selectors": []} for n in names]}
+
+
+def test_reused_reports_are_stamped_with_the_run_that_measured_them(tmp_path) -> None:
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(results("2026-01-02T03:04:05+00:00", "a" * 16, ["digits", "shapes"])))
+    second.write_text(json.dumps(results("2026-02-03T00:00:00+00:00", "b" * 16, ["mnist5k"])))
+    reused = reused_reports([first, second])
+    assert list(reused) == ["digits", "shapes", "mnist5k"]
+    assert reused["digits"]["measured"]["bench_code"] == "a" * 16
+    assert reused["mnist5k"]["measured"]["generated"].startswith("2026-02-03")
+    # a page of configs from two runs names each run, its configs, date and code
+    page = {**results("2026-03-01T00:00:00+00:00", "c" * 16, []), "configs": list(reused.values())}
+    groups = measured_groups(page)
+    assert [names for _, names in groups] == [["digits", "shapes"], ["mnist5k"]]
+    words = measured_words(page)
+    assert words.startswith("Measured by 2 runs: digits, shapes on 2 CPU cores, no GPU, 2026-01-02 (bench code "
+                            "aaaaaaaa") and "mnist5k on 2 CPU cores, no GPU, 2026-02-03" in words
+    assert "Assembled on 2026-03-01" in words
+    # one run: the page says where and when, as before
+    single = results("2026-03-01T00:00:00+00:00", "c" * 16, ["digits"])
+    assert measured_words(single) == "Measured on 2 CPU cores, no GPU, 2026-03-01"
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "cannot read benchmark results to reuse"),
+    ('{"configs": []}', "not benchmark results"),
+    (None, "cannot read benchmark results to reuse (FileNotFoundError"),
+])
+def test_a_results_file_that_cannot_be_reused_is_one_line_naming_it(tmp_path, content: str | None,
+                                                                    words: str) -> None:
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(AselectError) as err:
+        reused_reports([path])
+    assert str(err.value).startswith(f"{path}: ") and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_in_two_reused_files_is_refused(tmp_path) -> None:
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(results("2026-01-02T00:00:00+00:00", "a" * 16, ["digits"])))
+    second.write_text(json.dumps(results("2026-01-03T00:00:00+00:00", "b" * 16, ["shapes", "digits"])))
+    with pytest.raises(AselectError, match=r"second.json: config 'digits' is also in .*first.json"):
+        reused_reports([first, second])

@@ -226,6 +226,22 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
     rerun = run_cli("bench", "smoke", "--workdir", str(smoke_workdir), "--json", check=True, timeout=300)
     assert json.loads(rerun.stdout)["configs"] == report["configs"] == [json.loads(kept.read_text())]
     assert "bench smoke: finished in an earlier run" in rerun.stderr  # nothing was measured again
+    # --reuse: another workdir takes the report from the results file, stamped with the run that measured it
+    stamp = report["configs"][0]["measured"]
+    assert stamp["bench_code"] == report["bench_code"] and stamp["command"] == report["command"]
+    reused = run_cli("bench", "smoke", "--workdir", str(tmp_path / "elsewhere"), "--json", "--reuse",
+                     str(bench / "results.json"), check=True, timeout=300)
+    assert json.loads(reused.stdout)["configs"] == report["configs"]
+    assert "bench smoke: reusing the report measured" in reused.stderr
+    # ... from the same config only: a report of another version of it is refused before anything runs
+    other = tmp_path / "other.json"
+    changed = report["configs"][0] | {"measured": stamp | {"config_digest": "0" * 16}}
+    other.write_text(json.dumps({k: v for k, v in report.items() if k not in ("results", "markdown")}
+                                | {"configs": [changed]}))
+    refused = run_cli("bench", "smoke", "--workdir", str(tmp_path / "elsewhere2"), "--reuse", str(other))
+    assert refused.returncode == 2
+    assert last_line(refused.stderr).startswith("aselect: smoke: the reused report was measured on another version")
+    assert not (tmp_path / "elsewhere2").exists()
 
 
 # ---------------------------------------------------------------------------------------------
