@@ -123,7 +123,9 @@ def plan_layout(backbone: Backbone, samples: np.ndarray, cfg: DumpConfig, hfr: H
         raise AselectError(f"{layers_key} {list(layers)}: the backbone has {depth} layers (0..{depth - 1})")
     side, width = backbone.token_grid, backbone.width
     common = dict(timesteps=tuple(sorted(cfg.timesteps)), layers=layers, samples=tuple(int(i) for i in samples),
-                  width=width, tokens=side * side, chunk=cfg.images_per_chunk)
+                  width=width, tokens=side * side,
+                  # a chunk past the images would only make the store allocate rows nothing fills
+                  chunk=max(1, min(cfg.images_per_chunk, len(samples))))
     if hfr is None:
         return _chunk_fits(FeatureLayout(**common, sites=tuple(s for s in TOKEN_SITES if s in cfg.sites),
                                          spatial=cfg.spatial, attn_map=ATTN_MAP in cfg.sites))

@@ -179,6 +179,22 @@ def test_out_of_range_timesteps_and_layers_are_refused(tiny, overrides: dict, me
         plan_layout(load_backbone(tiny[0]), np.arange(10), DumpConfig(**overrides))
 
 
+def test_a_calibration_timestep_past_the_schedule_names_the_calibration_key(tiny) -> None:
+    with pytest.raises(AselectError, match=r"^calibrate\.timesteps \(dump\.timesteps when unset\) \[1500\] must be <"):
+        plan_layout(load_backbone(tiny[0]), np.arange(10), DumpConfig(timesteps=[0, 1500]), hfr=STREAM,
+                    stage="calibrate")
+
+
+def test_a_chunk_larger_than_the_data_holds_the_data_once(tiny, tmp_path: Path) -> None:
+    # a chunk of 16 million images on 120: one chunk of 120 rows, the same values as a chunk of exactly 120
+    _, layout = dump_into(tiny, tmp_path / "huge", images_per_chunk=16_777_215)
+    _, exact = dump_into(tiny, tmp_path / "exact", images_per_chunk=120)
+    assert layout.chunk == exact.chunk == 120
+    huge = open_features(tmp_path / "huge")["pooled"]
+    assert huge.chunks[3] == 120
+    np.testing.assert_array_equal(huge[:], arrays(tmp_path / "exact")["pooled"])
+
+
 def test_half_written_chunk_without_record_is_rewritten(tiny, tmp_path: Path) -> None:
     dump_into(tiny, tmp_path)
     good = arrays(tmp_path)["pooled"]

@@ -11,6 +11,8 @@ tests/test_ingest.py, tests/test_backbone.py, tests/test_streamed.py).
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,3 +251,19 @@ def test_read_only_workdir(finished_workdir: Path, tmp_path: Path, capsys: pytes
         assert snapshot(finished_workdir) == before
     finally:
         subprocess.run(["umount", str(readonly)], capture_output=True)
+
+
+def test_a_manifest_field_of_the_wrong_type_is_one_line_from_run(finished_workdir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_workdir, workdir, ignore=shutil.ignore_patterns(".locks"))
+    (manifest_path,) = (workdir / "ingest").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    name, (size, _) = next(iter(manifest["files"].items()))
+    manifest_path.write_text(json.dumps({**manifest, "files": {**manifest["files"], name: [size, 7]}}))
+    before = snapshot(workdir)
+    code, line = run_case(["run", "smoke", "--workdir", str(workdir)], capsys)
+    assert code == 2
+    assert line == (f"aselect: error: {manifest_path}: field 'files' entry '{name}' has sha256 7, not 64 hex digits; "
+                    f"remove the stage directory {manifest_path.parent} to compute it again"), line
+    assert snapshot(workdir) == before
