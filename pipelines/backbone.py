@@ -295,8 +295,10 @@ def encode_empty_prompt(directory: Path, backbone: Backbone, use_t5: bool = Fals
 
             diffusers_logging.disable_progress_bar()
             transformers_logging.disable_progress_bar()
+            encoders = {name: _load_text_encoder(directory, name)
+                        for name in ("text_encoder", "text_encoder_2", *(("text_encoder_3",) if t5 else ()))}
             pipe = StableDiffusion3Pipeline.from_pretrained(directory, transformer=backbone.transformer, vae=None,
-                                                            local_files_only=True, **skip)
+                                                            local_files_only=True, **skip, **encoders)
             prompt, _, pooled, _ = pipe.encode_prompt(prompt="", prompt_2=None, prompt_3=None, device="cpu",
                                                       do_classifier_free_guidance=False)
     except AselectError:
@@ -311,6 +313,25 @@ def encode_empty_prompt(directory: Path, backbone: Backbone, use_t5: bool = Fals
     logger.info("encoded the empty prompt with %s: prompt_embeds %s, pooled %s", directory,
                 tuple(prompt.shape), tuple(pooled.shape))
     return Conditioning(prompt.float().cpu(), pooled.float().cpu())
+
+
+def _load_text_encoder(directory: Path, name: str) -> torch.nn.Module:
+    """One text encoder of an SD3 directory, loaded strictly: transformers leaves a tensor its file lacks at its
+    random init, which would change the prompt embedding without a word."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel  # present: the pipeline imported
+
+    cls = T5EncoderModel if name == "text_encoder_3" else CLIPTextModelWithProjection
+    where = directory / name
+    model, info = cls.from_pretrained(where, local_files_only=True, output_loading_info=True)
+    weights = sorted(where.glob("*.safetensors")) or sorted(where.glob("*.bin"))
+    named = weights[0] if len(weights) == 1 else where
+    mismatch = tensor_mismatch(named, info.get("missing_keys") or [], info.get("unexpected_keys") or [])
+    if mismatch is not None:
+        raise mismatch
+    if info.get("mismatched_keys"):
+        raise AselectError(f"{named}: tensor {sorted(info['mismatched_keys'])[0][0]!r} has another shape than the "
+                           f"model's (weights must match the model exactly)")
+    return model.eval().requires_grad_(False)
 
 
 def write_reference(stage_model: Path, backbone: Backbone, source: str) -> None:

@@ -231,8 +231,23 @@ def _wider_vae(directory: Path) -> Path:
     return directory
 
 
+def _drop_a_tensor(part: str, filename: str):
+    """Break a copy by removing one tensor from a component's weights file; the message must name both."""
+    def spoil(directory: Path) -> Path:
+        weights = directory / part / filename
+        tensors = load_file(str(weights))
+        name = sorted(tensors)[len(tensors) // 2]
+        save_file({k: v for k, v in tensors.items() if k != name}, str(weights))
+        return f"{weights}: no tensor {name!r}"
+    return spoil
+
+
 BROKEN = {
     # name: (break the copy, load options, what the message names besides the path it returns)
+    "a text encoder missing a tensor": (_drop_a_tensor("text_encoder_2", "model.safetensors"), LoadOptions(),
+                                        ["weights must match the model exactly"]),
+    "the VAE missing a tensor": (_drop_a_tensor("vae", "diffusion_pytorch_model.safetensors"), LoadOptions(),
+                                 ["weights must match the model exactly"]),
     "family dit asked": (lambda d: d / "transformer" / "config.json", LoadOptions(family="dit"),
                          ["'SD3Transformer2DModel' is family sd3", "backbone.family is dit"]),
     "foreign class name": (_set_class_name, LoadOptions(), ["'FluxTransformer2DModel'", "SD3Transformer2DModel"]),
