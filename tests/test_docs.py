@@ -262,6 +262,7 @@ def test_results_page_is_written_whole_or_between_its_markers(tmp_path: Path) ->
     from aselect.pipelines.benchmark import (
         README_END,
         README_START,
+        measured_groups,
         readme_section,
         results_json_copy,
         write_results_page,
@@ -272,8 +273,10 @@ def test_results_page_is_written_whole_or_between_its_markers(tmp_path: Path) ->
     write_results_page(page, report)  # no page yet: the whole page
     whole = page.read_text()
     assert whole.startswith("# Benchmark results\n") and readme_section(report) in whole
-    m = report["machine"]
-    assert f"Measured on {m['cores']} CPU cores, {m['device']}, {report['generated'][:10]}" in whole
+    for stamp, names in measured_groups(report):  # the machine and date of every run that measured a config
+        m = stamp["machine"]
+        assert f"{', '.join(names)} on " * (len(measured_groups(report)) > 1) + \
+            f"{m['cores']} CPU cores, {m['device']}, {stamp['generated'][:10]}" in whole
     assert "--readme docs/results.md" in whole
     page.write_text(f"# kept\n\n{README_START}\nold\n{README_END}\n\nkept too\n")
     write_results_page(page, report)
