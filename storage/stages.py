@@ -445,7 +445,10 @@ class Workdir:
     def _is_aselect(self) -> bool:
         """Whether aselect made the directory: it has the marker, or stage directories (workdirs from before the
         marker have only the latter)."""
-        return (self.root / WORKDIR_MARKER).is_file() or bool(self._stage_paths())
+        if (self.root / WORKDIR_MARKER).is_file():
+            return True
+        # a stage key alone is 16 hex digits, which other programs' caches use too: a stage also has its manifest
+        return any(KEY_PATTERN.match(p.name) and (p / MANIFEST).is_file() for p in self._stage_paths())
 
     def _holds_other_files(self) -> bool:
         """Whether the directory holds anything but what `check_writable` itself may have left there when killed

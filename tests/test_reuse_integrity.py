@@ -173,6 +173,10 @@ def test_only_aselect_workdirs_are_inspected(tmp_path: Path) -> None:
     assert Workdir(system).stages() == []
     with pytest.raises(AselectError, match="not an aselect workdir"):
         Workdir(system).check_readable()
+    cache = tmp_path / "cache"  # another program's cache keyed by 16 hex digits: not stages without manifests
+    (cache / "objects" / "0123456789abcdef").mkdir(parents=True)
+    with pytest.raises(AselectError, match="not an aselect workdir"):
+        Workdir(cache).check_readable()
     old = tmp_path / "old"  # a workdir from before the marker: its stages make it one
     finished_stage(old)
     (old / WORKDIR_MARKER).unlink()
