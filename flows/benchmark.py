@@ -54,7 +54,7 @@ from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_dataset
 from aselect.storage.errors import AselectError
-from aselect.storage.stages import StageRef, Workdir, write_json_atomic
+from aselect.storage.stages import StageRef, Workdir, canonical_json, write_json_atomic
 from aselect.tasks.backbone import ModelInfo, backbone_dir
 from aselect.tasks.benchmark import scaling as scaling_task
 from aselect.tasks.ingest import DatasetCounts
@@ -269,15 +269,38 @@ def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, kee
                                        sort_keys=True).encode()).hexdigest()[:16]
     saved = out / "configs" / f"{cfg.name}-{digest}.json"
     if saved.is_file():
-        logger.info("bench %s: finished in an earlier run (%s); reusing its report", cfg.name, saved)
-        return json.loads(saved.read_text())
+        kept = _read_checked(saved)
+        if kept is not None:
+            logger.info("bench %s: finished in an earlier run (%s); reusing its report", cfg.name, saved)
+            return kept
+        logger.warning("bench %s: %s is damaged (its checksum does not match); measuring the config again",
+                       cfg.name, saved)
     report = bench_config(name, cfg, scaling, out, keep_work)
     header = {"generated": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(),
               "bench_code": bench_code(), "command": command}
     report["measured"] = measured_stamp(header, cfg)
     saved.parent.mkdir(exist_ok=True)
-    write_json_atomic(saved, report)
+    write_json_atomic(saved, report | {REPORT_CHECKSUM: _checksum(report)})
     return report
+
+
+REPORT_CHECKSUM = "report_sha256"  # a kept config report's checksum of the rest of it
+
+
+def _checksum(report: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(report).encode()).hexdigest()
+
+
+def _read_checked(path: Path) -> dict[str, Any] | None:
+    """A kept config report, or None when it cannot be read or no longer matches its checksum."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(kept, dict):
+        return None
+    recorded = kept.pop(REPORT_CHECKSUM, None)
+    return kept if recorded == _checksum(kept) else None
 
 
 @flow(name="aselect-benchmark")

@@ -213,3 +213,19 @@ def test_a_config_in_two_reused_files_is_refused(tmp_path) -> None:
     second.write_text(json.dumps(results("2026-01-03T00:00:00+00:00", "b" * 16, ["shapes", "digits"])))
     with pytest.raises(AselectError, match=r"second.json: config 'digits' is also in .*first.json"):
         reused_reports([first, second])
+
+
+def test_a_kept_config_report_is_reused_only_while_it_matches_its_checksum(tmp_path) -> None:
+    from aselect.flows.benchmark import REPORT_CHECKSUM, _checksum, _read_checked
+
+    report = {"config": "digits", "selectors": [{"value": 0.9778, "score": float("nan")}]}
+    kept = tmp_path / "digits-0123456789abcdef.json"
+    kept.write_text(json.dumps(report | {REPORT_CHECKSUM: _checksum(report)}))
+    again = _read_checked(kept)
+    assert again is not None and again["selectors"][0]["value"] == 0.9778 and REPORT_CHECKSUM not in again
+    kept.write_text(kept.read_text().replace("0.9778", "0.9779"))  # one digit: same size, another number
+    assert _read_checked(kept) is None
+    kept.write_text(json.dumps(report))  # no checksum: written by something else
+    assert _read_checked(kept) is None
+    kept.write_text('{"config": "dig')  # torn
+    assert _read_checked(kept) is None
