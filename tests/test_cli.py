@@ -242,7 +242,8 @@ def test_cli_bench_measures_every_selector_in_a_fresh_workdir(run_cli, cli_run, 
                                 | {"configs": [changed]}))
     refused = run_cli("bench", "smoke", "--workdir", str(tmp_path / "elsewhere2"), "--reuse", str(other))
     assert refused.returncode == 2
-    assert last_line(refused.stderr).startswith("aselect: smoke: the reused report was measured on another version")
+    assert last_line(refused.stderr).startswith("aselect: error: smoke: the reused report was measured on another "
+                                                 "version of this config")
     assert not (tmp_path / "elsewhere2").exists()
 
 

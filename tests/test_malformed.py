@@ -178,9 +178,6 @@ CASES = [
     Case("calibration timestep past a loaded DiT's schedule", (*LOAD, "--set", "calibrate.timesteps=[0, 1500]"),
          "calibrate.timesteps (dump.timesteps when unset) [1500] must be < the scheduler's num_train_timesteps (1000)",
          loadable_dit),
-    Case("a chunk past the codec's 2 GiB buffer", (*LOAD, "--set", "dump.images_per_chunk=400000000"),
-         "dump.images_per_chunk 400000000: a chunk of hfr features (16 bytes per image) would be 6.0 GiB, past the "
-         "codec's 2 GiB buffer", loadable_dit),
     Case("unreachable Dask scheduler", ("--set", "select.policy=fewshot", "--set", "dask.address=tcp://127.0.0.1:9",
                                         "--set", "dask.connect_seconds=1.5"),
          "dask.address tcp://127.0.0.1:9: no Dask scheduler answered within 1.5 s"),
@@ -257,13 +254,15 @@ def test_a_manifest_field_of_the_wrong_type_is_one_line_from_run(finished_workdi
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     workdir = tmp_path / "copy"
     shutil.copytree(finished_workdir, workdir, ignore=shutil.ignore_patterns(".locks"))
-    (manifest_path,) = (workdir / "ingest").glob("*/manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    name, (size, _) = next(iter(manifest["files"].items()))
-    manifest_path.write_text(json.dumps({**manifest, "files": {**manifest["files"], name: [size, 7]}}))
+    expected = set()  # other cases may have left ingest stages of their own: every one gets the wrong type
+    for manifest_path in (workdir / "ingest").glob("*/manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        name, (size, _) = next(iter(manifest["files"].items()))
+        manifest_path.write_text(json.dumps({**manifest, "files": {**manifest["files"], name: [size, 7]}}))
+        expected.add(f"aselect: error: {manifest_path}: field 'files' entry '{name}' has sha256 7, not 64 hex digits; "
+                     f"remove the stage directory {manifest_path.parent} to compute it again")
     before = snapshot(workdir)
     code, line = run_case(["run", "smoke", "--workdir", str(workdir)], capsys)
     assert code == 2
-    assert line == (f"aselect: error: {manifest_path}: field 'files' entry '{name}' has sha256 7, not 64 hex digits; "
-                    f"remove the stage directory {manifest_path.parent} to compute it again"), line
+    assert expected and line in expected, line
     assert snapshot(workdir) == before
