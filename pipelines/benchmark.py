@@ -820,8 +820,8 @@ def measured_words(report: dict[str, Any]) -> str:
     groups = measured_groups(report)
     if len(groups) <= 1:
         return f"Measured on {_measured_on(report)}"
-    runs = "; ".join(f"{', '.join(names)} on {_measured_on(stamp)} (bench code {stamp['bench_code'][:8]}, "
-                     f"`{stamp['command']}`)" for stamp, names in groups)
+    # each run's bench code stays in results.json (`measured`): the page names runs by their command
+    runs = "; ".join(f"{', '.join(names)} on {_measured_on(stamp)} (`{stamp['command']}`)" for stamp, names in groups)
     return f"Measured by {len(groups)} runs: {runs}. Assembled on {report['generated'][:10]}"
 
 

@@ -184,8 +184,8 @@ def test_reused_reports_are_stamped_with_the_run_that_measured_them(tmp_path) ->
     groups = measured_groups(page)
     assert [names for _, names in groups] == [["digits", "shapes"], ["mnist5k"]]
     words = measured_words(page)
-    assert words.startswith("Measured by 2 runs: digits, shapes on 2 CPU cores, no GPU, 2026-01-02 (bench code "
-                            "aaaaaaaa") and "mnist5k on 2 CPU cores, no GPU, 2026-02-03" in words
+    assert words.startswith("Measured by 2 runs: digits, shapes on 2 CPU cores, no GPU, 2026-01-02 (`aselect bench "
+                            "digits shapes`)") and "mnist5k on 2 CPU cores, no GPU, 2026-02-03" in words
     assert "Assembled on 2026-03-01" in words
     # one run: the page says where and when, as before
     single = results("2026-03-01T00:00:00+00:00", "c" * 16, ["digits"])
