@@ -29,8 +29,8 @@ from aselect.pipelines.benchmark import (
     attentive_pairs,
     attentive_report,
     best_pair_at,
+    check_reused_config,
     confidence_curve,
-    config_digest,
     config_report,
     flag_regressions,
     hfr_probe_spearman,
@@ -53,8 +53,7 @@ from aselect.pipelines.plan import hfr_stream
 from aselect.pipelines.plots import cost_vs_regret, metric_vs_timestep
 from aselect.storage.code import code_digest
 from aselect.storage.datasets import read_dataset
-from aselect.storage.errors import AselectError
-from aselect.storage.stages import StageRef, Workdir, canonical_json, write_json_atomic
+from aselect.storage.stages import StageRef, Workdir, self_digest, write_json_atomic
 from aselect.tasks.backbone import ModelInfo, backbone_dir
 from aselect.tasks.benchmark import scaling as scaling_task
 from aselect.tasks.ingest import DatasetCounts
@@ -256,14 +255,11 @@ def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, kee
     logger = get_run_logger()
     cfg = resolve_run_config(name, None, workdir)
     if cfg.name in reused:
+        check_reused_config(cfg, reused)
         report = reused[cfg.name]
         stamp = report["measured"]
-        recorded = stamp.get("config_digest")
-        if recorded is not None and recorded != config_digest(cfg):
-            raise AselectError(f"{cfg.name}: the reused report was measured on another version of this config "
-                               f"({recorded} vs {config_digest(cfg)}); leave it out of --reuse to measure it again")
         logger.info("bench %s: reusing the report measured %s by bench code %s%s", cfg.name, stamp["generated"],
-                    stamp["bench_code"][:8], "" if recorded else " (its config was not recorded)")
+                    stamp["bench_code"][:8], "" if "config_digest" in stamp else " (its config was not recorded)")
         return report
     digest = hashlib.sha256(json.dumps([bench_code(), scaling, cfg.model_dump(mode="json", exclude={"workdir"})],
                                        sort_keys=True).encode()).hexdigest()[:16]
@@ -280,15 +276,11 @@ def _config_report(name: str, workdir: str | None, scaling: bool, out: Path, kee
               "bench_code": bench_code(), "command": command}
     report["measured"] = measured_stamp(header, cfg)
     saved.parent.mkdir(exist_ok=True)
-    write_json_atomic(saved, report | {REPORT_CHECKSUM: _checksum(report)})
+    write_json_atomic(saved, report | {REPORT_CHECKSUM: self_digest(report)})
     return report
 
 
-REPORT_CHECKSUM = "report_sha256"  # a kept config report's checksum of the rest of it
-
-
-def _checksum(report: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(report).encode()).hexdigest()
+REPORT_CHECKSUM = "digest"  # a kept config report's sha256 of the rest of it (`self_digest`)
 
 
 def _read_checked(path: Path) -> dict[str, Any] | None:
@@ -297,10 +289,10 @@ def _read_checked(path: Path) -> dict[str, Any] | None:
         kept = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(kept, dict):
+    if not isinstance(kept, dict) or kept.get(REPORT_CHECKSUM) != self_digest(kept):
         return None
-    recorded = kept.pop(REPORT_CHECKSUM, None)
-    return kept if recorded == _checksum(kept) else None
+    kept.pop(REPORT_CHECKSUM)
+    return kept
 
 
 @flow(name="aselect-benchmark")

@@ -188,7 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from aselect.flows.benchmark import DEFAULT_CONFIGS, aselect_benchmark  # Prefect, torch, diffusers
     from aselect.flows.pipeline import resolve_run_config
     from aselect.pipelines.benchmark import (
-        config_digest,
+        check_reused_config,
         results_json_copy,
         reused_reports,
         to_markdown,
@@ -198,11 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     configs = args.configs or list(DEFAULT_CONFIGS)
     reused = reused_reports([Path(p) for p in args.reuse])  # a bad results file fails here, before anything runs
     for name in configs:  # so does a bad config, or a reused report of another version of it
-        cfg = resolve_run_config(name, None, args.workdir)
-        recorded = reused.get(cfg.name, {}).get("measured", {}).get("config_digest")
-        if recorded is not None and recorded != config_digest(cfg):
-            raise AselectError(f"{cfg.name}: the reused report was measured on another version of this config; "
-                               f"leave it out of --reuse to measure it again")
+        check_reused_config(resolve_run_config(name, None, args.workdir), reused)
     quiet_user_errors()
     command = ("aselect bench " + " ".join(configs) + (" --no-scaling" if not args.scaling else "")
                + "".join(f" --reuse {p}" for p in args.reuse))

@@ -135,14 +135,20 @@ def load_model_part(cls: type, directory: Path, subfolder: str | None) -> torch.
     except Exception as exc:  # noqa: BLE001 - safetensors, OSError, shape mismatch, ...: all mean "bad weights"
         raise AselectError(f"{where}: cannot load weights ({_weights_reason(exc)})") from None
     # diffusers leaves a tensor the file lacks at its random init (and its warning is silenced above): refuse it
-    named = weights[0] if len(weights) == 1 else where
+    _check_loading_info(weights[0] if len(weights) == 1 else where, info)
+    return model.eval().requires_grad_(False)
+
+
+def _check_loading_info(named: Path, info: dict) -> None:
+    """Refuse weights that do not match the model exactly, from diffusers' or transformers' `output_loading_info`
+    (missing, unexpected or mismatched tensors), in one line naming `named` and the first tensor."""
     mismatch = tensor_mismatch(named, info.get("missing_keys") or [], info.get("unexpected_keys") or [])
     if mismatch is not None:
         raise mismatch
-    if info.get("mismatched_keys"):
-        name, found, wanted = info["mismatched_keys"][0]
+    keys = info.get("mismatched_keys")
+    if keys:  # (name, shape in the file, the model's shape): a list from diffusers, a set from transformers
+        name, found, wanted = keys[0] if isinstance(keys, list) else min(keys, key=lambda k: k[0])
         raise AselectError(f"{named}: tensor {name!r} has shape {tuple(found)}, the model's is {tuple(wanted)}")
-    return model.eval().requires_grad_(False)
 
 
 def _load_scheduler(directory: Path, family: str) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
@@ -324,13 +330,7 @@ def _load_text_encoder(directory: Path, name: str) -> torch.nn.Module:
     where = directory / name
     model, info = cls.from_pretrained(where, local_files_only=True, output_loading_info=True)
     weights = sorted(where.glob("*.safetensors")) or sorted(where.glob("*.bin"))
-    named = weights[0] if len(weights) == 1 else where
-    mismatch = tensor_mismatch(named, info.get("missing_keys") or [], info.get("unexpected_keys") or [])
-    if mismatch is not None:
-        raise mismatch
-    if info.get("mismatched_keys"):
-        raise AselectError(f"{named}: tensor {sorted(info['mismatched_keys'])[0][0]!r} has another shape than the "
-                           f"model's (weights must match the model exactly)")
+    _check_loading_info(weights[0] if len(weights) == 1 else where, info)
     return model.eval().requires_grad_(False)
 
 

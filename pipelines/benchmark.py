@@ -24,6 +24,7 @@ import numpy as np
 
 from aselect.pipelines.config import DumpConfig, RunConfig, published_block
 from aselect.storage.errors import AselectError
+from aselect.storage.stages import canonical_json
 
 log = logging.getLogger("aselect.bench")
 
@@ -759,17 +760,28 @@ def _measured_on(report: dict[str, Any]) -> str:
 # Reports measured by earlier runs (`aselect bench --reuse`)
 # ---------------------------------------------------------------------------
 
+RUN_FIELDS = ("generated", "machine", "bench_code", "command")  # what names the run that measured a report
+
+
 def config_digest(cfg: RunConfig) -> str:
     """A resolved config's digest (its workdir left out): a reused report must come from the same config."""
-    data = json.dumps(cfg.model_dump(mode="json", exclude={"workdir"}), sort_keys=True)
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(cfg.model_dump(mode="json", exclude={"workdir"})).encode()).hexdigest()[:16]
 
 
 def measured_stamp(report: dict[str, Any], cfg: RunConfig | None = None) -> dict[str, Any]:
     """Which run measured a config's report: its date, machine, bench code and command (and the config's digest
     when known), taken from a whole benchmark report's header."""
-    stamp = {k: report[k] for k in ("generated", "machine", "bench_code", "command")}
+    stamp = {k: report[k] for k in RUN_FIELDS}
     return stamp | ({"config_digest": config_digest(cfg)} if cfg is not None else {})
+
+
+def check_reused_config(cfg: RunConfig, reused: dict[str, dict[str, Any]]) -> None:
+    """Refuse, in one line, a reused report of `cfg` that recorded another version of it (a report from before
+    config digests were recorded is taken as it is)."""
+    recorded = reused.get(cfg.name, {}).get("measured", {}).get("config_digest")
+    if recorded is not None and recorded != config_digest(cfg):
+        raise AselectError(f"{cfg.name}: the reused report was measured on another version of this config "
+                           f"({recorded} vs {config_digest(cfg)}); leave it out of --reuse to measure it again")
 
 
 def reused_reports(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -783,7 +795,7 @@ def reused_reports(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise AselectError(f"{path}: cannot read benchmark results to reuse "
                                f"({type(exc).__name__}: {exc})") from None
-        header = ("generated", "machine", "bench_code", "command", "configs")
+        header = (*RUN_FIELDS, "configs")
         if not isinstance(report, dict) or any(k not in report for k in header) \
                 or not isinstance(report["configs"], list):
             raise AselectError(f"{path}: not benchmark results (a results.json written by `aselect bench` has "
@@ -804,7 +816,7 @@ def measured_groups(report: dict[str, Any]) -> list[tuple[dict[str, Any], list[s
     groups: list[tuple[dict[str, Any], list[str]]] = []
     for c in report["configs"]:
         stamp = c.get("measured") or measured_stamp(report)
-        key = {k: stamp[k] for k in ("generated", "machine", "bench_code", "command")}
+        key = {k: stamp[k] for k in RUN_FIELDS}
         for seen, names in groups:
             if seen == key:
                 names.append(c["config"])

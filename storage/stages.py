@@ -156,10 +156,10 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of a manifest's JSON without its own `digest` field: a complete manifest records it, so a manifest
-    changed after the stage finished is damage like a changed file."""
-    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "digest"}, default=str))
+def self_digest(record: dict[str, Any]) -> str:
+    """sha256 of a JSON record without its own `digest` field: a complete manifest (or a kept benchmark report)
+    records it, so a record changed after it was written is damage like a changed file."""
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != "digest"}, default=str))
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
@@ -260,7 +260,7 @@ class StageDir:
             "seconds": round(finished - float(manifest.get("started", finished)), 3),
             "bytes": dir_size(self.path), "files": self._digests(),
         })
-        manifest["digest"] = manifest_digest(manifest)
+        manifest["digest"] = self_digest(manifest)
         write_json_atomic(self.manifest_path, manifest)
         return manifest
 
@@ -285,7 +285,7 @@ class StageDir:
         manifest = self.read_manifest() or {}
         if manifest.get("status") != "complete":
             return []
-        bad = [MANIFEST] if "digest" in manifest and manifest["digest"] != manifest_digest(manifest) else []
+        bad = [MANIFEST] if "digest" in manifest and manifest["digest"] != self_digest(manifest) else []
         records = self._records()
         limit: bool | int = bool(full)
         if full is None:

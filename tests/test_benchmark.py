@@ -216,11 +216,12 @@ def test_a_config_in_two_reused_files_is_refused(tmp_path) -> None:
 
 
 def test_a_kept_config_report_is_reused_only_while_it_matches_its_checksum(tmp_path) -> None:
-    from aselect.flows.benchmark import REPORT_CHECKSUM, _checksum, _read_checked
+    from aselect.flows.benchmark import REPORT_CHECKSUM, _read_checked
+    from aselect.storage.stages import self_digest
 
     report = {"config": "digits", "selectors": [{"value": 0.9778, "score": float("nan")}]}
     kept = tmp_path / "digits-0123456789abcdef.json"
-    kept.write_text(json.dumps(report | {REPORT_CHECKSUM: _checksum(report)}))
+    kept.write_text(json.dumps(report | {REPORT_CHECKSUM: self_digest(report)}))
     again = _read_checked(kept)
     assert again is not None and again["selectors"][0]["value"] == 0.9778 and REPORT_CHECKSUM not in again
     kept.write_text(kept.read_text().replace("0.9778", "0.9779"))  # one digit: same size, another number
